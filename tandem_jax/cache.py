@@ -1,0 +1,75 @@
+"""The key/value cache: an explicit pytree with one (k, v) buffer per layer and a length per row.
+
+Slot ``s`` of a row holds the key/value of absolute position ``s``. A row's ``length`` is how many positions are valid;
+slots at or beyond it may hold stale values from rejected drafts, which is harmless because a query at position ``p``
+only attends to slots ``<= p`` and every slot is written before any query past it runs. Rolling back is therefore
+only a change of ``lengths``: no buffer is copied.
+
+The Tandem secondary uses the same structure as its "two-slot" cache (PAPER_NOTES §1.2): slots below the boundary
+hold keys/values computed from projected primary states, slots from the boundary on hold the secondary's own. Since
+both are indexed by absolute position and never needed at once, one buffer per layer serves both slots; committing
+a verified block overwrites its own entries with projected ones (:func:`write`).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+import jax
+import jax.numpy as jnp
+
+
+@jax.tree_util.register_dataclass
+@dataclasses.dataclass(frozen=True)
+class KVCache:
+  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  lengths: jax.Array        # [B] int32: valid positions per row
+
+  @property
+  def batch_size(self) -> int:
+    return self.lengths.shape[0]
+
+  @property
+  def capacity(self) -> int:
+    return self.k[0].shape[1]
+
+  @property
+  def num_layers(self) -> int:
+    return len(self.k)
+
+  def replace(self, **kw) -> "KVCache":
+    return dataclasses.replace(self, **kw)
+
+  def rollback(self, lengths: jax.Array) -> "KVCache":
+    """Shortens rows to ``lengths`` ([B]); later writes overwrite the dropped slots."""
+    return self.replace(lengths=jnp.minimum(self.lengths, lengths.astype(jnp.int32)))
+
+  def with_lengths(self, lengths: jax.Array) -> "KVCache":
+    return self.replace(lengths=jnp.asarray(lengths, jnp.int32))
+
+
+def init_cache(num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
+               dtype=jnp.float32) -> KVCache:
+  shape = (batch_size, capacity, num_kv_heads, head_dim)
+  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
+  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
+                 lengths=jnp.zeros((batch_size,), jnp.int32))
+
+
+def write(buf_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
+  """Writes ``new[b]`` into ``buf[b, start[b]:start[b]+T]`` for every row.
+
+  The caller guarantees ``start[b] + T <= S`` (decoders size their caches for that); past the end
+  ``dynamic_update_slice`` would clamp the start and overwrite valid slots.
+  """
+  new_btkh = new_btkh.astype(buf_bskh.dtype)
+  zero = jnp.zeros((), jnp.int32)
+  return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, zero, zero)))(
+      buf_bskh, new_btkh, start_b.astype(jnp.int32))
+
+
+def attention_mask(q_positions_bt: jax.Array, capacity: int) -> jax.Array:
+  """[B, T, S] bool: a query at position p sees cache slots 0..p."""
+  slots = jnp.arange(capacity, dtype=jnp.int32)
+  return slots[None, None, :] <= q_positions_bt[:, :, None]

@@ -1,0 +1,120 @@
+"""Tandem Transformers, Eq. 2 of arXiv 2402.08644 (PAPER_NOTES §1.2).
+
+The secondary M_S runs autoregressively; in every layer j it attends over one mixed key/value set: for tokens of
+earlier blocks, keys/values that *its own* layer-(j+1) attention computes from projected primary states
+ŷ^(j) = FF_Tandem^(j)(x^(ℓ(j))); for tokens of the current block, its own states y^(j). The primary M_L is an
+ordinary causal decoder run in block mode and is never changed by Tandem.
+
+Two paths compute the same function and are tested against each other:
+- :meth:`TandemLM.forward`, the parallel training forward for a block length γ: one causal primary pass under
+  stop_gradient, then one secondary pass whose layers attend over [projected keys (T) ; own keys (T)] with the
+  block mask of :func:`block_mask`.
+- The step-by-step inference path over the secondary's cache (:mod:`tandem_jax.cache`): slots below a row's
+  boundary hold projected keys/values written by :meth:`TandemLM.commit` after each primary block call, slots from
+  the boundary on hold the secondary's own, written by ordinary :meth:`Transformer.extend` steps.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+from flax import nnx
+
+from tandem_jax import cache as kvcache
+from tandem_jax.models.config import TandemConfig, TransformerConfig, dtype_of
+from tandem_jax.models.layers import attend
+from tandem_jax.models.transformer import Transformer
+
+
+def block_mask(t: int, block_len: int, offset_b: jax.Array, boundary: str = "fig1") -> jax.Array:
+  """[B, T, 2T] bool mask over [projected slots ; own slots] for queries 0..T-1.
+
+  Blocks are [offset + nγ, offset + (n+1)γ). A query i in the block starting at s sees projected primary states of
+  positions < n_proj(i) and its own states of positions n_proj(i)..i, where n_proj = s ("fig1") or s + 1 ("eq2").
+  offset_b [B] lets each row start its first block after its own prompt (positions before it are primary-only).
+  """
+  i = jnp.arange(t, dtype=jnp.int32)[None, :, None]
+  s = jnp.arange(t, dtype=jnp.int32)[None, None, :]
+  off = offset_b.astype(jnp.int32)[:, None, None]
+  start = off + jnp.floor_divide(i - off, block_len) * block_len
+  n_proj = start + (1 if boundary == "eq2" else 0)
+  n_proj = jnp.minimum(n_proj, i + 1)
+  proj = s < n_proj
+  own = (s >= n_proj) & (s <= i)
+  return jnp.concatenate([proj, own], axis=-1)
+
+
+class TandemLM(nnx.Module):
+  """Primary + secondary + one projection d_L -> d_S per secondary layer."""
+
+  def __init__(self, primary_cfg: TransformerConfig, secondary_cfg: TransformerConfig, tandem_cfg: TandemConfig,
+               rngs: nnx.Rngs):
+    if primary_cfg.vocab_size != secondary_cfg.vocab_size:
+      raise ValueError(f"primary and secondary must share a vocabulary: primary vocab_size "
+                       f"{primary_cfg.vocab_size} != secondary vocab_size {secondary_cfg.vocab_size}")
+    self.tandem_cfg = tandem_cfg
+    self.layer_map = tandem_cfg.resolve_layer_map(primary_cfg.num_layers, secondary_cfg.num_layers)
+    self.primary = Transformer(primary_cfg, rngs)
+    self.secondary = Transformer(secondary_cfg, rngs)
+    init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("primary_embed", "embed"))
+    self.projections = nnx.List([
+        nnx.Linear(primary_cfg.d_model, secondary_cfg.d_model, use_bias=tandem_cfg.projection_bias,
+                   dtype=dtype_of(secondary_cfg.dtype), param_dtype=dtype_of(secondary_cfg.param_dtype),
+                   kernel_init=init,
+                   bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
+        for _ in range(secondary_cfg.num_layers)])
+
+  def project_kv(self, primary_hidden_lbtd, positions_bt):
+    """Per secondary layer j: keys/values of ŷ^(j) = FF^(j)(x^(ℓ(j))) under layer j's own norm and W_K, W_V."""
+    out = []
+    for j, layer in enumerate(self.secondary.layers):
+      y_hat = self.projections[j](primary_hidden_lbtd[self.layer_map[j]])
+      out.append(layer.kv(y_hat, positions_bt))
+    return out
+
+  # -- parallel training forward -----------------------------------------------------------------------------------
+  def forward(self, tokens_bt, block_len: int, *, block_offset_b=None, primary_out=None):
+    """Teacher-forced pass. Returns (secondary logits [B, T, V], primary logits [B, T, V]); both fp32.
+
+    The primary runs under stop_gradient (frozen). ``primary_out`` = (logits, hidden) skips recomputing it.
+    """
+    if block_len < 1:
+      raise ValueError(f"block_len (γ) must be >= 1, got {block_len}")
+    b, t = tokens_bt.shape
+    if primary_out is None:
+      primary_out = self.primary.forward(tokens_bt, return_hidden=True)
+    logits_l, hidden_l = jax.lax.stop_gradient(primary_out)
+    offset = jnp.zeros((b,), jnp.int32) if block_offset_b is None else block_offset_b
+    positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
+    mask = block_mask(t, block_len, offset, self.tandem_cfg.boundary)
+    projected = self.project_kv(hidden_l, positions)
+    x = self.secondary.embed_tokens(tokens_bt)
+    for layer, (kp, vp) in zip(self.secondary.layers, projected):
+      q, k, v = layer.qkv(x, positions)
+      o = attend(q, jnp.concatenate([kp, k.astype(kp.dtype)], 1), jnp.concatenate([vp, v.astype(vp.dtype)], 1),
+                 mask)
+      x = layer.finish(x, o)
+    return self.secondary.logits(x), logits_l
+
+  # -- step-by-step inference --------------------------------------------------------------------------------------
+  def init_secondary_cache(self, batch_size: int, capacity: int) -> kvcache.KVCache:
+    return self.secondary.init_cache(batch_size, capacity)
+
+  def commit(self, secondary_cache: kvcache.KVCache, primary_hidden_lbtd, start_b, num_b) -> kvcache.KVCache:
+    """Moves positions start..start+k-1 of each row into the projected slot.
+
+    ``primary_hidden`` [L_L+1, B, k, D_L] are the primary's hidden states of those positions (from a prefill or a
+    block call). All k are written; each row's boundary and length becomes start + num (num <= k; positions past it
+    were rejected and will be overwritten).
+    """
+    k = primary_hidden_lbtd.shape[2]
+    start = start_b.astype(jnp.int32)
+    positions = start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
+    projected = self.project_kv(primary_hidden_lbtd, positions)
+    new_k = tuple(kvcache.write(ck, pk, start) for ck, (pk, _) in zip(secondary_cache.k, projected))
+    new_v = tuple(kvcache.write(cv, pv, start) for cv, (_, pv) in zip(secondary_cache.v, projected))
+    return secondary_cache.replace(k=new_k, v=new_v, lengths=start + num_b.astype(jnp.int32))
+
+  def secondary_step(self, tokens_bt, secondary_cache: kvcache.KVCache, **kw):
+    """The secondary's own step(s): an ordinary cached extend (its keys go to the own slot)."""
+    return self.secondary.extend(tokens_bt, secondary_cache, **kw)

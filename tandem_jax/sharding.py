@@ -1,0 +1,142 @@
+"""Meshes, logical axis rules and the one activation-constraint helper.
+
+Every parameter carries logical axis names (e.g. ``("embed", "mlp")``); the mapping from logical names to mesh axes
+lives in the config (``config.mesh.rules``) and is applied here and nowhere else.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+from typing import Any, Sequence
+
+import jax
+import numpy as np
+from flax import nnx
+from flax.core import spmd as flax_spmd
+from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+Rules = tuple[tuple[str, Any], ...]
+
+# Logical names used by the models. Parameters: vocab, embed, heads, kv_heads, mlp, norm, primary_embed, proj_hidden.
+# Activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
+DEFAULT_RULES: Rules = (
+    ("batch", ("data", "fsdp")),
+    ("length", None),
+    ("act_embed", None),
+    ("act_heads", "model"),
+    ("act_mlp", "model"),
+    ("act_vocab", "model"),
+    ("vocab", "model"),
+    ("embed", "fsdp"),
+    ("primary_embed", "fsdp"),
+    ("heads", "model"),
+    ("kv_heads", "model"),
+    ("mlp", "model"),
+    ("proj_hidden", "model"),
+    ("norm", None),
+)
+
+
+def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> Mesh:
+  """A mesh with Auto axis types (Explicit axes break logical sharding constraints)."""
+  shape, axis_names = tuple(int(s) for s in shape), tuple(axis_names)
+  if len(shape) != len(axis_names):
+    raise ValueError(f"mesh shape {shape} and axis names {axis_names} differ in length")
+  devices = list(jax.devices()) if devices is None else list(devices)
+  if math.prod(shape) != len(devices):
+    raise ValueError(f"mesh shape {shape} needs {math.prod(shape)} devices but {len(devices)} are available "
+                     f"({devices[0].platform})")
+  return Mesh(np.asarray(devices).reshape(shape), axis_names, axis_types=(AxisType.Auto,) * len(shape))
+
+
+def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
+  """``mesh_cfg.shape`` may contain one -1, filled with the remaining device count."""
+  devices = list(jax.devices()) if devices is None else list(devices)
+  shape = list(mesh_cfg.shape)
+  if shape.count(-1) > 1:
+    raise ValueError(f"config.mesh.shape may contain at most one -1, got {shape}")
+  if -1 in shape:
+    known = math.prod(s for s in shape if s != -1)
+    if len(devices) % known:
+      raise ValueError(f"config.mesh.shape {shape}: {len(devices)} devices are not divisible by {known}")
+    shape[shape.index(-1)] = len(devices) // known
+  return make_mesh(shape, mesh_cfg.axes, devices)
+
+
+def _mesh_axes(logical: Sequence[str | None], rules: Rules, mesh_axis_names) -> P:
+  table = dict(rules)
+  out, used = [], set()
+  for name in logical:
+    target = table.get(name) if name is not None else None
+    if target is None:
+      out.append(None)
+      continue
+    axes = (target,) if isinstance(target, str) else tuple(target)
+    axes = tuple(a for a in axes if a in mesh_axis_names and a not in used)
+    used.update(axes)
+    out.append(axes[0] if len(axes) == 1 else (axes or None))
+  return P(*out)
+
+
+def logical_to_mesh(pspec_tree, rules: Rules, mesh: Mesh):
+  """Maps a tree of logical PartitionSpecs to NamedShardings on ``mesh`` (mesh axes absent from it are dropped)."""
+  return jax.tree.map(lambda spec: NamedSharding(mesh, _mesh_axes(tuple(spec), rules, mesh.axis_names)),
+                      pspec_tree, is_leaf=lambda x: isinstance(x, P))
+
+
+def param_shardings(abstract_state, rules: Rules, mesh: Mesh):
+  """NamedShardings for an nnx.State whose Params carry ``out_sharding`` logical names."""
+  return logical_to_mesh(nnx.get_partition_spec(abstract_state), rules, mesh)
+
+
+def logical_names(abstract_state):
+  """The logical axis names of every variable (None where a variable has none)."""
+  def names(v):
+    return v.get_metadata().get("out_sharding")
+  return jax.tree.map(names, abstract_state, is_leaf=lambda x: isinstance(x, nnx.Variable))
+
+
+@contextlib.contextmanager
+def use_rules(rules: Rules):
+  """Activates logical axis rules for :func:`constrain` (use together with ``jax.set_mesh(mesh)``)."""
+  with flax_spmd.logical_axis_rules(rules):
+    yield
+
+
+def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
+  """Constrains an activation to the mesh sharding of its logical axes; a no-op with no mesh or no rules."""
+  rules = flax_spmd.get_logical_axis_rules()
+  mesh = jax.sharding.get_abstract_mesh()
+  if not rules or mesh is None or mesh.empty:
+    return x
+  spec = _mesh_axes(tuple(logical), tuple(rules), mesh.axis_names)
+  # Leave dimensions the mesh does not divide unconstrained rather than failing.
+  fixed = []
+  for dim, axes in zip(x.shape, spec):
+    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
+    fixed.append(axes if size and dim % size == 0 else None)
+  return jax.lax.with_sharding_constraint(x, P(*fixed))
+
+
+def create_sharded(constructor, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0):
+  """Builds ``constructor(rngs)`` with every parameter created directly in its mesh sharding.
+
+  The module is traced abstractly first (nothing allocated), its logical names mapped through ``rules``, then
+  initialised by one jitted function with those ``out_shardings``, so no parameter is ever materialised unsharded.
+  Without a mesh the module is built on the default device.
+  """
+  with nnx.use_eager_sharding(False):
+    if mesh is None:
+      return constructor(nnx.Rngs(seed))
+    abstract = nnx.eval_shape(lambda: constructor(nnx.Rngs(seed)))
+    graphdef, abstract_state = nnx.split(abstract)
+    shardings = param_shardings(abstract_state, rules, mesh)
+
+    def init():
+      with nnx.use_eager_sharding(False):
+        return nnx.state(constructor(nnx.Rngs(seed)))
+
+    with jax.set_mesh(mesh):
+      state = jax.jit(init, out_shardings=shardings)()
+  return nnx.merge(graphdef, state)

@@ -1,0 +1,39 @@
+"""Fakes 8 CPU devices (before jax is imported) so every sharding path runs on CPU."""
+
+import os
+
+os.environ["XLA_FLAGS"] = (os.environ.get("XLA_FLAGS", "") + " --xla_force_host_platform_device_count=8").strip()
+os.environ.setdefault("JAX_PLATFORMS", "cpu")
+
+import jax  # noqa: E402
+import pytest  # noqa: E402
+
+from tandem_jax.models.config import TransformerConfig  # noqa: E402
+
+jax.config.update("jax_default_matmul_precision", "highest")
+
+
+def tiny_config(**overrides) -> TransformerConfig:
+  base = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
+              max_seq_len=128)
+  base.update(overrides)
+  return TransformerConfig(**base)
+
+
+@pytest.fixture
+def tiny_cfg():
+  return tiny_config()
+
+
+def jitted(model, method: str, **static):
+  """jit of ``model.<method>`` as a pure function of its arguments (the model is closed over as split state)."""
+  import functools
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+
+  @functools.partial(jax.jit, static_argnames=tuple(static))
+  def call(state, *args, **kw):
+    return getattr(nnx.merge(graphdef, state), method)(*args, **kw)
+
+  return lambda *args, **kw: call(state, *args, **kw)

@@ -1,0 +1,128 @@
+"""Cached decoding (prefill, steps, block extends, ragged rows, rollback) equals the full causal forward."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import jitted, tiny_config
+from tandem_jax.models.config import TransformerConfig
+from tandem_jax.models.transformer import Transformer
+
+ATOL = 2e-5
+
+VARIANTS = [
+    dict(),
+    dict(num_kv_heads=4),                                  # plain multi-head
+    dict(num_kv_heads=1, qkv_bias=True),                   # multi-query with bias (Qwen2-like)
+    dict(tie_embeddings=False, rope_theta=500_000.0, num_layers=3),
+]
+
+
+def _model(seed=0, **kw):
+  with nnx.use_eager_sharding(False):
+    return Transformer(tiny_config(**kw), nnx.Rngs(seed))
+
+
+@pytest.mark.parametrize("variant", range(len(VARIANTS)))
+def test_block_extends_match_full_forward(variant):
+  rng = np.random.default_rng(variant)
+  model = _model(seed=variant, **VARIANTS[variant])
+  forward = jitted(model, "forward", return_hidden=True)
+  extend = jitted(model, "extend", return_hidden=True)
+  b, t = 3, 24
+  for case in range(5):
+    tokens = jnp.asarray(rng.integers(0, 64, (b, t)), jnp.int32)
+    full, hidden_full = forward(tokens, return_hidden=True)
+    cache = model.init_cache(b, 32)
+    pieces, hidden_pieces, lo = [], [], 0
+    while lo < t:  # random block sizes, as the primary sees in block mode
+      k = min(int(rng.choice([1, 2, 3, 5, 8])), t - lo)
+      logits, hidden, cache = extend(tokens[:, lo:lo + k], cache, return_hidden=True)
+      pieces.append(logits)
+      hidden_pieces.append(hidden)
+      lo += k
+    np.testing.assert_allclose(jnp.concatenate(pieces, 1), full, atol=ATOL, err_msg=f"case {case}")
+    np.testing.assert_allclose(jnp.concatenate(hidden_pieces, 2), hidden_full, atol=ATOL)
+    assert np.all(np.asarray(cache.lengths) == t)
+
+
+def test_ragged_prefill_then_single_steps():
+  rng = np.random.default_rng(7)
+  model = _model(seed=3)
+  forward, extend, prefill = jitted(model, "forward"), jitted(model, "extend"), jitted(model, "prefill")
+  b, p_max, steps = 5, 12, 6
+  for case in range(6):
+    prompt_lens = rng.integers(1, p_max + 1, b)
+    seqs = rng.integers(0, 64, (b, p_max + steps)).astype(np.int32)
+    padded = np.where(np.arange(p_max)[None] < prompt_lens[:, None], seqs[:, :p_max], 0)  # right-padded prompts
+    cache = model.init_cache(b, 32)
+    logits, _, cache = prefill(jnp.asarray(padded), jnp.asarray(prompt_lens, jnp.int32), cache)
+    np.testing.assert_array_equal(cache.lengths, prompt_lens)
+    got = [[logits[i, :prompt_lens[i]]] for i in range(b)]
+    for _ in range(steps):  # each row continues from its own length
+      pos = np.asarray(cache.lengths)
+      logits, _, cache = extend(jnp.asarray(seqs[np.arange(b), pos][:, None]), cache)
+      for i in range(b):
+        got[i].append(logits[i])
+    full, _ = forward(jnp.asarray(seqs))  # causal: position p depends on tokens <= p only
+    for i in range(b):
+      n = prompt_lens[i] + steps
+      np.testing.assert_allclose(jnp.concatenate(got[i], 0), full[i, :n], atol=ATOL, err_msg=f"case {case} row {i}")
+
+
+def test_rollback_then_reextend_equals_never_rolled_back():
+  rng = np.random.default_rng(11)
+  model = _model(seed=5, num_kv_heads=1)
+  forward, extend = jitted(model, "forward"), jitted(model, "extend")
+  b, filled, k, cont_len = 4, 10, 6, 5
+  for case in range(6):
+    seqs = jnp.asarray(rng.integers(0, 64, (b, 24)), jnp.int32)
+    cache = model.init_cache(b, 32)
+    _, _, cache = extend(seqs[:, :filled], cache)
+    junk = jnp.asarray(rng.integers(0, 64, (b, k)), jnp.int32)  # rejected drafts
+    _, _, cache = extend(junk, cache)
+    keep = jnp.asarray(rng.integers(1, filled + 1, b), jnp.int32)
+    cache = cache.rollback(keep)
+    np.testing.assert_array_equal(cache.lengths, keep)
+    cont = jnp.take_along_axis(seqs, keep[:, None] + jnp.arange(cont_len)[None], axis=1)
+    logits, _, cache = extend(cont, cache)
+    full, _ = forward(seqs)
+    want = jnp.take_along_axis(full, (keep[:, None] + jnp.arange(cont_len)[None])[..., None], axis=1)
+    np.testing.assert_allclose(logits, want, atol=ATOL, err_msg=f"case {case}")
+
+
+def test_read_only_extend_leaves_cache_untouched():
+  model = _model()
+  tokens = jnp.arange(10, dtype=jnp.int32)[None] % 64
+  cache = model.init_cache(1, 16)
+  _, _, cache = model.extend(tokens[:, :6], cache)
+  logits_ro, _, same = model.extend(tokens[:, 5:6], cache, write=False, start_b=jnp.array([5]))
+  assert same is cache
+  full, _ = model.forward(tokens[:, :6])
+  # a read-only query at position 5 sees slots 0..5, i.e. the stored token 5 itself
+  np.testing.assert_allclose(logits_ro[0, 0], full[0, 5], atol=ATOL)
+
+
+def test_bf16_compute_runs_close_to_fp32():
+  cfg = dict(dtype="bfloat16")
+  m16, m32 = _model(seed=1, **cfg), _model(seed=1)
+  tokens = jnp.asarray(np.random.default_rng(0).integers(0, 64, (2, 16)), jnp.int32)
+  a, _ = m16.forward(tokens)
+  b, _ = m32.forward(tokens)
+  assert a.dtype == jnp.float32
+  assert float(jnp.max(jnp.abs(a - b))) < 0.1
+
+
+def test_config_errors_name_the_field():
+  with pytest.raises(ValueError, match="num_kv_heads"):
+    tiny_config(num_heads=4, num_kv_heads=3)
+  with pytest.raises(ValueError, match="head_dim"):
+    tiny_config(head_dim=7)
+  with pytest.raises(ValueError, match="dtype"):
+    tiny_config(dtype="fp8")
+  with pytest.raises(ValueError, match="unknown TransformerConfig fields"):
+    TransformerConfig.from_dict(dict(tiny_config().to_dict(), n_layers=3))
+  with pytest.raises(ValueError, match="max_seq_len"):
+    _model().init_cache(1, 1000)
