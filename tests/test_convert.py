@@ -361,3 +361,138 @@ def test_tokenizer_mismatch_is_named():
     check_same_tokenizer(a, train_tokenizer(texts, 310))
   with pytest.raises(ValueError, match="ids differ"):
     check_same_tokenizer(a, train_tokenizer(texts[::-1] + ["zebra quiz " * 30], 300))
+
+
+# -- against Hugging Face transformers (the interop extra) ---------------------------------------------------------
+
+
+def _greedy(model, prompt, max_new):
+  """Our greedy `ar` decoding: the decoding API when present, else prefill + a jitted extend loop."""
+  try:
+    from tandem_jax.decoding.api import generate
+  except ImportError:
+    generate = None
+  if generate is not None:
+    return list(generate("ar", [prompt], primary=model, max_new_tokens=max_new, eos_id=None).tokens[0])
+  from flax import nnx
+
+  graphdef, state = nnx.split(model)
+
+  @jax.jit
+  def step(state, tokens, cache):
+    logits, _, cache = nnx.merge(graphdef, state).extend(tokens, cache)
+    return jnp.argmax(logits[:, -1], -1).astype(jnp.int32), cache
+
+  cache = model.init_cache(1, len(prompt) + max_new)
+  nxt, cache = step(state, jnp.asarray([prompt], jnp.int32), cache)
+  out = [int(nxt[0])]
+  for _ in range(max_new - 1):
+    nxt, cache = step(state, nxt[:, None], cache)
+    out.append(int(nxt[0]))
+  return out
+
+
+@pytest.mark.interop
+@pytest.mark.parametrize("arch", ARCHS)
+def test_tiny_random_model_matches_transformers(arch, tmp_path):
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  torch.manual_seed(0)
+  hf_cfg = tiny_hf_config(arch)
+  config_cls = {"LlamaForCausalLM": transformers.LlamaConfig, "Qwen2ForCausalLM": transformers.Qwen2Config}[arch]
+  kw = {k: v for k, v in hf_cfg.items() if k != "architectures"}
+  ref = getattr(transformers, arch)(config_cls(**kw)).eval()
+  with torch.no_grad():  # random norm scales and biases, so every parameter matters
+    for name, p in ref.named_parameters():
+      if name.endswith("bias") or "norm" in name:
+        p.add_(0.3 * torch.randn_like(p))
+  ref.save_pretrained(tmp_path / "hf")
+  cfg, hf, _ = convert.load_hf_dir(tmp_path / "hf")
+  model = convert.model_from_hf(cfg, hf)
+  tokens = [[3, 50, 7, 91, 12, 12, 64, 1, 30, 8, 77, 5]]
+  with torch.no_grad():
+    want = ref(torch.tensor(tokens)).logits.numpy()
+  with jax.default_matmul_precision("highest"):
+    got = np.asarray(model.forward(jnp.asarray(tokens))[0])
+  np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
+  # Export and load back into transformers.
+  out = convert.export_safetensors(model, tmp_path / "export")
+  back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  with torch.no_grad():
+    np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), want, atol=1e-5, rtol=1e-5)
+  with torch.no_grad():
+    hf_greedy = ref.generate(torch.tensor(tokens), max_new_tokens=12, do_sample=False, eos_token_id=None,
+                             pad_token_id=0)[0, len(tokens[0]):].tolist()
+  assert _greedy(model, tokens[0], 12) == hf_greedy
+
+
+SMOLLM2_PROMPTS = [
+    "The capital of France is",
+    "def fibonacci(n):\n    \"\"\"Return the n-th Fibonacci number.\"\"\"\n",
+    "<|im_start|>user\nWhat is the tallest mountain in the world?<|im_end|>\n<|im_start|>assistant\n",
+    "Once upon a time, in a small village by the sea, there lived",
+]
+
+
+@pytest.fixture(scope="module")
+def smollm2():
+  """(our model, tokenizer, transformers model) of SmolLM2-135M-Instruct, or a skip naming the fetch command."""
+  torch = pytest.importorskip("torch")
+  transformers = pytest.importorskip("transformers")
+  pytest.importorskip("gguf")
+  pytest.importorskip("accelerate")  # transformers needs it to load GGUF files
+  directory = os.path.expanduser(os.environ.get("TANDEM_JAX_SMOLLM2_DIR", convert.DEFAULT_SMOLLM2_DIR))
+  path = os.path.join(directory, convert.SMOLLM2_GGUF)
+  if not os.path.exists(path):
+    pytest.skip(f"no {path}: run `python -m tandem_jax.convert fetch-smollm2 --dir={directory}`")
+  cfg, hf, tokenizer = convert.load_gguf(path, max_seq_len=256)
+  model = convert.model_from_hf(cfg, hf)
+  del hf
+  torch.set_num_threads(2)
+  ref = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=convert.SMOLLM2_GGUF,
+                                                          dtype=torch.float32).eval()
+  ref_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=convert.SMOLLM2_GGUF)
+  return model, tokenizer, ref, ref_tok
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_smollm2_logits_match_transformers(smollm2):
+  import torch
+
+  model, tokenizer, ref, ref_tok = smollm2
+  assert (model.cfg.num_layers, model.cfg.d_model, model.cfg.num_kv_heads) == (30, 576, 3)
+  worst, agree, total = 0.0, 0, 0
+  for prompt in SMOLLM2_PROMPTS:
+    ids = tokenizer.encode(prompt)
+    assert ids == ref_tok(prompt, add_special_tokens=False).input_ids, prompt
+    assert tokenizer.decode(ids) == ref_tok.decode(ids, skip_special_tokens=True)
+    with torch.no_grad():
+      want = ref(torch.tensor([ids])).logits[0].numpy()
+    with jax.default_matmul_precision("highest"):
+      got = np.asarray(model.forward(jnp.asarray([ids]))[0][0])
+    worst = max(worst, float(np.abs(got - want).max()))
+    agree += int((got.argmax(-1) == want.argmax(-1)).sum())
+    total += len(ids)
+  print(f"SmolLM2 logits: max |diff| {worst:.2e}, argmax agreement {agree}/{total}")
+  assert worst < 2e-3
+  assert agree == total
+
+
+@pytest.mark.interop
+@pytest.mark.slow
+def test_smollm2_greedy_generation_matches_transformers(smollm2):
+  import torch
+
+  model, tokenizer, ref, _ = smollm2
+  max_new = 40
+  for prompt in SMOLLM2_PROMPTS[:2]:
+    ids = tokenizer.encode(prompt)
+    with torch.no_grad():  # eos disabled on both sides, so each runs the full length
+      want = ref.generate(torch.tensor([ids]), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
+                          pad_token_id=tokenizer.pad_id)[0, len(ids):].tolist()
+    with jax.default_matmul_precision("highest"):
+      got = _greedy(model, ids, max_new)
+    same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
+    print(f"SmolLM2 greedy: {same}/{max_new} tokens equal for {prompt[:30]!r}: {tokenizer.decode(got)!r}")
+    assert len(want) == max_new and got == want
