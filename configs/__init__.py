@@ -1,0 +1,1 @@
+"""Experiment configs: base.py holds the defaults and presets; one file per training stage."""

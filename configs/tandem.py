@@ -1,0 +1,15 @@
+"""Stage `tandem`: Tandem-CE: M_L frozen from init.primary_workdir, M_S from init.secondary_workdir, projections random; CE at every position of the block-masked forward.
+
+  python -m tandem_jax.train --config=configs/tandem.py:tiny --workdir=/tmp/tandem
+"""
+
+try:
+  from configs import base
+except ImportError:  # loaded by path (config_flags) from outside the repository root
+  import os, sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import base
+
+
+def get_config(arg=None):
+  return base.get_config("tandem", arg)

@@ -1,0 +1,54 @@
+"""Validation metrics of any stage's model: loss and accuracy against the ground truth and, where a primary exists,
+agreement with its argmax and the mean total-variation distance to it (the paper's Table 1 columns)."""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
+
+from tandem_jax import sharding
+from tandem_jax.training import losses, program, stages
+from tandem_jax.training.data import local_rows
+
+
+class Evaluator:
+  """``Evaluator(config, mesh)(model, reference, rows_batches) -> metrics``; compiles once per model structure."""
+
+  def __init__(self, config, mesh):
+    self.config, self.mesh = config, mesh
+    self.rules = program.rules_of(config)
+    self.batch_sharding = sharding.logical_to_mesh(P("batch", None), self.rules, mesh)
+    self._compiled = {}
+
+  def _fn(self, graphdef, ref_graphdef):
+    key = (graphdef, ref_graphdef)
+    if key not in self._compiled:
+      config, rules = self.config, self.rules
+
+      def sums(state, ref_state, tokens):
+        model = nnx.merge(graphdef, state)
+        ref = None if ref_graphdef is None else nnx.merge(ref_graphdef, ref_state)
+        with sharding.use_rules(rules):
+          return stages.eval_sums(config, model, ref, program.to_batch(tokens))
+
+      self._compiled[key] = jax.jit(sums, out_shardings=NamedSharding(self.mesh, P()))
+    return self._compiled[key]
+
+  def __call__(self, model: nnx.Module, reference: nnx.Module | None, batches: list[dict]) -> dict:
+    """Metrics over ``batches`` (each ``{"tokens": int32[B, seq_len]}``, the global batch on every process)."""
+    graphdef, state = nnx.split(model)
+    ref_graphdef, ref_state = (None, None) if reference is None else nnx.split(reference)
+    fn = self._fn(graphdef, ref_graphdef)
+    total = None
+    with jax.set_mesh(self.mesh), sharding.use_rules(self.rules):
+      for batch in batches:
+        rows = local_rows(np.asarray(batch["tokens"]), jax.process_index(), jax.process_count())
+        tokens = jax.make_array_from_process_local_data(self.batch_sharding, rows)
+        s = fn(state, ref_state, tokens)
+        total = s if total is None else jax.tree.map(jnp.add, total, s)
+    if total is None:
+      raise ValueError("no evaluation batches")
+    return losses.finalize(jax.device_get(total))
