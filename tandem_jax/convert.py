@@ -125,33 +125,34 @@ def write_model_workdir(workdir: str | os.PathLike, model: Transformer, tokenize
                         source: Mapping[str, Any]) -> str:
   """A workdir holding ``model`` as a trained primary: what ``train`` (init.primary_workdir) and ``generate`` read.
 
-  Uses ``tandem_jax.workdir.write_workdir`` (config.json with the model under ``primary``, the checkpoint, the
-  tokenizer as tokenizer.json + tokenizer_config.json) and records where the weights came from in convert.json.
+  Written by ``tandem_jax.workdir.write_workdir`` (config.json with the model under ``primary``, a step-0
+  checkpoint, the tokenizer as tokenizer.json + tokenizer_config.json); where the weights came from goes to
+  convert.json.
   """
-  workdir = os.path.expanduser(os.fspath(workdir))
-  try:
-    from tandem_jax.workdir import write_workdir
-  except ImportError:  # TODO(issue 7): drop once tandem_jax/workdir.py lands.
-    write_workdir = _write_workdir_interim
-  write_workdir(workdir, imported_config(model.cfg, tokenizer), model, tokenizer)
+  from tandem_jax import workdir as workdir_lib
+
+  workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
+  workdir_lib.write_workdir(workdir, imported_config(model.cfg), model, _WorkdirTokenizer(tokenizer))
   with open(os.path.join(workdir, "convert.json"), "w") as fh:
     json.dump(dict(source, tokenizer_fingerprint=tokenizer.fingerprint), fh, indent=1)
   return workdir
 
 
-def _write_workdir_interim(workdir: str, config, model: Transformer, tokenizer: HFTokenizer) -> None:
-  import orbax.checkpoint as ocp
+class _WorkdirTokenizer:
+  """Saves an HFTokenizer as tokenizer.json beside the file name write_workdir asks for.
 
-  os.makedirs(workdir, exist_ok=True)
-  with open(os.path.join(workdir, "config.json"), "w") as fh:
-    json.dump(config.to_dict(), fh, indent=1, default=list)
-  tokenizer.save(workdir)
-  state = nnx.to_pure_dict(nnx.state(model, nnx.Param))
-  with ocp.StandardCheckpointer() as ckpt:
-    ckpt.save(os.path.join(workdir, "checkpoint"), {"primary": state}, force=True)
+  TODO(issue 7): pass the tokenizer itself once write_workdir saves through interop.save_tokenizer.
+  """
+
+  def __init__(self, tokenizer: HFTokenizer):
+    self.tokenizer = tokenizer
+    self.vocab_size = tokenizer.vocab_size
+
+  def save(self, path: str) -> None:
+    self.tokenizer.save(os.path.dirname(path))
 
 
-def imported_config(cfg: TransformerConfig, tokenizer: HFTokenizer):
+def imported_config(cfg: TransformerConfig):
   """The training config recorded with an imported model: stage ``primary`` with this model and vocabulary."""
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import base  # noqa: E402

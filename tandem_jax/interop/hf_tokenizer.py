@@ -207,14 +207,37 @@ def check_same_tokenizer(primary, secondary, *, names: tuple[str, str] = ("prima
                        f"{attr}={getattr(secondary, attr)}")
 
 
-def load_tokenizer(directory: str | os.PathLike):
-  """The tokenizer a workdir (or model directory) holds: ``tokenizer.model`` (ours) or ``tokenizer.json``."""
-  directory = os.fspath(directory)
-  sp = os.path.join(directory, "tokenizer.model")
-  if os.path.exists(sp):
-    from tandem_jax.data.tokenizer import Tokenizer
+SENTENCEPIECE_FILE = "tokenizer.model"
 
-    return Tokenizer.load(sp)
-  if os.path.exists(os.path.join(directory, TOKENIZER_JSON)):
-    return HFTokenizer.load(directory)
-  raise FileNotFoundError(f"no tokenizer.model or {TOKENIZER_JSON} in {directory!r}")
+
+def tokenizer_path(directory: str | os.PathLike) -> str | None:
+  """The tokenizer file a workdir (or model directory) holds: ``tokenizer.model`` (ours), ``tokenizer.json``, or None."""
+  directory = os.path.expanduser(os.fspath(directory))
+  for name in (SENTENCEPIECE_FILE, TOKENIZER_JSON):
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
+def load_tokenizer(path: str | os.PathLike):
+  """Our ``Tokenizer`` or an :class:`HFTokenizer`, from a directory holding either file, or from the file itself."""
+  path = os.path.expanduser(os.fspath(path))
+  file = tokenizer_path(path) if os.path.isdir(path) else path
+  if file is None or not os.path.isfile(file):
+    raise FileNotFoundError(f"no {SENTENCEPIECE_FILE} or {TOKENIZER_JSON} at {path!r}")
+  if file.endswith(".json"):
+    return HFTokenizer.load(file)
+  from tandem_jax.data.tokenizer import Tokenizer
+
+  return Tokenizer.load(file)
+
+
+def save_tokenizer(tokenizer, directory: str | os.PathLike) -> str:
+  """Writes ``tokenizer`` into ``directory`` under its own file name(s); returns the file :func:`load_tokenizer` reads."""
+  directory = os.path.expanduser(os.fspath(directory))
+  if isinstance(tokenizer, HFTokenizer):
+    tokenizer.save(directory)
+    return os.path.join(directory, TOKENIZER_JSON)
+  os.makedirs(directory, exist_ok=True)
+  tokenizer.save(os.path.join(directory, SENTENCEPIECE_FILE))
+  return os.path.join(directory, SENTENCEPIECE_FILE)
