@@ -1,0 +1,171 @@
+"""`generate`: one entry point for every method, with input checks before compilation and per-row statistics.
+
+Each call compiles (once per method, shapes and static settings) a single jitted function: prefill, then one
+``lax.while_loop``. Models enter as (graphdef, state) so weights are arguments, never baked-in constants.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import time
+from typing import Any, Sequence
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tandem_jax import sharding as shd
+from tandem_jax.decoding import autoregressive, speculative
+from tandem_jax.decoding.sampling import SamplingParams
+
+METHODS = ("ar", "speed", "tandem", "tandem_speed", "llm_to_slm")
+
+
+@dataclasses.dataclass
+class DecodeResult:
+  tokens: list[list[int]]          # per row, generated tokens only (EOS included when emitted)
+  stats: dict[str, np.ndarray]     # per-row counters (see Stats in speculative.py)
+  wall_time: float                 # seconds for the compiled call (compilation excluded)
+  compile_time: float              # seconds spent compiling in this call (0 when cached)
+
+  @property
+  def summary(self) -> dict[str, float]:
+    s = self.stats
+    tokens = int(sum(len(t) for t in self.tokens))
+    primary = int(s["primary_calls"].sum())
+    drafted = int(s["drafted"].sum())
+    return dict(tokens=tokens, primary_calls=primary, secondary_calls=int(s["secondary_calls"].sum()),
+                tokens_per_primary_call=tokens / max(primary, 1),
+                acceptance_rate=(int(s["accepted"].sum()) / drafted) if drafted else float("nan"),
+                wall_time=self.wall_time, tokens_per_second=tokens / max(self.wall_time, 1e-9))
+
+
+def _bucket(n: int, quantum: int = 16) -> int:
+  return -(-n // quantum) * quantum
+
+
+def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, *, k, params,
+            max_new, capacity):
+  models = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
+  common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity)
+  if method == "ar":
+    return autoregressive.decode_ar(models["primary"], prompt, plen, max_new_b, key, **common)
+  if method == "llm_to_slm":
+    return autoregressive.decode_llm_to_slm(models["llm_to_slm"], prompt, plen, max_new_b, key, **common)
+  if method == "speed":
+    primary, drafter = models["primary"], speculative.standalone_drafter(models["drafter"], capacity)
+  else:
+    tandem = models["tandem"]
+    primary, drafter = tandem.primary, speculative.tandem_drafter(tandem, capacity)
+  return speculative.decode_speculative(primary, drafter, prompt, plen, max_new_b, key, block_len,
+                                        max_block_len=k, accept_all=(method == "tandem"),
+                                        router=models.get("router"), threshold=threshold, **common)
+
+
+_decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity"))
+_compiled: dict[Any, Any] = {}
+
+
+def _models_for(method, primary, drafter, tandem, llm_to_slm, router):
+  need = {"ar": ("primary",), "speed": ("primary", "drafter"), "tandem": ("tandem",),
+          "tandem_speed": ("tandem",), "llm_to_slm": ("llm_to_slm",)}[method]
+  given = dict(primary=primary, drafter=drafter, tandem=tandem, llm_to_slm=llm_to_slm)
+  missing = [n for n in need if given[n] is None]
+  if missing:
+    raise ValueError(f"method {method!r} needs the model(s) {missing}")
+  models = {n: given[n] for n in need}
+  if router is not None:
+    if method not in ("speed", "tandem_speed"):
+      raise ValueError(f"the adaptive router applies to 'speed' and 'tandem_speed', not {method!r}")
+    models["router"] = router
+  return models
+
+
+def _main_and_drafter_cfgs(models):
+  if "tandem" in models:
+    return models["tandem"].primary.cfg, models["tandem"].secondary.cfg
+  if "llm_to_slm" in models:
+    return models["llm_to_slm"].primary.cfg, models["llm_to_slm"].secondary.cfg
+  return models["primary"].cfg, (models["drafter"].cfg if "drafter" in models else None)
+
+
+def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, drafter=None, tandem=None,
+             llm_to_slm=None, router=None, max_new_tokens: int | Sequence[int] = 32, block_len: int = 4,
+             max_block_len: int | None = None, sampling: SamplingParams = SamplingParams(),
+             eos_id: int | None = None, seed: int = 0, threshold: float = 0.8, mesh=None,
+             rules=shd.DEFAULT_RULES) -> DecodeResult:
+  """Generates continuations of token-id prompts with one of METHODS.
+
+  ``block_len`` (γ) is traced: any γ <= ``max_block_len`` (default: γ, or the router's cap when adaptive) reuses the
+  compiled program. With ``router`` the block ends early when the predicted acceptance falls below ``threshold``.
+  """
+  if method not in METHODS:
+    raise ValueError(f"method must be one of {METHODS}, got {method!r}")
+  models = _models_for(method, primary, drafter, tandem, llm_to_slm, router)
+  main_cfg, draft_cfg = _main_and_drafter_cfgs(models)
+  if draft_cfg is not None and draft_cfg.vocab_size != main_cfg.vocab_size:
+    raise ValueError(f"primary vocab_size {main_cfg.vocab_size} != drafter/secondary vocab_size "
+                     f"{draft_cfg.vocab_size}: speculative decoding needs one vocabulary")
+  if not isinstance(block_len, (int, np.integer)) or block_len < 1:
+    raise ValueError(f"block_len (γ) must be an integer >= 1, got {block_len!r}")
+  k = int(max_block_len or block_len)
+  if block_len > k:
+    raise ValueError(f"block_len {block_len} exceeds max_block_len {k}")
+  if not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+  if not prompts:
+    raise ValueError("no prompts given")
+  lens = [len(p) for p in prompts]
+  if min(lens) == 0:
+    raise ValueError(f"prompt {lens.index(0)} is empty: every prompt needs at least one token (e.g. BOS)")
+  flat = np.concatenate([np.asarray(p, np.int64) for p in prompts])
+  if flat.min() < 0 or flat.max() >= main_cfg.vocab_size:
+    raise ValueError(f"token ids must be in [0, {main_cfg.vocab_size}), got min {flat.min()} max {flat.max()}")
+  b = len(prompts)
+  max_new_list = [int(max_new_tokens)] * b if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
+  if len(max_new_list) != b or min(max_new_list) < 1:
+    raise ValueError(f"max_new_tokens must be >= 1 (one value, or one per prompt), got {max_new_tokens!r}")
+  p_pad = _bucket(max(lens))
+  max_new = _bucket(max(max_new_list))  # static buffer size; the per-row budgets are traced
+  capacity = _bucket(p_pad + max_new + k + 2)
+  limits = [main_cfg.max_seq_len] + ([draft_cfg.max_seq_len] if draft_cfg is not None else [])
+  if capacity > min(limits):
+    raise ValueError(f"prompt length {max(lens)} + max_new_tokens {max(max_new_list)} (+ block slack {k + 2}, "
+                     f"padded to "
+                     f"{capacity}) exceeds the models' max_seq_len {min(limits)}")
+
+  prompt = np.zeros((b, p_pad), np.int32)
+  for i, p in enumerate(prompts):
+    prompt[i, :len(p)] = p
+  names = tuple(sorted(models))
+  graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
+  args = (tuple(states), jnp.asarray(prompt), jnp.asarray(lens, jnp.int32), jnp.asarray(max_new_list, jnp.int32),
+          jax.random.key(seed), jnp.int32(block_len), jnp.float32(threshold),
+          jnp.int32(-1 if eos_id is None else eos_id))
+  statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
+                 capacity=capacity)
+  if mesh is not None:
+    batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
+    args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
+
+  def run():
+    key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, b, p_pad, id(mesh))
+    t0 = time.perf_counter()
+    if key not in _compiled:
+      _compiled[key] = _decode_jit.lower(statics["method"], statics["graphdefs"], *args,
+                                         **{n: statics[n] for n in ("k", "params", "max_new", "capacity")}).compile()
+    compile_time = time.perf_counter() - t0
+    t1 = time.perf_counter()
+    em, stats = jax.block_until_ready(_compiled[key](*args))
+    return em, stats, time.perf_counter() - t1, compile_time
+
+  if mesh is not None:
+    with jax.set_mesh(mesh), shd.use_rules(rules):
+      em, stats, wall, compile_time = run()
+  else:
+    em, stats, wall, compile_time = run()
+  tokens_np, count = np.asarray(em.tokens), np.asarray(em.count)
+  return DecodeResult(tokens=[tokens_np[i, :count[i]].tolist() for i in range(b)],
+                      stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
+                      compile_time=compile_time)

@@ -1,0 +1,163 @@
+"""`speed`, `tandem` and `tandem_speed`: one ``lax.while_loop`` skeleton with the drafter as a plug.
+
+Per iteration (PAPER_NOTES §1.6 and §2.1), for every row of the batch at its own position n (tokens the primary
+has processed; the pending token t at position n was sampled from the primary but not yet processed by it):
+1. the drafter turns t into up to K drafts d_0.. (a fixed block length γ <= K, or until the router says verify);
+2. the primary processes [t, d_0, .., d_{K-1}] in one block call: K+1 distributions and, for Tandem, hidden states;
+3. Algorithm 1 accepts n_acc drafts and yields the next pending token (replacement or bonus); ``tandem``
+   (standalone Tandem, §1.5) instead accepts every draft and takes the primary's free token;
+4. the primary's cache is rolled back to n + 1 + n_acc; the drafter is told (Tandem commits the primary's hidden
+   states of the accepted positions into the secondary's projected slot).
+Rows that finished stop advancing; the loop ends when every row is done.
+"""
+
+from __future__ import annotations
+
+from typing import Any, Callable, NamedTuple
+
+import jax
+import jax.numpy as jnp
+
+from tandem_jax.decoding import output, sampling
+from tandem_jax.decoding.autoregressive import last_logits
+
+
+class Drafter(NamedTuple):
+  """Pure functions over the drafter's state (a KV cache)."""
+  init: Callable   # (prompt_bt, prompt_len_b, primary_hidden) -> state
+  begin: Callable  # (state, prev_b, pending_b, n_b) -> (logits_bv, state): first draft of a block
+  step: Callable   # (state, token_b) -> (logits_bv, state)
+  end: Callable    # (state, block_hidden, n_b, accepted_b) -> state: after the primary's block call
+  needs_hidden: bool
+  embed: Any       # [V, D] embedding table the router reads
+
+
+def standalone_drafter(drafter, capacity: int) -> Drafter:
+  """A separate small LM (plain speculative decoding). It re-reads the last verified token with the pending one:
+  when every draft was accepted it never processed the last draft, and re-writing an already cached position is
+  harmless."""
+
+  def init(prompt, plen, _):
+    _, _, cache = drafter.prefill(prompt, plen, drafter.init_cache(prompt.shape[0], capacity))
+    return cache
+
+  def begin(cache, prev, pending, n):
+    logits, _, cache = drafter.extend(jnp.stack([prev, pending], 1), cache, start_b=n - 1)
+    return logits[:, 1], cache
+
+  def step(cache, token):
+    logits, _, cache = drafter.extend(token[:, None], cache)
+    return logits[:, 0], cache
+
+  return Drafter(init, begin, step, lambda cache, *_: cache, False, drafter.embed.embedding[...])
+
+
+def tandem_drafter(tandem, capacity: int) -> Drafter:
+  """The Tandem secondary: projected primary states for verified positions, its own for the current block."""
+
+  def init(prompt, plen, primary_hidden):
+    cache = tandem.init_secondary_cache(prompt.shape[0], capacity)
+    return tandem.commit(cache, primary_hidden, jnp.zeros_like(plen), plen)
+
+  def begin(cache, prev, pending, n):
+    del prev  # the primary's own representation of it is already in the projected slot
+    logits, _, cache = tandem.secondary_step(pending[:, None], cache, start_b=n)
+    return logits[:, 0], cache
+
+  def step(cache, token):
+    logits, _, cache = tandem.secondary_step(token[:, None], cache)
+    return logits[:, 0], cache
+
+  def end(cache, hidden, n, accepted):
+    return tandem.commit(cache, hidden, n, accepted + 1)
+
+  return Drafter(init, begin, step, end, True, tandem.secondary.embed.embedding[...])
+
+
+class Stats(NamedTuple):
+  primary_calls: jax.Array    # [B] block calls while the row was active (+1 for the prefill)
+  secondary_calls: jax.Array  # [B] drafter forward calls while active
+  drafted: jax.Array          # [B] drafts proposed
+  accepted: jax.Array         # [B] drafts accepted
+  block_hist: jax.Array       # [B, K+2] count of iterations that emitted j tokens (j = accepted + 1)
+
+
+def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_new_b, key, block_len, *,
+                       max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
+                       capacity: int, accept_all: bool = False, router=None, threshold=0.8):
+  """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling."""
+  b, k = prompt_bt.shape[0], max_block_len
+  cache_l = primary.init_cache(b, capacity)
+  logits, hidden, cache_l = primary.prefill(prompt_bt, prompt_len_b, cache_l, return_hidden=drafter.needs_hidden)
+  dstate = drafter.init(prompt_bt, prompt_len_b, hidden)
+  key, sub = jax.random.split(key)
+  first = sampling.sample(sub, sampling.probs(last_logits(logits, prompt_len_b), params))
+  ones = jnp.ones((b,), jnp.int32)
+  em = output.append(output.init(b, max_new + k + 1, max_new_b), first[:, None], ones, max_new_b, eos_id)
+  zeros = jnp.zeros((b,), jnp.int32)
+  stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32))
+  prev = jnp.take_along_axis(prompt_bt, (prompt_len_b - 1)[:, None], 1)[:, 0]
+  block_len = jnp.clip(jnp.asarray(block_len, jnp.int32), 1, k)
+
+  def draft(dstate, prev, pending, n, key):
+    """Up to K drafts per row; rows stop at block_len or when the router predicts a rejection."""
+    logits, dstate = drafter.begin(dstate, prev, pending, n)
+
+    def cond(c):
+      g, _, _, _, drafting, *_ = c
+      return (g < k) & jnp.any(drafting)
+
+    def body(c):
+      g, logits, dstate, key, drafting, n_draft, drafts, q, calls = c
+      key, sub = jax.random.split(key)
+      qg = sampling.probs(logits, params)
+      d = sampling.sample(sub, qg)
+      drafts, q = drafts.at[:, g].set(d), q.at[:, g].set(qg)
+      n_draft = n_draft + drafting.astype(jnp.int32)
+      keep = drafting & (g + 1 < block_len)
+      if router is not None:
+        keep = keep & (router.accept_prob(logits, drafter.embed) >= threshold)
+      logits, dstate = jax.lax.cond(jnp.any(keep), drafter.step, lambda s, _: (logits, s), dstate, d)
+      return g + 1, logits, dstate, key, keep, n_draft, drafts, q, calls + keep.astype(jnp.int32)
+
+    init = (jnp.int32(0), logits, dstate, key, jnp.ones((b,), bool), zeros, jnp.zeros((b, k), jnp.int32),
+            jnp.zeros((b, k, logits.shape[-1]), jnp.float32), ones)
+    _, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
+    return dstate, n_draft, drafts, q, calls
+
+  def cond(c):
+    em, *_, it = c
+    return jnp.any(~em.done) & (it < max_new)
+
+  def body(c):
+    em, cache_l, dstate, prev, pending, stats, key, it = c
+    active = ~em.done
+    n = cache_l.lengths
+    key, k_draft, k_accept = jax.random.split(key, 3)
+    dstate, n_draft, drafts, q, calls = draft(dstate, prev, pending, n, k_draft)
+    block = jnp.concatenate([pending[:, None], drafts], 1)
+    logits, hidden, cache_l = primary.extend(block, cache_l, return_hidden=drafter.needs_hidden)
+    p = sampling.probs(logits, params)
+    if accept_all:
+      accepted = n_draft
+      nxt = sampling.sample(k_accept, p[jnp.arange(b), n_draft])
+    else:
+      accepted, nxt = sampling.speculative_accept(k_accept, p, q, drafts, n_draft)
+    accepted = jnp.where(active, accepted, 0)
+    cache_l = cache_l.with_lengths(jnp.where(active, n + 1 + accepted, n))
+    dstate = drafter.end(dstate, hidden, n, accepted)
+    new = jnp.where(jnp.arange(k + 1)[None] < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
+    em = output.append(em, new, accepted + 1, max_new_b, eos_id)
+    a = active.astype(jnp.int32)
+    stats = Stats(stats.primary_calls + a, stats.secondary_calls + a * calls, stats.drafted + a * n_draft,
+                  stats.accepted + a * accepted,
+                  stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32))
+    new_prev = jnp.where(accepted > 0, jnp.take_along_axis(drafts, jnp.maximum(accepted - 1, 0)[:, None], 1)[:, 0],
+                         pending)
+    prev = jnp.where(active, new_prev, prev)
+    pending = jnp.where(active, nxt, pending)
+    return em, cache_l, dstate, prev, pending, stats, key, it + 1
+
+  carry = (em, cache_l, dstate, prev, first, stats, key, jnp.int32(0))
+  em, *_, stats, _, _ = jax.lax.while_loop(cond, body, carry)
+  return em, stats._asdict()

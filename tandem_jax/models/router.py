@@ -1,0 +1,65 @@
+"""Adaptive block length (PAPER_NOTES §1.7): a 2-layer MLP that decides after every draft token whether to verify.
+
+Features of the secondary's next-token distribution q: its entropy, its top-k probabilities, and the secondary's
+embeddings of those top-k tokens. The target is the total-variation distance TV(q, p) to the primary's distribution
+p at the same position, i.e. the probability that speculative sampling rejects there (β = 1 - TV, §2.2); the MLP
+predicts it with a soft-target binary cross-entropy. At decode time drafting continues while the predicted
+acceptance 1 - r stays >= τ (paper: 0.8), up to γ_max tokens.
+"""
+
+from __future__ import annotations
+
+import jax
+import jax.numpy as jnp
+import optax
+from flax import nnx
+
+
+def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array:
+  """[B, 1 + k + k*D]: entropy, top-k probabilities, embeddings of the top-k tokens (scaled by their probability)."""
+  logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
+  p = jnp.exp(logp)
+  entropy = -jnp.sum(p * logp, axis=-1, keepdims=True)
+  top_p, top_i = jax.lax.top_k(p, top_k)
+  emb = jnp.take(embed_vd, top_i, axis=0).astype(jnp.float32)  # [B, k, D]
+  return jnp.concatenate([entropy, top_p, emb.reshape(emb.shape[0], -1)], axis=-1)
+
+
+def tv_distance(p_logits_bv: jax.Array, q_logits_bv: jax.Array) -> jax.Array:
+  """[B] total-variation distance between softmax(p) and softmax(q)."""
+  p = jax.nn.softmax(p_logits_bv.astype(jnp.float32), -1)
+  q = jax.nn.softmax(q_logits_bv.astype(jnp.float32), -1)
+  return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+
+
+class Router(nnx.Module):
+  def __init__(self, d_embed: int, top_k: int = 4, hidden: int = 64, *, rngs: nnx.Rngs):
+    if top_k < 1 or hidden < 1:
+      raise ValueError(f"Router needs top_k >= 1 and hidden >= 1, got top_k={top_k}, hidden={hidden}")
+    self.top_k = top_k
+    d_in = 1 + top_k + top_k * d_embed
+    self.norm = nnx.LayerNorm(d_in, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(),
+                                                                                   ("norm",)),
+                              bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("norm",)))
+    self.hidden = nnx.Linear(d_in, hidden, rngs=rngs,
+                             kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None)),
+                             bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
+    self.out = nnx.Linear(hidden, 1, rngs=rngs,
+                          kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None)),
+                          bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
+
+  def __call__(self, logits_bv: jax.Array, embed_vd: jax.Array) -> jax.Array:
+    """[B] logit of the predicted rejection probability r."""
+    x = self.norm(features(logits_bv, embed_vd, self.top_k))
+    return self.out(jax.nn.gelu(self.hidden(x)))[:, 0]
+
+  def accept_prob(self, logits_bv, embed_vd):
+    return 1.0 - jax.nn.sigmoid(self(logits_bv, embed_vd))
+
+
+def router_loss(router: Router, q_logits_bv, embed_vd, tv_b, weights_b=None) -> jax.Array:
+  """Soft-target BCE: -[TV log r + (1 - TV) log(1 - r)], averaged (optionally weighted)."""
+  loss = optax.sigmoid_binary_cross_entropy(router(q_logits_bv, embed_vd), tv_b)
+  if weights_b is None:
+    return jnp.mean(loss)
+  return jnp.sum(loss * weights_b) / jnp.maximum(jnp.sum(weights_b), 1.0)

@@ -1,0 +1,196 @@
+"""Decoding: speculative methods are lossless against `ar`, batched with ragged rows, sharded, and checked inputs."""
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from conftest import tiny_config
+from tandem_jax import sharding
+from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.models import LLMToSLM, TandemConfig, TandemLM, Transformer
+from tandem_jax.models.router import Router
+
+P_CFG = dict(d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, d_ff=96)
+S_CFG = dict(d_model=32, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=8, d_ff=64)
+
+
+def _build(seed=0, vocab=64):
+  with nnx.use_eager_sharding(False):
+    tandem = TandemLM(tiny_config(vocab_size=vocab, **P_CFG), tiny_config(vocab_size=vocab, **S_CFG),
+                      TandemConfig(), nnx.Rngs(seed))
+    # A drafter that mostly agrees with the primary: the primary's weights plus noise, so drafts are accepted
+    # often but not always and both the acceptance and the rejection paths run.
+    drafter = Transformer(tiny_config(vocab_size=vocab, **P_CFG), nnx.Rngs(seed + 1))
+    router = Router(S_CFG["d_model"], top_k=4, hidden=16, rngs=nnx.Rngs(seed + 2))
+  noise = jax.random.key(seed)
+  state = nnx.state(tandem.primary, nnx.Param)
+  leaves, treedef = jax.tree.flatten(state)
+  keys = jax.random.split(noise, len(leaves))
+  nnx.update(drafter, jax.tree.unflatten(treedef, [x + 0.3 * jnp.std(x) * jax.random.normal(k, x.shape)
+                                                  for x, k in zip(leaves, keys)]))
+  return tandem, drafter, router
+
+
+@pytest.fixture(scope="module")
+def models():
+  return _build()
+
+
+def _prompts(rng, b, vocab=64):
+  return [rng.integers(0, vocab, int(rng.integers(1, 14))).tolist() for _ in range(b)]
+
+
+@pytest.mark.parametrize("b", [1, 3, 8])
+def test_greedy_speculative_equals_ar_for_every_row(models, b):
+  tandem, drafter, router = models
+  rng = np.random.default_rng(b)
+  accepted_any = rejected_any = 0
+  for case in range(4):
+    prompts = _prompts(rng, b)
+    max_new = rng.integers(1, 24, b).tolist()  # per-row budgets
+    eos = int(rng.integers(0, 64)) if case % 2 else None
+    want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos).tokens
+    for gamma in range(1, 9):  # one compiled program per method serves every γ <= 8
+      kw = dict(max_new_tokens=max_new, eos_id=eos, block_len=gamma, max_block_len=8)
+      sp = generate("speed", prompts, primary=tandem.primary, drafter=drafter, **kw)
+      ts = generate("tandem_speed", prompts, tandem=tandem, **kw)
+      assert sp.tokens == want, (case, gamma, "speed")
+      assert ts.tokens == want, (case, gamma, "tandem_speed")
+      accepted_any += int(sp.stats["accepted"].sum())
+      rejected_any += int((sp.stats["drafted"] - sp.stats["accepted"]).sum())
+    ad = generate("tandem_speed", prompts, tandem=tandem, router=router, max_new_tokens=max_new, eos_id=eos,
+                  block_len=8, threshold=0.5)
+    assert ad.tokens == want, (case, "adaptive")
+  for r, m in zip(want, max_new):
+    assert len(r) <= m
+  assert accepted_any > 0 and rejected_any > 0  # both paths of Algorithm 1 ran
+
+
+def test_eos_and_budgets_end_rows_independently(models):
+  tandem, drafter, _ = models
+  prompts = _prompts(np.random.default_rng(5), 4)
+  free = generate("ar", prompts, primary=tandem.primary, max_new_tokens=20).tokens
+  eos = free[0][3]  # a token row 0 emits at step 3
+  out = generate("speed", prompts, primary=tandem.primary, drafter=drafter, max_new_tokens=[20, 20, 2, 20],
+                 eos_id=eos, block_len=4)
+  for row, (got, ref) in enumerate(zip(out.tokens, free)):
+    cut = ref.index(eos) + 1 if eos in ref else len(ref)
+    cut = min(cut, 2) if row == 2 else cut
+    assert got == ref[:cut], row
+  assert out.tokens[0][-1] == eos and len(out.tokens[0]) <= 4
+
+
+def test_identical_drafter_accepts_every_draft(models):
+  tandem, _, _ = models
+  prompts = _prompts(np.random.default_rng(2), 3)
+  for gamma in (1, 4, 7):
+    out = generate("speed", prompts, primary=tandem.primary, drafter=tandem.primary, max_new_tokens=30,
+                   block_len=gamma, max_block_len=8)
+    s = out.stats
+    np.testing.assert_array_equal(s["accepted"], s["drafted"])
+    full_blocks = s["block_hist"][:, gamma + 1]
+    assert np.all(full_blocks == s["primary_calls"] - 1)  # every block call emitted γ + 1 tokens
+
+
+def test_standalone_tandem_matches_reference_loop(models):
+  """`tandem` (§1.5): secondary drafts γ tokens, the primary's block call supplies the free token.
+
+  Each cycle covers γ + 1 positions (free token + γ drafts), so the reference is the parallel forward with blocks
+  of γ + 1 starting at the first generated token."""
+  tandem, _, _ = models
+  rng = np.random.default_rng(9)
+  fwd = nnx.jit(lambda m, t, off, g: m.forward(t, g, block_offset_b=off), static_argnums=3)
+  for gamma in (1, 2, 3):
+    prompts = _prompts(rng, 2)
+    out = generate("tandem", prompts, tandem=tandem, max_new_tokens=12, block_len=gamma)
+    for row, prompt in enumerate(prompts):
+      seq, p = list(prompt), len(prompt)
+      buf = np.zeros((1, 64), np.int32)
+
+      def logits_at(seq):
+        buf[0, :len(seq)] = seq
+        s_logits, l_logits = fwd(tandem, jnp.asarray(buf), jnp.array([p]), gamma + 1)
+        return s_logits[0, len(seq) - 1], l_logits[0, len(seq) - 1]
+
+      seq.append(int(jnp.argmax(logits_at(seq)[1])))  # first token: the primary's prefill
+      while len(seq) - p < 12:
+        for _ in range(gamma):
+          seq.append(int(jnp.argmax(logits_at(seq)[0])))
+        seq.append(int(jnp.argmax(logits_at(seq)[1])))  # the free token
+      assert out.tokens[row] == seq[p:p + 12], (gamma, row)
+
+
+def test_adaptive_threshold_limits():
+  tandem, _, router = _build(seed=3)
+  prompts = _prompts(np.random.default_rng(0), 2)
+  never_stop = generate("tandem_speed", prompts, tandem=tandem, router=router, threshold=0.0, block_len=6,
+                        max_new_tokens=16)
+  fixed = generate("tandem_speed", prompts, tandem=tandem, block_len=6, max_new_tokens=16)
+  np.testing.assert_array_equal(never_stop.stats["drafted"], fixed.stats["drafted"])
+  always_stop = generate("tandem_speed", prompts, tandem=tandem, router=router, threshold=1.0, block_len=6,
+                         max_new_tokens=16)
+  np.testing.assert_array_equal(always_stop.stats["drafted"], always_stop.stats["primary_calls"] - 1)
+  assert always_stop.tokens == fixed.tokens
+
+
+def test_llm_to_slm_decodes_its_secondary_with_the_fused_prompt():
+  with nnx.use_eager_sharding(False):
+    m = LLMToSLM(tiny_config(**P_CFG), tiny_config(**S_CFG), nnx.Rngs(0))
+  m.proj_out.kernel[...] = 0.1 * jax.random.normal(jax.random.key(0), m.proj_out.kernel.shape)
+  prompts = _prompts(np.random.default_rng(1), 3)
+  out = generate("llm_to_slm", prompts, llm_to_slm=m, max_new_tokens=6)
+  fwd = nnx.jit(lambda m, t, n: m.forward(t, n))
+  for row, prompt in enumerate(prompts):
+    seq = list(prompt)
+    for _ in range(6):
+      buf = np.zeros((1, 32), np.int32)
+      buf[0, :len(seq)] = seq
+      logits = fwd(m, jnp.asarray(buf), jnp.array([len(prompt)]))
+      seq.append(int(jnp.argmax(logits[0, len(seq) - 1])))
+    assert out.tokens[row] == seq[len(prompt):]
+  assert np.all(out.stats["primary_calls"] == 1)
+
+
+def test_sharded_decoding_equals_single_device():
+  ctor = lambda r: TandemLM(tiny_config(**dict(P_CFG, num_heads=8, num_kv_heads=4)),  # noqa: E731
+                            tiny_config(**S_CFG), TandemConfig(), r)
+  single = sharding.create_sharded(ctor, seed=4)
+  mesh = sharding.make_mesh((2, 4), ("data", "model"))
+  sharded = sharding.create_sharded(ctor, mesh, seed=4)
+  prompts = _prompts(np.random.default_rng(4), 8)
+  for method in ("ar", "tandem_speed"):
+    want = generate(method, prompts, tandem=single, primary=single.primary, max_new_tokens=10, block_len=3)
+    got = generate(method, prompts, tandem=sharded, primary=sharded.primary, max_new_tokens=10, block_len=3,
+                   mesh=mesh)
+    assert got.tokens == want.tokens, method
+
+
+def test_bad_inputs_fail_before_compiling(models):
+  tandem, drafter, _ = models
+  ok = [[1, 2, 3]]
+  cases = [
+      (dict(prompts=[[]]), "empty"),
+      (dict(prompts=[[1, 64]]), r"token ids must be in \[0, 64\)"),
+      (dict(prompts=[[-1]]), "token ids"),
+      (dict(prompts=ok, block_len=0), "block_len"),
+      (dict(prompts=ok, max_new_tokens=200), "max_seq_len"),
+      (dict(prompts=[list(range(60)) * 3]), "max_seq_len"),
+      (dict(prompts=ok, max_new_tokens=0), "max_new_tokens"),
+  ]
+  for kw, msg in cases:
+    with pytest.raises(ValueError, match=msg):
+      generate("tandem_speed", tandem=tandem, **kw)
+  with pytest.raises(ValueError, match="temperature"):
+    SamplingParams(temperature=-1.0)
+  with pytest.raises(ValueError, match="top_p"):
+    SamplingParams(temperature=1.0, top_p=0.0)
+  with pytest.raises(ValueError, match="method"):
+    generate("beam", ok, primary=tandem.primary)
+  with pytest.raises(ValueError, match="needs the model"):
+    generate("speed", ok, primary=tandem.primary)
+  with nnx.use_eager_sharding(False):
+    other = Transformer(tiny_config(vocab_size=80), nnx.Rngs(0))
+  with pytest.raises(ValueError, match="one vocabulary"):
+    generate("speed", ok, primary=tandem.primary, drafter=other)
