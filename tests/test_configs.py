@@ -1,0 +1,90 @@
+"""Configs: every stage and preset constructs; overrides and errors name the field; validate() runs before compile."""
+
+import pytest
+from absl import flags
+from ml_collections import config_flags
+
+from configs import base
+from tandem_jax.training import stages
+from tandem_jax.training.validate import ConfigError, validate
+
+
+@pytest.mark.parametrize("stage", base.STAGES)
+@pytest.mark.parametrize("preset", base.PRESETS)
+def test_every_stage_and_preset_constructs(stage, preset):
+  c = base.get_config(stage, preset)
+  assert c.stage == stage and c.primary.vocab_size == c.data.vocab_size == c.secondary.vocab_size
+  p, s, _ = stages.model_configs(c)
+  if preset != "tiny":
+    assert s.num_params < p.num_params / 2
+  if stage in ("primary", "secondary"):
+    validate(c, num_devices=256 if preset == "v5e256" else 16 if preset == "v5e16" else 8)
+
+
+def test_cpu_preset_sizes():
+  c = base.get_config("tandem", "cpu")
+  p, s, _ = stages.model_configs(c)
+  assert 3e6 < p.num_params < 10e6 and s.num_params < p.num_params / 2
+  body = lambda m: m.num_params - m.vocab_size * m.d_model
+  assert body(p) >= 6 * body(s)  # measured ~10x cheaper per decoded token on this CPU (ENVIRONMENT.md)
+
+
+def test_unknown_preset_and_key():
+  with pytest.raises(ValueError, match="preset"):
+    base.get_config("primary", "huge")
+  c = base.get_config("primary", "tiny")
+  with pytest.raises((AttributeError, KeyError)):
+    c.train.stepz = 3
+
+
+def _parse(argv):
+  fv = flags.FlagValues()
+  config_flags.DEFINE_config_file("config", flag_values=fv, lock_config=True, sys_argv=argv)
+  fv(argv)
+  return fv.config
+
+
+def test_command_line_overrides():
+  path = base.__file__.replace("base.py", "tandem.py")
+  c = _parse(["prog", f"--config={path}:tiny", "--config.train.steps=7", "--config.tandem.layer_map=0,1"])
+  assert c.train.steps == 7 and stages.parse_layer_map(c.tandem.layer_map) == (0, 1)
+  with pytest.raises(Exception, match="nosuchfield"):
+    _parse(["prog", f"--config={path}:tiny", "--config.train.nosuchfield=1"])
+
+
+def _bad(stage="primary", **changes):
+  c = base.get_config(stage, "tiny")
+  for key, value in changes.items():
+    node = c
+    *parents, leaf = key.split(".")
+    for p in parents:
+      node = node[p]
+    node[leaf] = value
+  return c
+
+
+@pytest.mark.parametrize("changes,field", [
+    ({"primary.vocab_size": 500}, "primary.vocab_size"),
+    ({"train.batch_size": 12}, "train.batch_size"),  # 8 data shards
+    ({"data.seq_len": 1000}, "data.seq_len"),
+    ({"data.source": "web"}, "data.source"),
+    ({"data.source": "text"}, "data.path"),
+    ({"train.distil_lambda": 1.5}, "train.distil_lambda"),
+    ({"mesh.shape": (3, 1)}, "mesh.shape"),
+])
+def test_errors_name_the_field(changes, field):
+  with pytest.raises(ConfigError, match=field.replace(".", r"\.")):
+    validate(_bad(**changes), num_devices=8)
+
+
+def test_tandem_errors(tmp_path):
+  with pytest.raises(ConfigError, match="init.primary_workdir"):
+    validate(base.get_config("tandem", "tiny"), num_devices=8)
+  with pytest.raises(ConfigError, match="not a workdir"):
+    validate(_bad("tandem", **{"init.primary_workdir": str(tmp_path)}), num_devices=8)
+  with pytest.raises(ConfigError, match="layer_map"):
+    validate(_bad("tandem", **{"tandem.layer_map": "0,9"}), num_devices=8, check_workdirs=False)
+  with pytest.raises(ConfigError, match="secondary.vocab_size"):
+    validate(_bad("tandem", **{"secondary.vocab_size": 400}), num_devices=8, check_workdirs=False)
+  with pytest.raises(ConfigError, match="init.tandem_workdir"):
+    validate(base.get_config("router", "tiny"), num_devices=8)
