@@ -226,7 +226,7 @@ def main(argv):
   else:
     cfg, hf, tokenizer = load_hf_dir(f.hf_dir, **kw)
     source = dict(format="hf", path=os.path.abspath(os.path.expanduser(f.hf_dir)))
-    if tokenizer is None:
+    if tokenizer is None and f.workdir:
       raise ValueError(f"{f.hf_dir} has no tokenizer.json; a workdir needs the model's tokenizer")
   logging.info("imported %s: %s (%.1fM parameters)", source["path"], cfg, cfg.num_params / 1e6)
   model = model_from_hf(cfg, hf)

@@ -496,3 +496,24 @@ def test_smollm2_greedy_generation_matches_transformers(smollm2):
     same = next((i for i, (a, b) in enumerate(zip(got, want)) if a != b), len(want))
     print(f"SmolLM2 greedy: {same}/{max_new} tokens equal for {prompt[:30]!r}: {tokenizer.decode(got)!r}")
     assert len(want) == max_new and got == want
+
+
+def test_imported_workdir_loads_with_its_tokenizer(tmp_path):
+  pytest.importorskip("gguf")
+  pytest.importorskip("tokenizers")
+  from tandem_jax import workdir as workdir_lib
+
+  if not hasattr(workdir_lib, "tokenizer_path"):
+    pytest.skip("tandem_jax.workdir does not load tokenizer.json yet (the issue 7 patch to workdir.py)")
+  hf_cfg = tiny_hf_config("Qwen2ForCausalLM")
+  state = random_hf_state(hf_cfg)
+  cfg, hf, tokenizer = convert.load_gguf(write_tiny_gguf(tmp_path / "m.gguf", "qwen2", hf_cfg, state))
+  model = convert.model_from_hf(cfg, hf)
+  wd = convert.write_model_workdir(tmp_path / "wd", model, tokenizer, dict(format="gguf", path="m.gguf"))
+  loaded = workdir_lib.load_workdir(wd)
+  assert loaded.stage == "primary" and loaded.model.cfg == cfg
+  got = convert.get_params(loaded.model)
+  for k, v in convert.get_params(model).items():
+    np.testing.assert_array_equal(got[k], v, err_msg=k)
+  check_same_tokenizer(tokenizer, loaded.tokenizer)
+  assert loaded.tokenizer.encode("Hi<|im_end|>") == tokenizer.encode("Hi<|im_end|>")

@@ -91,8 +91,7 @@ class GGUFFile:
     if bad:
       names = [t.name for t in self.reader.tensors if t.tensor_type.name in bad][:3]
       raise ValueError(f"{self.path}: tensors of quantization type(s) {bad} (e.g. {names}) cannot be dequantized "
-                       f"by gguf {gguf.__version__ if hasattr(gguf, '__version__') else ''}; supported: "
-                       f"{sorted(t.name for t in supported)}")
+                       f"by this gguf package; supported: {sorted(t.name for t in supported)}")
 
   def config(self, *, max_seq_len: int | None = None, param_dtype: str = "float32",
              dtype: str | None = None) -> TransformerConfig:
@@ -125,7 +124,6 @@ class GGUFFile:
 
   def hf_state(self, cfg: TransformerConfig) -> dict[str, np.ndarray]:
     """Every tensor, dequantized to float32, under its HF name and in HF layout."""
-    self.check_quantization()
     gguf = _gguf()
     out = {}
     for t in self.reader.tensors:
@@ -162,6 +160,6 @@ def _hf_name(gguf_name: str) -> str | None:
 def read_gguf(path: str | os.PathLike, **config_kw) -> tuple[TransformerConfig, dict[str, np.ndarray], GGUFFile]:
   """(config, HF state, the open file for its tokenizer) of a llama/qwen2 GGUF file."""
   f = GGUFFile(path)
-  f.check_quantization()
+  f.check_quantization()  # before the config, so the error names the real problem
   cfg = f.config(**config_kw)
   return cfg, f.hf_state(cfg), f
