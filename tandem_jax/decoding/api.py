@@ -82,6 +82,33 @@ def _models_for(method, primary, drafter, tandem, llm_to_slm, router):
   return models
 
 
+def lower(method: str, models: dict, *, batch_size: int, prompt_len: int, max_new_tokens: int, max_block_len: int,
+          sampling: SamplingParams = SamplingParams(), mesh=None, rules=shd.DEFAULT_RULES):
+  """Lowers the decode program of ``method`` for abstract inputs (no data, no devices needed).
+
+  ``models`` maps role -> module, as :func:`generate` takes them ("primary", "drafter", "tandem", "llm_to_slm",
+  "router"); modules may be abstract (``nnx.eval_shape``) with shardings on their ShapeDtypeStructs. Used by
+  ``tandem_jax.aot`` to compile for a TPU topology from this CPU machine. Returns a ``jax.stages.Lowered``.
+  """
+  names = tuple(sorted(models))
+  graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
+  max_new = _bucket(max_new_tokens)
+  p_pad = _bucket(prompt_len)
+  capacity = _bucket(p_pad + max_new + max_block_len + 2)
+  batch = None
+  if mesh is not None:
+    batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
+  i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch if shape else None)  # noqa: E731
+  args = (tuple(states), i32((batch_size, p_pad)), i32((batch_size,)), i32((batch_size,)),
+          jax.eval_shape(lambda: jax.random.key(0)), i32(()), jax.ShapeDtypeStruct((), jnp.float32), i32(()))
+  fn = lambda: _decode_jit.lower(method, tuple(zip(names, graphdefs)), *args, k=max_block_len,  # noqa: E731
+                                 params=sampling, max_new=max_new, capacity=capacity)
+  if mesh is None:
+    return fn()
+  with jax.set_mesh(mesh), shd.use_rules(rules):
+    return fn()
+
+
 def _main_and_drafter_cfgs(models):
   if "tandem" in models:
     return models["tandem"].primary.cfg, models["tandem"].secondary.cfg
