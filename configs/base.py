@@ -40,7 +40,7 @@ _PRESETS = {
         vocab=8192, seq_len=129, max_documents=0,
         primary=lambda v: _model(v, 256, 4, 4, 2, 64, 768, 512),
         secondary=lambda v: _model(v, 128, 2, 2, 1, 64, 384, 512),
-        batch_size=16, steps=600, warmup=50, lr=2e-3, eval_every=200, eval_batches=8, checkpoint_every=200,
+        batch_size=16, steps=400, warmup=40, lr=2e-3, eval_every=200, eval_batches=8, checkpoint_every=200,
         log_every=25, mesh_shape=(-1, 1), mesh_axes=("data", "model"), projector_hidden=256, prompt_len=32,
         gamma_max=8),
     "v5e16": dict(

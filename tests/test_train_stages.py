@@ -1,0 +1,90 @@
+"""Every stage on :tiny, chained as in the paper: primary -> secondary -> secondary_distil, tandem (both) ->
+tandem_distil -> router, llm_to_slm. Frozen parameters stay bitwise unchanged and have no optimizer state."""
+
+import jax
+import numpy as np
+import pytest
+
+from configs import base
+from tandem_jax import workdir as workdir_lib
+from tandem_jax.models import LLMToSLM, TandemLM, Transformer
+from tandem_jax.training import loop, stages
+
+pytestmark = pytest.mark.slow  # seven chained trainings: ~2.5 min of compiles on 2 free cores
+
+
+def leaves_equal(a, b):
+  la, lb = jax.tree.leaves(a), jax.tree.leaves(b)
+  return len(la) == len(lb) and all(np.array_equal(np.asarray(x), np.asarray(y)) for x, y in zip(la, lb))
+
+
+def adam_mu(opt_state):
+  """The first-moment tree of the AdamW state (it mirrors exactly the trainable params)."""
+  for node in jax.tree.leaves(opt_state, is_leaf=lambda x: hasattr(x, "mu")):
+    if hasattr(node, "mu"):
+      return node.mu
+  raise AssertionError("no Adam state")
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+  root = tmp_path_factory.mktemp("chain")
+  tok = str(tmp_path_factory.mktemp("tok"))
+  out = {}
+
+  def run(stage, **init):
+    c = base.get_config(stage, "tiny")
+    c.data.tokenizer_cache = tok
+    c.train.steps, c.train.log_every, c.train.eval_batches = 2, 1, 1
+    for k, v in init.items():
+      c.init[k] = str(root / v)
+    out[stage] = loop.train(c, str(root / stage))
+    out[stage]["workdir"] = str(root / stage)
+    return out[stage]
+
+  run("primary")
+  run("secondary", primary_workdir="primary")
+  run("secondary_distil", primary_workdir="primary", secondary_workdir="secondary")
+  run("tandem", primary_workdir="primary", secondary_workdir="secondary")
+  run("tandem_distil", tandem_workdir="tandem")
+  run("llm_to_slm", primary_workdir="primary", secondary_workdir="secondary")
+  run("router", tandem_workdir="tandem_distil")
+  return out
+
+
+def test_every_stage_trains_and_reports(runs):
+  for stage, r in runs.items():
+    assert r["step"] == 2, stage
+    assert np.isfinite(r["train"]["loss"]), stage
+  for stage in ("secondary", "secondary_distil", "tandem", "tandem_distil", "llm_to_slm"):
+    ev = runs[stage]["eval"]
+    assert 0 <= ev["agreement"] <= 1 and 0 <= ev["tv"] <= 1, stage
+  assert "distil_ce" in runs["secondary_distil"]["train"] and "distil_ce" in runs["tandem_distil"]["train"]
+  assert 0 <= runs["router"]["eval"]["router_pred"] <= 1
+
+
+def test_frozen_parts_unchanged_and_without_optimizer_state(runs):
+  primary = workdir_lib.load_workdir(runs["primary"]["workdir"]).model
+  primary_params = jax.tree.map(np.asarray, primary)
+  for stage, attr in (("secondary_distil", "teacher"), ("tandem", "primary"), ("tandem_distil", "primary"),
+                      ("llm_to_slm", "primary")):
+    state = runs[stage]["state"]
+    assert set(state["frozen"]) == {attr}, stage
+    assert leaves_equal(state["frozen"][attr], primary_params), stage
+    assert attr not in adam_mu(state["opt_state"]), stage
+    assert jax.tree.structure(adam_mu(state["opt_state"])) == jax.tree.structure(state["params"]), stage
+  # The secondary started from the standalone secondary's weights.
+  router = runs["router"]["state"]
+  assert set(router["frozen"]) == {"tandem"} and set(adam_mu(router["opt_state"])) == {"router"}
+  tandem_distil = workdir_lib.load_workdir(runs["tandem_distil"]["workdir"]).model
+  assert leaves_equal(router["frozen"]["tandem"], jax.tree.map(np.asarray, tandem_distil))
+
+
+def test_loaded_models_and_provenance(runs):
+  kinds = {"primary": Transformer, "secondary": Transformer, "secondary_distil": Transformer, "tandem": TandemLM,
+           "tandem_distil": TandemLM, "llm_to_slm": LLMToSLM, "router": stages.RouterBundle}
+  for stage, kind in kinds.items():
+    loaded = workdir_lib.load_workdir(runs[stage]["workdir"])
+    assert isinstance(loaded.model, kind) and loaded.stage == stage and loaded.step == 2
+  sources = workdir_lib.read_json(runs["tandem_distil"]["workdir"])["sources"]
+  assert sources["tandem_workdir"]["sources"]["primary_workdir"]["workdir"] == runs["primary"]["workdir"]
