@@ -84,8 +84,12 @@ class Stats(NamedTuple):
 
 def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_new_b, key, block_len, *,
                        max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
-                       capacity: int, accept_all: bool = False, router=None, threshold=0.8):
-  """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling."""
+                       capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False):
+  """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling.
+
+  With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
+  the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
+  """
   b, k = prompt_bt.shape[0], max_block_len
   cache_l = primary.init_cache(b, capacity)
   logits, hidden, cache_l = primary.prefill(prompt_bt, prompt_len_b, cache_l, return_hidden=drafter.needs_hidden)
@@ -96,6 +100,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   em = output.append(output.init(b, max_new + k + 1, max_new_b), first[:, None], ones, max_new_b, eos_id)
   zeros = jnp.zeros((b,), jnp.int32)
   stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32))
+  trace_buf = jnp.full((b, max_new if trace else 0, k + 3), -1, jnp.int32)
   prev = jnp.take_along_axis(prompt_bt, (prompt_len_b - 1)[:, None], 1)[:, 0]
   block_len = jnp.clip(jnp.asarray(block_len, jnp.int32), 1, k)
 
@@ -130,7 +135,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     return jnp.any(~em.done) & (it < max_new)
 
   def body(c):
-    em, cache_l, dstate, prev, pending, stats, key, it = c
+    em, cache_l, dstate, prev, pending, stats, trace_buf, key, it = c
     active = ~em.done
     n = cache_l.lengths
     key, k_draft, k_accept = jax.random.split(key, 3)
@@ -156,8 +161,14 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                          pending)
     prev = jnp.where(active, new_prev, prev)
     pending = jnp.where(active, nxt, pending)
-    return em, cache_l, dstate, prev, pending, stats, key, it + 1
+    if trace:
+      row = jnp.concatenate([drafts, n_draft[:, None], accepted[:, None], nxt[:, None]], 1)
+      trace_buf = trace_buf.at[:, it].set(jnp.where(active[:, None], row, -1))
+    return em, cache_l, dstate, prev, pending, stats, trace_buf, key, it + 1
 
-  carry = (em, cache_l, dstate, prev, first, stats, key, jnp.int32(0))
-  em, *_, stats, _, _ = jax.lax.while_loop(cond, body, carry)
-  return em, stats._asdict()
+  carry = (em, cache_l, dstate, prev, first, stats, trace_buf, key, jnp.int32(0))
+  em, *_, stats, trace_buf, _, _ = jax.lax.while_loop(cond, body, carry)
+  out = stats._asdict()
+  if trace:
+    out["trace"] = trace_buf
+  return em, out

@@ -1,0 +1,209 @@
+"""Text in, text out: ``python -m tandem_jax.generate --workdir=DIR --method=tandem_speed --prompt="..."``.
+
+The workdir decides what is available: a tandem (or tandem_distil) workdir gives ``ar``, ``tandem``,
+``tandem_speed`` and, with a drafter (``--drafter_workdir``, default the secondary the tandem was initialised from),
+``speed``; a router workdir adds ``--adaptive``; an llm_to_slm workdir gives ``llm_to_slm``; a primary workdir
+gives ``ar`` (and ``speed`` with ``--drafter_workdir``).
+
+``--compare_ar`` also runs ``ar`` on the same prompts and prints the wall-clock speedup (compiled programs, medians
+of interleaved repeats). ``--show_drafts`` prints the stream with accepted drafts (green), rejected drafts (red,
+struck through) and the primary's own tokens (bold yellow on a rejection, blue as a bonus).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+import statistics
+import sys
+from typing import Any
+
+from absl import app, flags
+
+from tandem_jax.decoding import METHODS, SamplingParams, generate
+
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir (tandem, router, llm_to_slm or primary)")
+_METHOD = flags.DEFINE_enum("method", "tandem_speed", METHODS, "decoding method")
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for a batch)")
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a file with one prompt per line")
+_DRAFTER = flags.DEFINE_string("drafter_workdir", None, "workdir of the standalone drafter for --method=speed")
+_ROUTER = flags.DEFINE_string("router_workdir", None, "router workdir for --adaptive (default: --workdir if it is "
+                              "one)")
+_BLOCK = flags.DEFINE_integer("block_len", 4, "γ: drafts per block (the cap γ_max with --adaptive)")
+_TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
+_TOPK = flags.DEFINE_integer("top_k", 0, "0 = off")
+_TOPP = flags.DEFINE_float("top_p", 1.0, "1 = off")
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
+_ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router")
+_THRESHOLD = flags.DEFINE_float("threshold", None, "router threshold τ (default: the router config's)")
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
+_JSON = flags.DEFINE_bool("json", False, "print one JSON document")
+_SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)")
+_COMPARE = flags.DEFINE_bool("compare_ar", False, "also time `ar` and print the speedup")
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per method with --compare_ar (median reported)")
+
+
+@dataclasses.dataclass
+class Generator:
+  """Models and tokenizer loaded from workdirs, ready for :func:`tandem_jax.decoding.generate`."""
+  models: dict[str, Any]
+  tokenizer: Any
+  threshold: float = 0.8
+  gamma_max: int | None = None
+
+  def __call__(self, method: str, prompts: list[str], *, adaptive: bool = False, **kw):
+    ids = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
+    models = self.models_for(method, adaptive)
+    if adaptive:
+      kw.setdefault("threshold", self.threshold)
+    return generate(method, ids, eos_id=self.tokenizer.eos_id, **models, **kw)
+
+  def models_for(self, method: str, adaptive: bool = False) -> dict[str, Any]:
+    m = self.models
+    if method == "ar":
+      out = dict(primary=m.get("primary"))
+    elif method == "speed":
+      out = dict(primary=m.get("primary"), drafter=m.get("drafter"))
+    elif method in ("tandem", "tandem_speed"):
+      out = dict(tandem=m.get("tandem"))
+    else:
+      out = dict(llm_to_slm=m.get("llm_to_slm"))
+    missing = [k for k, v in out.items() if v is None]
+    if missing:
+      hint = " (pass --drafter_workdir)" if "drafter" in missing else ""
+      raise ValueError(f"--method={method} needs {missing}, which the given workdirs do not provide{hint}; "
+                       f"available: {sorted(m)}")
+    if adaptive:
+      if "router" not in m:
+        raise ValueError("--adaptive needs a trained router: pass --router_workdir (a `router` stage workdir)")
+      if method not in ("speed", "tandem_speed"):
+        raise ValueError(f"--adaptive applies to speed and tandem_speed, not {method}")
+      out["router"] = m["router"]
+    return out
+
+
+def load(workdir: str, drafter_workdir: str | None = None, router_workdir: str | None = None) -> Generator:
+  from tandem_jax.workdir import load_workdir
+  main = load_workdir(workdir)
+  models, threshold, gamma_max = {}, 0.8, None
+  if main.stage in ("tandem", "tandem_distil"):
+    models.update(tandem=main.model, primary=main.model.primary)
+  elif main.stage == "router":
+    models.update(tandem=main.model.tandem, primary=main.model.tandem.primary, router=main.model.router)
+    threshold, gamma_max = main.config.router.threshold, main.config.router.gamma_max
+  elif main.stage == "llm_to_slm":
+    models.update(llm_to_slm=main.model, primary=main.model.primary)
+  elif main.stage == "primary":
+    models.update(primary=main.model)
+  else:
+    raise ValueError(f"workdir {workdir!r} holds a {main.stage!r} model; generate from a primary, tandem, "
+                     f"tandem_distil, router or llm_to_slm workdir (use it as --drafter_workdir for speed)")
+  drafter_workdir = drafter_workdir or (main.config.init.secondary_workdir if main.stage != "primary" else None)
+  if drafter_workdir and os.path.isdir(os.path.expanduser(drafter_workdir)):
+    d = load_workdir(drafter_workdir)
+    if d.stage not in ("secondary", "secondary_distil", "primary"):
+      raise ValueError(f"--drafter_workdir {drafter_workdir!r} holds a {d.stage!r} model, not a standalone LM")
+    models["drafter"] = d.model
+  if router_workdir:
+    r = load_workdir(router_workdir)
+    if r.stage != "router":
+      raise ValueError(f"--router_workdir {router_workdir!r} holds a {r.stage!r} model, not a router")
+    models["router"] = r.model.router
+    threshold, gamma_max = r.config.router.threshold, r.config.router.gamma_max
+  return Generator(models, main.tokenizer, threshold, gamma_max)
+
+
+# -- presentation ------------------------------------------------------------------------------------------------
+_GREEN, _RED, _YELLOW, _BLUE, _RESET = "\033[32m", "\033[31;9m", "\033[1;33m", "\033[34m", "\033[0m"
+
+
+def draft_stream(trace_row, tokenizer, max_tokens: int, colour: bool = True) -> tuple[str, list[dict]]:
+  """Renders one row's trace ([iterations, K+3]: drafts, drafted, accepted, primary token)."""
+  k = trace_row.shape[1] - 3
+  parts, events, emitted = [], [], 0
+  paint = (lambda c, s: f"{c}{s}{_RESET}") if colour else (lambda c, s: s)
+  for it in trace_row:
+    if it[k] < 0 or emitted >= max_tokens:
+      break
+    drafts, n_draft, n_acc, tok = it[:k].tolist(), int(it[k]), int(it[k + 1]), int(it[k + 2])
+    accepted, rejected = drafts[:n_acc], drafts[n_acc:n_draft]
+    events.append(dict(accepted=accepted, rejected=rejected, primary_token=tok,
+                       primary_kind="bonus" if not rejected else "correction"))
+    parts += [paint(_GREEN, tokenizer.decode([t])) for t in accepted]
+    if not colour and rejected:
+      parts.append("[-" + tokenizer.decode(rejected) + "-]")
+    else:
+      parts += [paint(_RED, tokenizer.decode([t])) for t in rejected]
+    parts.append(paint(_BLUE if not rejected else _YELLOW, tokenizer.decode([tok])))
+    emitted += n_acc + 1
+  return "".join(parts), events
+
+
+def _prompts() -> list[str]:
+  prompts = list(_PROMPT.value)
+  if _PROMPTS_FILE.value:
+    with open(_PROMPTS_FILE.value) as fh:
+      prompts += [line.rstrip("\n") for line in fh if line.strip()]
+  if not prompts:
+    raise app.UsageError("give at least one --prompt or a --prompts_file")
+  return prompts
+
+
+def main(argv):
+  del argv
+  gen = load(_WORKDIR.value, _DRAFTER.value, _ROUTER.value)
+  prompts = _prompts()
+  sampling = SamplingParams(temperature=_TEMP.value, top_k=_TOPK.value, top_p=_TOPP.value)
+  kw = dict(max_new_tokens=_MAX_NEW.value, block_len=_BLOCK.value, sampling=sampling, seed=_SEED.value)
+  if _THRESHOLD.value is not None:
+    kw["threshold"] = _THRESHOLD.value
+  method = _METHOD.value
+  spec = method in ("speed", "tandem", "tandem_speed")
+  if not spec:
+    kw.pop("block_len")
+  result = gen(method, prompts, adaptive=_ADAPTIVE.value, trace=_SHOW.value and spec, **kw)
+  report: dict[str, Any] = dict(method=method, adaptive=_ADAPTIVE.value, summary=result.summary,
+                                compile_seconds=result.compile_time)
+  if _COMPARE.value and method != "ar":
+    ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold")}
+    gen("ar", prompts, **ar_kw)  # compile
+    times = {"ar": [], method: []}
+    for _ in range(max(_REPEATS.value, 1)):  # interleaved
+      times["ar"].append(gen("ar", prompts, **ar_kw).wall_time)
+      times[method].append(gen(method, prompts, adaptive=_ADAPTIVE.value, **kw).wall_time)
+    med = {m: statistics.median(t) for m, t in times.items()}
+    report["timing"] = dict(median_seconds=med, speedup_vs_ar=med["ar"] / med[method], repeats=len(times["ar"]),
+                            min_seconds={m: min(t) for m, t in times.items()},
+                            max_seconds={m: max(t) for m, t in times.items()})
+  rows = []
+  for i, (prompt, toks) in enumerate(zip(prompts, result.tokens)):
+    row = dict(prompt=prompt, token_ids=toks, text=gen.tokenizer.decode(toks),
+               stats={k: v[i].tolist() for k, v in result.stats.items() if k != "trace"})
+    if "trace" in result.stats:
+      stream, events = draft_stream(result.stats["trace"][i], gen.tokenizer, len(toks),
+                                    colour=sys.stdout.isatty() and not _JSON.value)
+      row.update(draft_stream=stream, blocks=events)
+    rows.append(row)
+  report["outputs"] = rows
+  if _JSON.value:
+    print(json.dumps(report, indent=2))
+    return
+  for row in rows:
+    print(f"> {row['prompt']}")
+    print(row.get("draft_stream") or row["text"])
+    print()
+  s = result.summary
+  print(f"[{method}{' +adaptive' if _ADAPTIVE.value else ''}] {s['tokens']} tokens, {s['primary_calls']} primary "
+        f"calls ({s['tokens_per_primary_call']:.2f} tokens/call), acceptance {s['acceptance_rate']:.3f}, "
+        f"{s['tokens_per_second']:.1f} tokens/s")
+  if "timing" in report:
+    t = report["timing"]
+    print(f"speedup over ar: {t['speedup_vs_ar']:.2f}x (median of {t['repeats']} interleaved runs on "
+          f"{os.cpu_count()} CPU cores; ar {t['median_seconds']['ar'] * 1e3:.1f} ms, {method} "
+          f"{t['median_seconds'][method] * 1e3:.1f} ms)")
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)
