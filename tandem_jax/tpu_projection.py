@@ -1,0 +1,152 @@
+"""TPU chip facts, the HBM-fit check and Leviathan's speedup projection from compiled per-call costs.
+
+Pure Python (no libtpu needed), so the arithmetic is tested on any machine; :mod:`tandem_jax.aot` feeds it the
+numbers XLA's cost model gives for a deviceless compile. Everything here is a projection, not a measurement.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import os
+from typing import Any, Iterable
+
+GIB = 1024 ** 3
+LABEL = "XLA cost-model estimate from a deviceless compile, not a TPU measurement"
+
+
+@dataclasses.dataclass(frozen=True)
+class Chip:
+  name: str
+  hbm_bytes: int         # per chip
+  peak_bf16_flops: float  # per chip, dense
+  hbm_bandwidth: float    # bytes/s per chip (roofline fallback when XLA gives no time estimate)
+
+
+# Public Cloud TPU spec sheets (per chip).
+CHIPS = {
+    "v4": Chip("v4", 32 * GIB, 275e12, 1228e9),
+    "v5e": Chip("v5e", 16 * GIB, 197e12, 819e9),
+    "v5p": Chip("v5p", 95 * GIB, 459e12, 2765e9),
+    "v6e": Chip("v6e", 32 * GIB, 918e12, 1640e9),
+}
+
+
+def chip_of(topology: str, hbm_gib: float | None = None) -> Chip:
+  """The chip of a topology name such as ``v5e:4x4``; ``hbm_gib`` overrides its capacity (tests, what-ifs)."""
+  kind = topology.split(":", 1)[0].strip().lower()
+  if kind not in CHIPS:
+    raise ValueError(f"unknown TPU generation {kind!r} in topology {topology!r}; choose one of {sorted(CHIPS)} "
+                     f"(e.g. v5e:4x4)")
+  chip = CHIPS[kind]
+  if hbm_gib is not None:
+    chip = dataclasses.replace(chip, hbm_bytes=int(hbm_gib * GIB))
+  return chip
+
+
+def memory_per_device(stats) -> dict[str, int]:
+  """Per-device bytes from ``compiled.memory_analysis()``; donated (aliased) arguments are counted once."""
+  arg, out = int(stats.argument_size_in_bytes), int(stats.output_size_in_bytes)
+  alias, temp = int(stats.alias_size_in_bytes), int(stats.temp_size_in_bytes)
+  code = int(stats.generated_code_size_in_bytes)
+  return dict(arguments=arg, outputs=out, aliased=alias, temporaries=temp, code=code,
+              total=arg + out - alias + temp + code)
+
+
+def fit_message(name: str, total: int, chip: Chip) -> str | None:
+  """None when ``total`` bytes per device fit the chip's HBM, else a message naming the shortfall."""
+  if total <= chip.hbm_bytes:
+    return None
+  return (f"{name} needs {total / GIB:.2f} GiB of HBM per device but a {chip.name} chip has "
+          f"{chip.hbm_bytes / GIB:.2f} GiB: short by {(total - chip.hbm_bytes) / GIB:.2f} GiB. Use a larger "
+          f"topology, a smaller batch (config.train.batch_size / --decode_batch) or more sharding (config.mesh).")
+
+
+def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
+  """(seconds, source): XLA's ``optimal_seconds`` when present, else the per-device roofline."""
+  t = cost.get("optimal_seconds")
+  if t is not None and t > 0:
+    return float(t), "xla_optimal_seconds"
+  flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
+  return max(flops / chip.peak_bf16_flops, nbytes / chip.hbm_bandwidth), "roofline"
+
+
+# -- Leviathan et al. (2211.17192) §3, PAPER_NOTES §2.2 ---------------------------------------------------------------
+def expected_tokens(alpha: float, gamma: int) -> float:
+  """Expected tokens per block call with γ drafts at acceptance α: (1 - α^{γ+1}) / (1 - α)."""
+  if alpha >= 1.0:
+    return gamma + 1.0
+  return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def leviathan_speedup(alpha: float, gamma: int, c: float) -> float:
+  """Thm 3.8: walltime improvement (1 - α^{γ+1}) / ((1 - α)(γc + 1)), if γ+1 tokens cost one primary step."""
+  return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
+
+
+def block_seconds(step_s: float, block_s: float, max_block_len: int, gamma: int) -> float:
+  """A (γ+1)-token primary call, interpolated linearly in tokens between the compiled 1- and (K+1)-token calls."""
+  if max_block_len <= 0:
+    return step_s
+  frac = min(gamma, max_block_len) / max_block_len
+  return step_s + frac * (block_s - step_s)
+
+
+def project_speedup(alpha: float, gammas: Iterable[int], *, primary_step_s: float, primary_block_s: float,
+                    max_block_len: int, secondary_step_s: float, commit_s: float = 0.0) -> list[dict[str, float]]:
+  """Per γ: Leviathan's formula with c = secondary step / primary step, and the same projection with the
+  compiled costs of the block call (γ+1 tokens) and Tandem's commit of the verified block.
+
+  ms per generated token = (γ·secondary step + block call + commit) / E[tokens]; speedup is against the
+  primary's 1-token step (autoregressive decoding, one token per call).
+  """
+  c = secondary_step_s / primary_step_s
+  rows = []
+  for g in gammas:
+    e = expected_tokens(alpha, g)
+    block = block_seconds(primary_step_s, primary_block_s, max_block_len, g)
+    per_block = g * secondary_step_s + block + commit_s
+    rows.append(dict(gamma=g, alpha=alpha, c=c, expected_tokens=e, leviathan_speedup=leviathan_speedup(alpha, g, c),
+                     block_call_ms=block * 1e3, ms_per_token=per_block / e * 1e3,
+                     ar_ms_per_token=primary_step_s * 1e3, projected_speedup=primary_step_s * e / per_block))
+  return rows
+
+
+def load_acceptance(spec: str) -> tuple[float, str]:
+  """``0.75`` or a JSON file (e.g. a benchmark's results.json) holding ``acceptance_rate`` values.
+
+  From a file the mean of every ``acceptance_rate`` under a key path containing ``tandem_speed`` is used (all
+  of them if none is), with a description of where it came from.
+  """
+  try:
+    alpha = float(spec)
+  except ValueError:
+    path = os.path.expanduser(spec)
+    if not os.path.isfile(path):
+      raise ValueError(f"--acceptance must be a number in (0, 1) or a results.json path; {spec!r} is neither")
+    with open(path) as f:
+      found = list(_find(json.load(f), "acceptance_rate", ()))
+    found = [(p, float(v)) for p, v in found if isinstance(v, (int, float)) and v == v]
+    if not found:
+      raise ValueError(f"{path}: no numeric 'acceptance_rate' entry found")
+    chosen = [(p, v) for p, v in found if any("tandem_speed" in str(k) for k in p)] or found
+    alpha = sum(v for _, v in chosen) / len(chosen)
+    where = f"mean of {len(chosen)} acceptance_rate value(s) in {path}"
+  else:
+    where = "--acceptance"
+  if not 0.0 < alpha <= 1.0:
+    raise ValueError(f"acceptance rate must be in (0, 1], got {alpha}")
+  return alpha, where
+
+
+def _find(obj: Any, key: str, path: tuple):
+  if isinstance(obj, dict):
+    for k, v in obj.items():
+      if k == key:
+        yield path + (k,), v
+      yield from _find(v, key, path + (k,))
+  elif isinstance(obj, list):
+    for i, v in enumerate(obj):
+      # A list of records: a record's "method" field names it in the path.
+      tag = v.get("method", i) if isinstance(v, dict) else i
+      yield from _find(v, key, path + (tag,))
