@@ -297,8 +297,8 @@ def format_report(report: dict) -> str:
   lines = [f"# AOT compile of {report['config']} for {report['topology']} ({report['chips']} x {chip['name']}, "
            f"mesh {report['mesh']})",
            f"_{report['label']}._",
-           f"Parameters: primary {report["params"]["primary"] / 1e6:.3g}M, secondary "
-           f"{report["params"]["secondary"] / 1e6:.3g}M (ratio "
+           f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
+           f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
            f"{report['params']['primary'] / report['params']['secondary']:.1f}). Decode: {report['decode']}.", "",
            "| TPU | HBM per chip (GiB) | peak bf16 TFLOP/s |", "|---|---|---|"]
   lines += [f"| {c.name} | {c.hbm_bytes / tp.GIB:.0f} | {c.peak_bf16_flops / 1e12:.0f} |" for c in tp.CHIPS.values()]
