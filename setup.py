@@ -30,7 +30,7 @@ setup(
     name="tandem_jax",
     version="0.1.0",
     description="Tandem Transformers (arXiv 2402.08644) with speculative decoding, in JAX/Flax NNX for Cloud TPU",
-    packages=find_packages(include=["tandem_jax", "tandem_jax.*", "launch", "launch.*"]),
+    packages=find_packages(include=["tandem_jax", "tandem_jax.*", "configs", "launch", "launch.*"]),
     python_requires=">=3.10",
     install_requires=CORE,
     extras_require=EXTRAS,
