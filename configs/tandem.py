@@ -13,3 +13,9 @@ except ImportError:  # loaded by path (config_flags) from outside the repository
 
 def get_config(arg=None):
   return base.get_config("tandem", arg)
+
+
+def get_sweep(arg=None):
+  """``python -m launch.sweep --config=configs/tandem.py:<preset>``: training γ x where the secondary reads M_L."""
+  del arg
+  return [{"tandem.block_len": g, "tandem.layer_map": m} for g in (2, 4) for m in ("proportional", "last")]
