@@ -27,29 +27,8 @@ def adam_mu(opt_state):
 
 
 @pytest.fixture(scope="module")
-def runs(tmp_path_factory):
-  root = tmp_path_factory.mktemp("chain")
-  tok = str(tmp_path_factory.mktemp("tok"))
-  out = {}
-
-  def run(stage, **init):
-    c = base.get_config(stage, "tiny")
-    c.data.tokenizer_cache = tok
-    c.train.steps, c.train.log_every, c.train.eval_batches = 2, 1, 1
-    for k, v in init.items():
-      c.init[k] = str(root / v)
-    out[stage] = loop.train(c, str(root / stage))
-    out[stage]["workdir"] = str(root / stage)
-    return out[stage]
-
-  run("primary")
-  run("secondary", primary_workdir="primary")
-  run("secondary_distil", primary_workdir="primary", secondary_workdir="secondary")
-  run("tandem", primary_workdir="primary", secondary_workdir="secondary")
-  run("tandem_distil", tandem_workdir="tandem")
-  run("llm_to_slm", primary_workdir="primary", secondary_workdir="secondary")
-  run("router", tandem_workdir="tandem_distil")
-  return out
+def runs(tiny_chain):
+  return tiny_chain
 
 
 def test_every_stage_trains_and_reports(runs):

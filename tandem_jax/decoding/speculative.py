@@ -105,15 +105,12 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   block_len = jnp.clip(jnp.asarray(block_len, jnp.int32), 1, k)
 
   def draft(dstate, prev, pending, n, key):
-    """Up to K drafts per row; rows stop at block_len or when the router predicts a rejection."""
-    logits, dstate = drafter.begin(dstate, prev, pending, n)
+    """Up to K drafts per row; rows stop at block_len or when the router predicts a rejection.
 
-    def cond(c):
-      g, _, _, _, drafting, *_ = c
-      return (g < k) & jnp.any(drafting)
+    The first draft is peeled out of the loop so that every loop iteration is exactly one drafter step (no
+    ``lax.cond`` around the step, which would make XLA copy the drafter's cache)."""
 
-    def body(c):
-      g, logits, dstate, key, drafting, n_draft, drafts, q, calls = c
+    def record(g, logits, key, drafting, n_draft, drafts, q):
       key, sub = jax.random.split(key)
       qg = sampling.probs(logits, params)
       d = sampling.sample(sub, qg)
@@ -122,11 +119,25 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       keep = drafting & (g + 1 < block_len)
       if router is not None:
         keep = keep & (router.accept_prob(logits, drafter.embed) >= threshold)
-      logits, dstate = jax.lax.cond(jnp.any(keep), drafter.step, lambda s, _: (logits, s), dstate, d)
-      return g + 1, logits, dstate, key, keep, n_draft, drafts, q, calls + keep.astype(jnp.int32)
+      return d, key, keep, n_draft, drafts, q
 
-    init = (jnp.int32(0), logits, dstate, key, jnp.ones((b,), bool), zeros, jnp.zeros((b, k), jnp.int32),
-            jnp.zeros((b, k, logits.shape[-1]), jnp.float32), ones)
+    logits, dstate = drafter.begin(dstate, prev, pending, n)
+    v = logits.shape[-1]
+    d, key, keep, n_draft, drafts, q = record(0, logits, key, jnp.ones((b,), bool), zeros,
+                                              jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k, v), jnp.float32))
+
+    def cond(c):
+      g, _, _, _, keep, *_ = c
+      return (g < k) & jnp.any(keep)
+
+    def body(c):
+      g, d, dstate, key, keep, n_draft, drafts, q, calls = c
+      logits, dstate = drafter.step(dstate, d)
+      calls = calls + keep.astype(jnp.int32)
+      d, key, keep, n_draft, drafts, q = record(g, logits, key, keep, n_draft, drafts, q)
+      return g + 1, d, dstate, key, keep, n_draft, drafts, q, calls
+
+    init = (jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones)
     _, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
     return dstate, n_draft, drafts, q, calls
 
