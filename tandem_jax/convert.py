@@ -132,30 +132,15 @@ def write_model_workdir(workdir: str | os.PathLike, model: Transformer, tokenize
   from tandem_jax import workdir as workdir_lib
 
   workdir = os.path.abspath(os.path.expanduser(os.fspath(workdir)))
-  workdir_lib.write_workdir(workdir, imported_config(model.cfg), model, _WorkdirTokenizer(tokenizer))
+  workdir_lib.write_workdir(workdir, imported_config(model.cfg), model, tokenizer)
   with open(os.path.join(workdir, "convert.json"), "w") as fh:
     json.dump(dict(source, tokenizer_fingerprint=tokenizer.fingerprint), fh, indent=1)
   return workdir
 
 
-class _WorkdirTokenizer:
-  """Saves an HFTokenizer as tokenizer.json beside the file name write_workdir asks for.
-
-  TODO(issue 7): pass the tokenizer itself once write_workdir saves through interop.save_tokenizer.
-  """
-
-  def __init__(self, tokenizer: HFTokenizer):
-    self.tokenizer = tokenizer
-    self.vocab_size = tokenizer.vocab_size
-
-  def save(self, path: str) -> None:
-    self.tokenizer.save(os.path.dirname(path))
-
-
 def imported_config(cfg: TransformerConfig):
   """The training config recorded with an imported model: stage ``primary`` with this model and vocabulary."""
-  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
-  from configs import base  # noqa: E402
+  from configs import base
 
   c = base.get_config("primary", "cpu")
   with c.unlocked():

@@ -24,6 +24,7 @@ from flax import nnx
 
 from tandem_jax import sharding
 from tandem_jax.data import Tokenizer
+from tandem_jax.interop.hf_tokenizer import load_tokenizer, save_tokenizer, tokenizer_path
 from tandem_jax.training import checkpoint, program, stages
 
 CONFIG_FILE = "config.json"
@@ -112,9 +113,8 @@ def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh 
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   config = load_config(workdir)
-  tok_path = os.path.join(workdir, TOKENIZER_FILE)
-  if not os.path.isfile(tok_path):
-    raise FileNotFoundError(f"workdir {workdir!r} has no {TOKENIZER_FILE}")
+  if tokenizer_path(workdir) is None:
+    raise FileNotFoundError(f"workdir {workdir!r} has no {TOKENIZER_FILE} or tokenizer.json")
   mngr = checkpoint.manager(workdir, async_save=False)
   steps = mngr.all_steps()
   if not steps:
@@ -134,7 +134,7 @@ def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh 
   mngr.close()
   bundle = stages.merge_bundle(graphdef, restored["params"], restored["frozen"])
   return Loaded(config=config, stage=config.stage, model=stages.public_model(config.stage, bundle),
-                tokenizer=Tokenizer.load(tok_path), step=step, workdir=workdir)
+                tokenizer=load_tokenizer(workdir), step=step, workdir=workdir)
 
 
 def _abstract(state: nnx.State, rules, mesh):
@@ -178,7 +178,7 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, model: nnx.Mo
     if isinstance(tokenizer, (str, os.PathLike)):
       shutil.copyfile(tokenizer, os.path.join(workdir, TOKENIZER_FILE))
     else:
-      tok.save(os.path.join(workdir, TOKENIZER_FILE))
+      save_tokenizer(tok, workdir)
   mngr = checkpoint.manager(workdir, keep=1, async_save=False)
   checkpoint.save(mngr, 0, {"params": params, "frozen": frozen}, force=True)
   mngr.wait_until_finished()

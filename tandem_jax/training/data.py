@@ -9,6 +9,7 @@ import os
 import numpy as np
 
 from tandem_jax import data as data_lib
+from tandem_jax.interop.hf_tokenizer import load_tokenizer
 
 
 @dataclasses.dataclass
@@ -45,7 +46,7 @@ def tokenizer_for(config, train_docs, existing: str | None = None) -> data_lib.T
   """The tokenizer at ``existing`` (a workdir's copy) if given, else the cached one trained on ``train_docs``."""
   d = config.data
   if existing:
-    tok = data_lib.Tokenizer.load(existing)
+    tok = load_tokenizer(existing)
   else:
     tok = data_lib.load_or_train_tokenizer(os.path.expanduser(d.tokenizer_cache), lambda: train_docs, d.vocab_size,
                                            corpus_id=corpus_id(config, train_docs), seed=d.seed)

@@ -18,6 +18,7 @@ from flax import nnx
 from tandem_jax import data as data_lib
 from tandem_jax import sharding
 from tandem_jax import workdir as workdir_lib
+from tandem_jax.interop.hf_tokenizer import save_tokenizer, tokenizer_path
 from tandem_jax.training import checkpoint, data as data_mod, evaluation, program as program_lib, stages
 from tandem_jax.training.validate import validate
 from tandem_jax.training.writer import MetricWriter
@@ -54,13 +55,9 @@ def reference_model(config, mesh):
 
 
 def _tokenizer_source(config, workdir: str) -> str | None:
-  own = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-  if os.path.isfile(own):
-    return own
-  for field in ("tandem_workdir", "primary_workdir", "secondary_workdir"):
-    path = config.init[field]
-    if path and os.path.isfile(os.path.join(os.path.expanduser(path), workdir_lib.TOKENIZER_FILE)):
-      return os.path.join(os.path.expanduser(path), workdir_lib.TOKENIZER_FILE)
+  for path in (workdir,) + tuple(config.init[f] for f in ("tandem_workdir", "primary_workdir", "secondary_workdir")):
+    if path and tokenizer_path(path):
+      return tokenizer_path(path)
   return None
 
 
@@ -107,9 +104,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     start = 0
   if is_main:
     workdir_lib.save_config(workdir, config, sources)
-    tok_file = os.path.join(workdir, workdir_lib.TOKENIZER_FILE)
-    if not os.path.isfile(tok_file):
-      data.tokenizer.save(tok_file)
+    if tokenizer_path(workdir) is None:
+      save_tokenizer(data.tokenizer, workdir)
 
   reference = reference_model(config, mesh)
   eval_batches = data_lib.make_eval_batches(data.val_rows, tr.batch_size, tr.eval_batches)
