@@ -1,0 +1,74 @@
+"""The benchmark (issue 5): which models to train, for how long, and how to time their decoding.
+
+  python -m tandem_jax.benchmark --workdir=/tmp/bench --config=configs/benchmark.py:cpu
+  python -m tandem_jax.benchmark --workdir=/tmp/bench_smoke --config=configs/benchmark.py:smoke
+
+``cpu`` (default): the ``cpu`` training preset's primary (4 layers, d 256, ~6M params) and secondary (2 layers, d
+128, ~10x cheaper per decoded token, ENVIRONMENT.md), plus a mid-size primary-stage model (3 layers, d 192; the
+paper's Otter role); about 30 minutes of training on 2 idle cores, decoding measurements under 10 minutes.
+``smoke``: the ``tiny`` preset's models and a handful of steps; the whole pipeline in well under 2 minutes (CI).
+"""
+
+try:
+  from configs import base
+except ImportError:  # loaded by path (config_flags) from outside the repository root
+  import os, sys
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  from configs import base
+
+import ml_collections
+
+BENCH_PRESETS = ("cpu", "smoke")
+# Stages in training order; "mid" is a second primary-stage run at the mid size.
+STAGES = ("primary", "mid", "secondary", "secondary_distil", "tandem", "tandem_distil", "router")
+
+
+def get_config(arg=None):
+  preset = (arg or "cpu").strip()
+  if preset not in BENCH_PRESETS:
+    raise ValueError(f"unknown benchmark preset {preset!r}; choose one of {BENCH_PRESETS}")
+  c = ml_collections.ConfigDict()
+  c.preset = preset
+  if preset == "cpu":
+    c.train_preset = "cpu"  # configs/base.py preset the stage configs start from
+    # Overrides of the preset's model dicts ({} = keep the preset's).
+    c.models = dict(primary={}, secondary={},
+                    mid=dict(num_layers=3, d_model=192, num_heads=3, num_kv_heads=1, head_dim=64, d_ff=576))
+    c.steps = dict(primary=300, mid=300, secondary=300, secondary_distil=150, tandem=150, tandem_distil=150,
+                   router=60)
+    c.gamma_max = 8  # K: one compile serves every γ in 1..K; the adaptive router's cap
+    c.eval_batches = 16  # validation batches (x train batch size 16 rows of 128 targets) for Tables 1 and 3
+    c.decode = dict(num_prompts=16, prompt_len=32, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
+                    gammas=(1, 2, 3, 4, 5, 6, 7, 8), repeats=3, batch1_prompts=6, standalone_block_len=3,
+                    hist_gamma=5, seed=0)
+    c.cost = dict(calls=64, repeats=5)  # per-call microbenchmark (c, verify cost vs block length)
+  else:
+    c.train_preset = "tiny"
+    c.models = dict(primary={}, secondary={}, mid=dict(num_layers=1))
+    c.steps = dict(primary=2, mid=2, secondary=2, secondary_distil=1, tandem=1, tandem_distil=1, router=1)
+    c.gamma_max = 2
+    c.eval_batches = 1
+    c.decode = dict(num_prompts=2, prompt_len=8, max_new_tokens=8, batch_sizes=(1,), temperatures=(0.0,),
+                    gammas=(1, 2), repeats=1, batch1_prompts=1, standalone_block_len=2, hist_gamma=2, seed=0)
+    c.cost = dict(calls=2, repeats=1)
+  c.threshold = 0.8  # router τ: keep drafting while the predicted acceptance is >= τ
+  c.tokenizer_cache = ""  # "" = <workdir>/tokenizer_cache (self-contained); or a shared cache directory
+  c.plots = True  # PNG plots when matplotlib is installed (the optional extra `plots`)
+  c.lock()
+  return c
+
+
+def stage_config(bench: ml_collections.ConfigDict, stage: str, tokenizer_cache: str) -> ml_collections.ConfigDict:
+  """The training config of one benchmark stage (``mid`` = stage ``primary`` at the mid size)."""
+  c = base.get_config("primary" if stage == "mid" else stage, bench.train_preset)
+  c.primary.update(dict(bench.models.primary))
+  c.secondary.update(dict(bench.models.secondary))
+  if stage == "mid":
+    c.primary.update(dict(bench.models.mid))
+  c.train.steps = int(bench.steps[stage])
+  c.train.eval_every = 0  # only the final evaluation; the benchmark runs its own
+  c.train.checkpoint_every = max(1, int(bench.steps[stage]))
+  c.router.gamma_max = int(bench.gamma_max)
+  c.router.threshold = float(bench.threshold)
+  c.data.tokenizer_cache = tokenizer_cache
+  return c

@@ -1,0 +1,181 @@
+"""Decoding measurements: wall-clock of compiled decode programs (compilation excluded, a warm-up call first),
+methods interleaved round-robin with the order rotated every round, medians and spread over repeats; and a
+per-call microbenchmark of the models (the cost ratio c and the block-verify cost)."""
+
+from __future__ import annotations
+
+import functools
+import logging
+import statistics
+import time
+from typing import Callable
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+from tandem_jax.decoding import SamplingParams, generate
+
+
+def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int]]:
+  """``n`` prompts of ``prompt_len`` tokens: windows of the validation rows, row by row, then further along."""
+  rows, seq = val_rows.shape
+  per_row = max(1, seq // prompt_len)
+  if rows * per_row < n:
+    raise ValueError(f"the validation split has {rows} rows of {seq} tokens: too few for {n} prompts of "
+                     f"{prompt_len} tokens (lower decode.num_prompts or decode.prompt_len)")
+  out = []
+  for j in range(per_row):
+    for i in range(rows):
+      if len(out) < n:
+        out.append([int(t) for t in val_rows[i, j * prompt_len:(j + 1) * prompt_len]])
+  return out
+
+
+def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict:
+  """Decodes ``prompts`` in batches of ``batch``; sums wall time, tokens and the per-row counters."""
+  wall, agg = 0.0, {}
+  for i in range(0, len(prompts), batch):
+    r = generate(method, prompts[i:i + batch], **kw)
+    wall += r.wall_time
+    agg.setdefault("tokens", 0)
+    agg["tokens"] += sum(len(t) for t in r.tokens)
+    for name, v in r.stats.items():
+      if name == "trace":
+        continue
+      s = np.asarray(v).sum(0)
+      agg[name] = agg[name] + s if name in agg else s
+  agg["wall"] = wall
+  return agg
+
+
+def interleaved(cells: dict[str, Callable[[], dict]], repeats: int) -> dict[str, dict]:
+  """Runs every cell once to compile and warm up, then ``repeats`` rounds, each cell once per round in an order
+  rotated by one every round. Returns per cell ``{"times": [...], "run": last run's counters}``."""
+  names = list(cells)
+  out = {n: {"times": [], "run": None} for n in names}
+  for n in names:
+    t0 = time.perf_counter()
+    cells[n]()
+    logging.info("warm-up %s: %.1f s (compile included)", n, time.perf_counter() - t0)
+  for r in range(repeats):
+    order = names[r % len(names):] + names[:r % len(names)]
+    for n in order:
+      run = cells[n]()
+      out[n]["times"].append(run["wall"])
+      out[n]["run"] = run
+  return out
+
+
+def spread(xs) -> dict:
+  return dict(min=float(min(xs)), median=float(statistics.median(xs)), max=float(max(xs)))
+
+
+def alpha_mle(run: dict) -> float:
+  """Per-draft acceptance α from a fixed-γ run: accepted / (accepted + rejections), a block being a rejection when
+  it accepted fewer drafts than it drafted (each draft position is a Bernoulli(α) trial until the first reject)."""
+  hist = np.asarray(run.get("block_hist", []))
+  blocks = int(hist.sum()) if hist.size else 0
+  drafted, accepted = int(run.get("drafted", 0)), int(run.get("accepted", 0))
+  if not blocks or not drafted:
+    return float("nan")
+  if "full_blocks" not in run:  # adaptive blocks also end on the router's word, not only on a rejection
+    return float("nan")
+  rejections = blocks - int(run["full_blocks"])
+  return accepted / max(accepted + rejections, 1)
+
+
+def summarize(cell: dict, ar_times: list[float] | None = None) -> dict:
+  """Timing spread, speedup over ar (ratio of medians; spread of the per-round ratios) and decode counters."""
+  times, run = cell["times"], cell["run"]
+  out = dict(seconds=spread(times), tokens=int(run["tokens"]), tokens_per_second=run["tokens"] / np.median(times))
+  blocks = int(run["primary_calls"]) - int(run.get("rows", 0))
+  out.update(primary_calls=int(run["primary_calls"]), secondary_calls=int(run["secondary_calls"]),
+             tokens_per_primary_call=run["tokens"] / max(int(run["primary_calls"]), 1))
+  if int(run.get("drafted", 0)):
+    out.update(acceptance_rate=int(run["accepted"]) / int(run["drafted"]), alpha=alpha_mle(run),
+               drafted=int(run["drafted"]), accepted=int(run["accepted"]), blocks=blocks,
+               accepted_hist=[int(x) for x in np.asarray(run["block_hist"])],
+               mean_accepted_per_block=int(run["accepted"]) / max(blocks, 1),
+               secondary_calls_per_block=int(run["secondary_calls"]) / max(blocks, 1))
+  if ar_times is not None:
+    ratios = [a / t for a, t in zip(ar_times, times)]
+    out["speedup"] = float(np.median(ar_times) / np.median(times))
+    out["speedup_per_round"] = spread(ratios)
+  return out
+
+
+def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: dict, sampling: SamplingParams,
+                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8) -> Callable[[], dict]:
+  kw = dict(models, max_new_tokens=max_new, sampling=sampling, seed=seed, eos_id=None)
+  if gamma is not None:
+    kw.update(block_len=int(gamma), max_block_len=int(k))
+  if router is not None:
+    kw.update(router=router, threshold=threshold)
+
+  def cell():
+    run = run_batches(method, prompts, batch, **kw)
+    run["rows"] = len(prompts)  # the prefill counted once per row in primary_calls
+    if gamma is not None and router is None and "block_hist" in run:
+      run["full_blocks"] = int(np.asarray(run["block_hist"])[int(gamma) + 1:].sum())
+    return run
+
+  return cell
+
+
+# -- per-call costs ---------------------------------------------------------------------------------------------
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+def _extend_loop(graphdef, state, cache, tokens_bk, n: int):
+  """``n`` cached calls on k tokens per row at a fixed cache fill; each call's argmax feeds the next (no DCE)."""
+  model = nnx.merge(graphdef, state)
+  fill = cache.lengths
+
+  def body(_, carry):
+    cache, tok = carry
+    logits, _, cache = model.extend(tok, cache)
+    nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
+    return cache.with_lengths(fill), jnp.broadcast_to(nxt[:, None], tok.shape)
+
+  _, tok = jax.lax.fori_loop(0, n, body, (cache, tokens_bk))
+  return tok
+
+
+def call_ms(model, batch: int, k: int, *, capacity: int, fill: int, calls: int, repeats: int) -> dict:
+  """Milliseconds per cached ``extend`` call of k tokens per row (median, min, max over repeats)."""
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, capacity)
+  cache = cache.with_lengths(jnp.full((batch,), fill, jnp.int32))
+  tokens = jnp.ones((batch, k), jnp.int32)
+  jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))
+    times.append((time.perf_counter() - t0) / calls * 1e3)
+  return spread(times)
+
+
+def call_costs(models: dict, batches, k_max: int, *, capacity: int, fill: int, calls: int, repeats: int) -> dict:
+  """{batch: {"primary": {k: ms}, "drafter": {1: ms, 2: ms}, "mid": {1: ms}}} measured interleaved by model."""
+  out = {}
+  for b in batches:
+    row = {"primary": {}, "drafter": {}, "mid": {}}
+    for k in range(1, k_max + 2):
+      row["primary"][k] = call_ms(models["primary"], b, k, capacity=capacity, fill=fill, calls=calls,
+                                  repeats=repeats)
+      if k <= 2:
+        row["drafter"][k] = call_ms(models["drafter"], b, k, capacity=capacity, fill=fill, calls=calls,
+                                    repeats=repeats)
+      if k == 1:
+        row["mid"][k] = call_ms(models["mid"], b, k, capacity=capacity, fill=fill, calls=calls, repeats=repeats)
+    out[b] = row
+  return out
+
+
+def leviathan(alpha: float, gamma: int, c: float) -> float:
+  """Thm 3.8 of arXiv 2211.17192: (1 - α^{γ+1}) / ((1 - α)(γc + 1))."""
+  if not np.isfinite(alpha):
+    return float("nan")
+  tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+  return float(tokens / (gamma * c + 1))

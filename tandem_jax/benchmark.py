@@ -1,0 +1,49 @@
+"""The benchmark of issue 5: every model trained (or reused), the paper's claims measured side by side.
+
+  python -m tandem_jax.benchmark --workdir=/tmp/bench [--config=configs/benchmark.py:cpu] [--json]
+
+Trains primary, mid-size, secondary, secondary_distil, tandem (CE), tandem_distil and router in
+``<workdir>/<stage>/`` (finished stages are reused), then in this one process: Table 1 (validation quality),
+Table 2 (speedup over ``ar`` of ``speed`` and ``tandem_speed`` for every γ, greedy and sampled, batch 1 and 8),
+Tables 3-4 (standalone Tandem vs the mid-size model; adaptive vs fixed γ), Leviathan's ideal speedup with the
+measured α and c. Writes ``<workdir>/results.json``, ``<workdir>/report.md`` and PNG plots (with matplotlib). The
+parts live in ``tandem_jax/bench/``.
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import shlex
+import sys
+
+from absl import app, flags
+from ml_collections import config_flags
+
+_DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "benchmark.py")
+_CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "configs/benchmark.py[:cpu|smoke]",
+                                          lock_config=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "where the models are trained (one subdirectory per stage) and "
+                               "the results written")
+_JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document")
+
+HEADLINE_KEYS = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tandem_speed_vs_speed",
+                 "speedup_adaptive_vs_fixed", "realized_over_ideal")
+
+
+def main(argv):
+  del argv
+  logging.getLogger().setLevel(logging.INFO)
+  from tandem_jax.bench import report, run
+  command = "python -m tandem_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
+  r = run.run(_CONFIG.value, _WORKDIR.value, command=command)
+  if _JSON.value:
+    print(json.dumps(report.jsonable({k: r[k] for k in HEADLINE_KEYS + ("targets", "phases_seconds")}), indent=1))
+  else:
+    print(open(os.path.join(r["workdir"], report.REPORT_FILE)).read())
+
+
+if __name__ == "__main__":
+  flags.mark_flag_as_required("workdir")
+  app.run(main)

@@ -1,0 +1,103 @@
+"""The benchmark end to end on its smoke preset (tiny models, a few steps): results.json's keys, the report's
+tables, reuse of finished stages; and the small pure helpers (Leviathan's formula, α from blocks, prompts)."""
+
+import json
+import os
+import subprocess
+import sys
+
+import numpy as np
+import pytest
+
+from configs import benchmark as bench_cfg
+from tandem_jax.bench import chain, timing
+
+REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+HEADLINE = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tandem_speed_vs_speed",
+            "speedup_adaptive_vs_fixed", "realized_over_ideal")
+
+
+@pytest.fixture(scope="module")
+def smoke(tmp_path_factory):
+  workdir = str(tmp_path_factory.mktemp("bench"))
+  env = dict(os.environ, JAX_PLATFORMS="cpu")
+  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  proc = subprocess.run([sys.executable, "-m", "tandem_jax.benchmark", f"--workdir={workdir}",
+                         "--config=configs/benchmark.py:smoke", "--json"], cwd=REPO, env=env, capture_output=True,
+                        text=True, timeout=900)
+  assert proc.returncode == 0, proc.stderr[-4000:]
+  return workdir, json.loads(proc.stdout[proc.stdout.index("{"):])
+
+
+@pytest.mark.slow
+def test_smoke_results_and_report(smoke):
+  workdir, printed = smoke
+  for k in HEADLINE:
+    assert k in printed and k in printed["targets"]
+  with open(os.path.join(workdir, "results.json")) as fh:
+    r = json.load(fh)
+  for k in HEADLINE + ("table1", "table2", "table3_quality", "table3_speed", "table4", "leviathan", "costs",
+                       "targets", "machine", "phases_seconds", "cost_ratio_c", "best_gamma"):
+    assert k in r, k
+  assert set(r["table1"]) >= {"secondary", "secondary_distil", "tandem", "tandem_distil"}
+  row = r["table2"]["greedy_b1"]
+  assert set(row["speed"]) == set(row["tandem_speed"]) == {"1", "2"}
+  cell = row["tandem_speed"]["2"]
+  assert cell["tokens"] == row["ar"]["tokens"] > 0  # no EOS stop: every method emits the same tokens
+  assert cell["seconds"]["min"] <= cell["seconds"]["median"] <= cell["seconds"]["max"]
+  assert {"fixed", "adaptive", "ar", "speedup_adaptive_vs_fixed"} <= set(r["table4"]["greedy_b1"])
+  assert {"mid", "primary", "secondary"} <= set(r["table3_speed"])
+  assert r["machine"]["before_decode"]["cpu_count"] == os.cpu_count()
+  with open(os.path.join(workdir, "report.md")) as fh:
+    md = fh.read()
+  for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Leviathan", "Targets", "CPU cores"):
+    assert title in md, title
+  if r["plots"]:
+    assert all(os.path.isfile(os.path.join(workdir, p)) for p in r["plots"])
+  else:
+    assert "Plots skipped" in md
+
+
+@pytest.mark.slow
+def test_rerun_reuses_every_stage(smoke):
+  workdir, _ = smoke
+  bench = bench_cfg.get_config("smoke")
+  report = chain.train_all(bench, workdir)
+  assert set(report) == set(bench_cfg.STAGES)
+  assert all(r["reused"] for r in report.values())
+
+
+def test_leviathan_formula():
+  assert timing.leviathan(0.0, 3, 0.0) == pytest.approx(1.0)
+  assert timing.leviathan(0.8, 5, 0.0) == pytest.approx((1 - 0.8 ** 6) / 0.2)  # 3.69 (their Table 1)
+  assert timing.leviathan(0.8, 2, 0.1) == pytest.approx((1 - 0.8 ** 3) / 0.2 / 1.2)
+  assert timing.leviathan(1.0, 4, 0.05) == pytest.approx(5 / 1.2)
+
+
+def test_alpha_from_blocks():
+  # γ = 2: blocks accepted 2, 0, 1, 2 drafts -> 5 accepted, 2 rejections -> α = 5/7.
+  hist = np.array([0, 1, 1, 2])  # index j = accepted + 1
+  run = dict(block_hist=hist, drafted=8, accepted=5, full_blocks=2)
+  assert timing.alpha_mle(run) == pytest.approx(5 / 7)
+  assert np.isnan(timing.alpha_mle(dict(block_hist=hist, drafted=8, accepted=5)))  # adaptive: undefined
+
+
+def test_prompts_from_rows():
+  rows = np.arange(3 * 20).reshape(3, 20)
+  p = timing.draw_prompts(rows, 5, 8)
+  assert [x[0] for x in p] == [0, 20, 40, 8, 28] and all(len(x) == 8 for x in p)
+  with pytest.raises(ValueError, match="num_prompts"):
+    timing.draw_prompts(rows, 7, 8)
+
+
+def test_configs_and_stage_wiring(tmp_path):
+  for preset in bench_cfg.BENCH_PRESETS:
+    bench = bench_cfg.get_config(preset)
+    cfgs = chain.stage_configs(bench, str(tmp_path))
+    assert list(cfgs) == list(bench_cfg.STAGES)
+    assert cfgs["mid"].stage == "primary" and cfgs["mid"].primary.num_layers != cfgs["primary"].primary.num_layers
+    assert cfgs["router"].init.tandem_workdir.endswith("tandem_distil")
+    assert cfgs["router"].router.gamma_max == bench.gamma_max
+    assert max(bench.decode.gammas) <= bench.gamma_max
+  with pytest.raises(ValueError, match="preset"):
+    bench_cfg.get_config("huge")
