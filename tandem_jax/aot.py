@@ -70,7 +70,14 @@ def topology_mesh(topology: str, mesh_cfg):
     raise RuntimeError(f"cannot build TPU topology {topology!r}: {e}. Install the tpu extra "
                        f"(pip install -e '.[tpu]') and use a name such as v5e:2x2, v5e:4x4, v5e:16x16") from None
   shape = resolved_mesh_shape(mesh_cfg, len(topo.devices))
-  return topologies.make_mesh(topo, shape, tuple(mesh_cfg.axes))
+  axes = tuple(mesh_cfg.axes)
+  try:
+    return topologies.make_mesh(topo, shape, axes)
+  except NotImplementedError:
+    # e.g. (1, 64, 4) on a 16x16 torus: an axis must split a physical axis.
+    from jax.experimental import mesh_utils
+    devices = mesh_utils.create_device_mesh(shape, topo.devices, allow_split_physical_axes=True)
+    return jax.sharding.Mesh(devices, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
 
 
 def abstract_module(constructor, mesh, rules):
@@ -192,18 +199,23 @@ def lower_calls(tandem, *, batch, capacity, max_block_len, mesh, rules) -> dict:
   }
 
 
-def lower_decode(tandem, router, *, batch, prompt_len, max_new_tokens, max_block_len, mesh, rules) -> dict:
+def lower_decode(tandem, router, *, batch, prompt_len, max_new_tokens, max_block_len, mesh, rules,
+                 names=DECODE_PROGRAMS):
+  """The whole generate programs named in ``names`` (from DECODE_PROGRAMS), lowered lazily in that order."""
   from tandem_jax.decoding import api
   kw = dict(batch_size=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, max_block_len=max_block_len,
             mesh=mesh, rules=rules)
-  return {"decode_ar": api.lower("ar", {"primary": tandem.primary}, **kw),
-          "decode_tandem_speed": api.lower("tandem_speed", {"tandem": tandem}, **kw),
-          "decode_tandem_speed_adaptive": api.lower("tandem_speed", {"tandem": tandem, "router": router}, **kw)}
+  programs = {"decode_ar": ("ar", {"primary": tandem.primary}),
+              "decode_tandem_speed": ("tandem_speed", {"tandem": tandem}),
+              "decode_tandem_speed_adaptive": ("tandem_speed", {"tandem": tandem, "router": router})}
+  for name in names:
+    method, models = programs[name]
+    yield name, api.lower(method, models, **kw)
 
 
 def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, max_new_tokens: int = 128,
         block_len: int = 8, groups=GROUPS, hbm_gib: float | None = None, acceptance: str | None = None,
-        log=logging.info) -> dict:
+        decode_programs=DECODE_PROGRAMS, log=logging.info) -> dict:
   """Compiles the selected program groups of ``config`` for ``topology``; returns the report (see :func:`main`).
 
   Raises ConfigError for a bad config and ValueError for bad arguments before compiling anything.
@@ -211,6 +223,9 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
   bad = [g for g in groups if g not in GROUPS]
   if bad:
     raise ValueError(f"--programs: unknown group(s) {bad}; choose from {GROUPS}")
+  bad = [p for p in decode_programs if p not in DECODE_PROGRAMS]
+  if bad:
+    raise ValueError(f"unknown decode program(s) {bad}; choose from {DECODE_PROGRAMS}")
   if block_len < 1 or prompt_len < 1 or max_new_tokens < 1:
     raise ValueError("--block_len, --prompt_len and --max_new_tokens must be >= 1")
   alpha = tp.load_acceptance(acceptance) if acceptance else None
@@ -258,7 +273,7 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                              mesh, rules)
     for name, lowered in lower_decode(tandem, router, batch=batch, prompt_len=prompt_len,
                                       max_new_tokens=max_new_tokens, max_block_len=block_len, mesh=mesh,
-                                      rules=rules).items():
+                                      rules=rules, names=decode_programs):
       add(name, lowered, with_cost=False)
   if "calls" in groups:
     for name, lowered in lower_calls(tandem, batch=batch, capacity=capacity, max_block_len=block_len, mesh=mesh,
