@@ -23,6 +23,7 @@ import logging
 import os
 import sys
 import time
+import types
 
 # This machine compiles for TPU through libtpu's topology API; the runtime backend stays the CPU.
 os.environ.setdefault("JAX_PLATFORMS", "cpu")
@@ -42,7 +43,7 @@ from tandem_jax.models.router import Router
 from tandem_jax.models.tandem import TandemLM
 from tandem_jax.training import program as program_lib
 from tandem_jax.training import stages
-from tandem_jax.training.validate import batch_shards, resolved_mesh_shape, validate
+from tandem_jax.training.validate import resolved_mesh_shape, validate
 
 DECODE_PROGRAMS = ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")
 CALL_PROGRAMS = ("primary_step", "primary_block", "secondary_step", "tandem_commit")
@@ -215,7 +216,7 @@ def lower_decode(tandem, router, *, batch, prompt_len, max_new_tokens, max_block
 
 def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, max_new_tokens: int = 128,
         block_len: int = 8, groups=GROUPS, hbm_gib: float | None = None, acceptance: str | None = None,
-        decode_programs=DECODE_PROGRAMS, log=logging.info) -> dict:
+        decode_programs=DECODE_PROGRAMS, decode_mesh_shape=None, log=logging.info) -> dict:
   """Compiles the selected program groups of ``config`` for ``topology``; returns the report (see :func:`main`).
 
   Raises ConfigError for a bad config and ValueError for bad arguments before compiling anything.
@@ -234,11 +235,21 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
   n = mesh.devices.size
   validate(_with_placeholder_inits(config), num_devices=n, check_workdirs=False)
   rules = program_lib.rules_of(config)
-  shards = batch_shards(config, n)
+  dmesh = mesh
+  if decode_mesh_shape:
+    # Decoding may use another layout than training (e.g. model-parallel instead of FSDP, which would
+    # all-gather every weight on every decode call).
+    dmesh = topology_mesh(topology, types.SimpleNamespace(shape=tuple(decode_mesh_shape), axes=config.mesh.axes))
+  shape = dict(dmesh.shape)
+  batch_rule = dict(rules).get("batch")
+  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
+  shards = 1
+  for a in batch_axes:
+    shards *= shape.get(a, 1)
   batch = decode_batch or shards
   if batch % shards:
-    raise ValueError(f"--decode_batch {batch} must be a multiple of the {shards} batch shards of mesh "
-                     f"{dict(mesh.shape)}")
+    raise ValueError(f"--decode_batch {batch} must be a multiple of the {shards} batch shards of the decode mesh "
+                     f"{shape}")
   capacity = decode_capacity(prompt_len, max_new_tokens, block_len)
   pcfg, scfg, tcfg = stages.model_configs(config)
   if capacity > min(pcfg.max_seq_len, scfg.max_seq_len):
@@ -246,7 +257,7 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                      f"{capacity}) exceeds the models' max_seq_len {min(pcfg.max_seq_len, scfg.max_seq_len)}")
 
   report = dict(label=tp.LABEL, config=f"{config.stage}:{config.preset}", topology=topology, chips=n,
-                mesh=dict(mesh.shape), chip=dict(name=chip.name, hbm_gib=chip.hbm_bytes / tp.GIB,
+                mesh=dict(mesh.shape), decode_mesh=dict(dmesh.shape), chip=dict(name=chip.name, hbm_gib=chip.hbm_bytes / tp.GIB,
                                                  peak_bf16_tflops=chip.peak_bf16_flops / 1e12),
                 params=dict(primary=pcfg.num_params, secondary=scfg.num_params),
                 decode=dict(batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
@@ -267,16 +278,16 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
       rec["step_ms"] = rec["seconds"] * 1e3
       rec["tokens_per_second"] = tokens / rec["seconds"]
   if "decode" in groups or "calls" in groups:
-    tandem = abstract_module(lambda r: TandemLM(pcfg, scfg, tcfg, r), mesh, rules)
+    tandem = abstract_module(lambda r: TandemLM(pcfg, scfg, tcfg, r), dmesh, rules)
   if "decode" in groups:
     router = abstract_module(lambda r: Router(scfg.d_model, config.router.top_k, config.router.hidden, rngs=r),
-                             mesh, rules)
+                             dmesh, rules)
     for name, lowered in lower_decode(tandem, router, batch=batch, prompt_len=prompt_len,
-                                      max_new_tokens=max_new_tokens, max_block_len=block_len, mesh=mesh,
+                                      max_new_tokens=max_new_tokens, max_block_len=block_len, mesh=dmesh,
                                       rules=rules, names=decode_programs):
       add(name, lowered, with_cost=False)
   if "calls" in groups:
-    for name, lowered in lower_calls(tandem, batch=batch, capacity=capacity, max_block_len=block_len, mesh=mesh,
+    for name, lowered in lower_calls(tandem, batch=batch, capacity=capacity, max_block_len=block_len, mesh=dmesh,
                                      rules=rules).items():
       rec = add(name, lowered)
       if "seconds" in rec:
@@ -310,7 +321,7 @@ def format_report(report: dict) -> str:
   """The report as markdown tables."""
   chip = report["chip"]
   lines = [f"# AOT compile of {report['config']} for {report['topology']} ({report['chips']} x {chip['name']}, "
-           f"mesh {report['mesh']})",
+           f"mesh {report['mesh']}, decode mesh {report['decode_mesh']})",
            f"_{report['label']}._",
            f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
            f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
@@ -359,7 +370,8 @@ def main(argv):
   logging.getLogger().setLevel(logging.INFO)
   report = run(f.config, f.topology, decode_batch=f.decode_batch, prompt_len=f.prompt_len,
                max_new_tokens=f.max_new_tokens, block_len=f.block_len, groups=tuple(f.programs),
-               hbm_gib=f.hbm_gib, acceptance=f.acceptance)
+               hbm_gib=f.hbm_gib, acceptance=f.acceptance,
+               decode_mesh_shape=[int(x) for x in f.decode_mesh_shape] or None)
   print(json.dumps(report, indent=1, default=float) if f.json else format_report(report))
   if report["failures"]:
     print("\n".join(report["failures"]), file=sys.stderr)
@@ -372,7 +384,9 @@ def _define_flags():
   config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
   flags.DEFINE_string("topology", None, "TPU topology, e.g. v5e:2x2, v5e:4x4, v5e:16x16, v5p:2x2x1, v6e:2x2")
   flags.DEFINE_bool("json", False, "print the report as JSON")
-  flags.DEFINE_integer("decode_batch", 0, "decode batch (0: one row per batch shard of the mesh)")
+  flags.DEFINE_integer("decode_batch", 0, "decode batch (0: one row per batch shard of the decode mesh)")
+  flags.DEFINE_list("decode_mesh_shape", [], "mesh shape over config.mesh.axes for the decode programs "
+                    "(default: the training mesh), e.g. 4,1,4")
   flags.DEFINE_integer("prompt_len", 128, "decode prompt length")
   flags.DEFINE_integer("max_new_tokens", 128, "decode budget")
   flags.DEFINE_integer("block_len", 8, "K: the largest γ (drafts per block); the block call verifies K+1 tokens")
