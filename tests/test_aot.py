@@ -90,6 +90,7 @@ def test_report_formats_with_labels(tiny_report):
   assert tp.LABEL in text and "| train_step |" in text and "est. MFU" in text and "| γ |" in text
 
 
+@pytest.mark.slow
 def test_cli_fails_with_the_hbm_shortfall():
   pytest.importorskip("libtpu")
   out = subprocess.run([sys.executable, "-m", "tandem_jax.aot", "--config=configs/primary.py:tiny",
