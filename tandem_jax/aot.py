@@ -321,7 +321,7 @@ def format_report(report: dict) -> str:
   """The report as markdown tables."""
   chip = report["chip"]
   lines = [f"# AOT compile of {report['config']} for {report['topology']} ({report['chips']} x {chip['name']}, "
-           f"mesh {report['mesh']}, decode mesh {report['decode_mesh']})",
+           f"mesh {report['mesh']}, decode mesh {report.get('decode_mesh', report['mesh'])})",
            f"_{report['label']}._",
            f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
            f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
