@@ -13,12 +13,12 @@ import os
 
 from absl import app, flags
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir")
-_TEXT = flags.DEFINE_string("text_file", None, "evaluate on this plain-text file instead of the validation split")
-_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table")
-_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)")
-_BATCHES = flags.DEFINE_integer("max_batches", None, "evaluate at most this many batches (default: config)")
-_PRIMARY = flags.DEFINE_string("primary_workdir", None, "reference primary for a standalone secondary's agreement/TV")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", allow_override=True)
+_TEXT = flags.DEFINE_string("text_file", None, "evaluate on this plain-text file instead of the validation split", allow_override=True)
+_JSON = flags.DEFINE_bool("json", False, "print one JSON object instead of a table", allow_override=True)
+_STEP = flags.DEFINE_integer("step", None, "checkpoint step (default: latest)", allow_override=True)
+_BATCHES = flags.DEFINE_integer("max_batches", None, "evaluate at most this many batches (default: config)", allow_override=True)
+_PRIMARY = flags.DEFINE_string("primary_workdir", None, "reference primary for a standalone secondary's agreement/TV", allow_override=True)
 flags.mark_flags_as_required(["workdir"])
 
 

@@ -23,25 +23,25 @@ from absl import app, flags
 
 from tandem_jax.decoding import METHODS, SamplingParams, generate
 
-_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir (tandem, router, llm_to_slm or primary)")
-_METHOD = flags.DEFINE_enum("method", "tandem_speed", METHODS, "decoding method")
-_PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for a batch)")
-_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a file with one prompt per line")
-_DRAFTER = flags.DEFINE_string("drafter_workdir", None, "workdir of the standalone drafter for --method=speed")
+_WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir (tandem, router, llm_to_slm or primary)", allow_override=True)
+_METHOD = flags.DEFINE_enum("method", "tandem_speed", METHODS, "decoding method", allow_override=True)
+_PROMPT = flags.DEFINE_multi_string("prompt", [], "a prompt (repeat the flag for a batch)", allow_override=True)
+_PROMPTS_FILE = flags.DEFINE_string("prompts_file", None, "a file with one prompt per line", allow_override=True)
+_DRAFTER = flags.DEFINE_string("drafter_workdir", None, "workdir of the standalone drafter for --method=speed", allow_override=True)
 _ROUTER = flags.DEFINE_string("router_workdir", None, "router workdir for --adaptive (default: --workdir if it is "
-                              "one)")
-_BLOCK = flags.DEFINE_integer("block_len", 4, "γ: drafts per block (the cap γ_max with --adaptive)")
-_TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy")
-_TOPK = flags.DEFINE_integer("top_k", 0, "0 = off")
-_TOPP = flags.DEFINE_float("top_p", 1.0, "1 = off")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt")
-_ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router")
-_THRESHOLD = flags.DEFINE_float("threshold", None, "router threshold τ (default: the router config's)")
-_SEED = flags.DEFINE_integer("seed", 0, "sampling seed")
-_JSON = flags.DEFINE_bool("json", False, "print one JSON document")
-_SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)")
-_COMPARE = flags.DEFINE_bool("compare_ar", False, "also time `ar` and print the speedup")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per method with --compare_ar (median reported)")
+                              "one)", allow_override=True)
+_BLOCK = flags.DEFINE_integer("block_len", 4, "γ: drafts per block (the cap γ_max with --adaptive)", allow_override=True)
+_TEMP = flags.DEFINE_float("temperature", 0.0, "0 = greedy", allow_override=True)
+_TOPK = flags.DEFINE_integer("top_k", 0, "0 = off", allow_override=True)
+_TOPP = flags.DEFINE_float("top_p", 1.0, "1 = off", allow_override=True)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt", allow_override=True)
+_ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router", allow_override=True)
+_THRESHOLD = flags.DEFINE_float("threshold", None, "router threshold τ (default: the router config's)", allow_override=True)
+_SEED = flags.DEFINE_integer("seed", 0, "sampling seed", allow_override=True)
+_JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_override=True)
+_SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
+_COMPARE = flags.DEFINE_bool("compare_ar", False, "also time `ar` and print the speedup", allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per method with --compare_ar (median reported)", allow_override=True)
 
 
 @dataclasses.dataclass
@@ -118,11 +118,15 @@ def load(workdir: str, drafter_workdir: str | None = None, router_workdir: str |
 _GREEN, _RED, _YELLOW, _BLUE, _RESET = "\033[32m", "\033[31;9m", "\033[1;33m", "\033[34m", "\033[0m"
 
 
-def draft_stream(trace_row, tokenizer, max_tokens: int, colour: bool = True) -> tuple[str, list[dict]]:
-  """Renders one row's trace ([iterations, K+3]: drafts, drafted, accepted, primary token)."""
+def draft_stream(trace_row, tokenizer, token_ids: list[int], colour: bool = True) -> tuple[str, list[dict]]:
+  """Renders one row's trace ([iterations, K+3]: drafts, drafted, accepted, primary token).
+
+  The first token comes from the primary's prefill; every later block shows its accepted drafts, its rejected
+  drafts and the primary's token (a correction after a rejection, else the bonus)."""
   k = trace_row.shape[1] - 3
-  parts, events, emitted = [], [], 0
+  max_tokens = len(token_ids)
   paint = (lambda c, s: f"{c}{s}{_RESET}") if colour else (lambda c, s: s)
+  parts, events, emitted = [paint(_BLUE, tokenizer.decode(token_ids[:1]))], [], 1
   for it in trace_row:
     if it[k] < 0 or emitted >= max_tokens:
       break
@@ -181,7 +185,7 @@ def main(argv):
     row = dict(prompt=prompt, token_ids=toks, text=gen.tokenizer.decode(toks),
                stats={k: v[i].tolist() for k, v in result.stats.items() if k != "trace"})
     if "trace" in result.stats:
-      stream, events = draft_stream(result.stats["trace"][i], gen.tokenizer, len(toks),
+      stream, events = draft_stream(result.stats["trace"][i], gen.tokenizer, toks,
                                     colour=sys.stdout.isatty() and not _JSON.value)
       row.update(draft_stream=stream, blocks=events)
     rows.append(row)

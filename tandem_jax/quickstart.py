@@ -16,15 +16,15 @@ import statistics
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory for the three runs")
-_PRESET = flags.DEFINE_string("preset", "cpu", "model/training preset of configs/base.py (tiny for a smoke run)")
-_STEPS = flags.DEFINE_integer("steps", None, "training steps per stage (default: the preset's)")
-_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "validation prompts to decode (one at a time)")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "prompt length in tokens")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt")
-_BLOCK = flags.DEFINE_integer("block_len", 4, "γ for Tandem + SPEED")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "interleaved timing repeats")
-_JSON = flags.DEFINE_bool("json", False, "print the summary as JSON")
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory for the three runs", allow_override=True)
+_PRESET = flags.DEFINE_string("preset", "cpu", "model/training preset of configs/base.py (tiny for a smoke run)", allow_override=True)
+_STEPS = flags.DEFINE_integer("steps", None, "training steps per stage (default: the preset's)", allow_override=True)
+_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "validation prompts to decode (one at a time)", allow_override=True)
+_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "prompt length in tokens", allow_override=True)
+_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt", allow_override=True)
+_BLOCK = flags.DEFINE_integer("block_len", 4, "γ for Tandem + SPEED", allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "interleaved timing repeats", allow_override=True)
+_JSON = flags.DEFINE_bool("json", False, "print the summary as JSON", allow_override=True)
 
 
 def train_stages(root: str, preset: str, steps: int | None) -> dict[str, str]:

@@ -12,11 +12,12 @@ import logging
 from absl import app, flags
 from ml_collections import config_flags
 
-_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True)
-_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, config.json)")
-_COORD = flags.DEFINE_string("coordinator_address", None, "multi-process: coordinator host:port")
-_NPROC = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes")
-_PID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index")
+_CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True,
+                                          allow_override=True)
+_WORKDIR = flags.DEFINE_string("workdir", None, "run directory (checkpoints, metrics, config.json)", allow_override=True)
+_COORD = flags.DEFINE_string("coordinator_address", None, "multi-process: coordinator host:port", allow_override=True)
+_NPROC = flags.DEFINE_integer("num_processes", None, "multi-process: number of processes", allow_override=True)
+_PID = flags.DEFINE_integer("process_id", None, "multi-process: this process's index", allow_override=True)
 flags.mark_flags_as_required(["config", "workdir"])
 
 

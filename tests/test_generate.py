@@ -48,8 +48,10 @@ def test_show_drafts_and_compare(tiny_chain, capsys, tmp_path):
   out = json.loads(_run(capsys, f"--workdir={wd}", "--method=tandem_speed", f"--prompts_file={pf}",
                         "--show_drafts", "--max_new_tokens=10", "--json"))
   for row in out["outputs"]:
-    emitted = sum(len(b["accepted"]) + 1 for b in row["blocks"])
-    assert emitted >= len(row["token_ids"])
+    emitted = 1 + sum(len(b["accepted"]) + 1 for b in row["blocks"])  # + the prefill's token
+    assert emitted >= len(row["token_ids"]) > 1
+    assert [t for b in row["blocks"] for t in b["accepted"] + [b["primary_token"]]][:len(row["token_ids"]) - 1] == \
+        row["token_ids"][1:]
     assert all(b["primary_kind"] in ("bonus", "correction") for b in row["blocks"])
   text = _run(capsys, f"--workdir={wd}", "--method=tandem_speed", "--prompt=We", "--max_new_tokens=8",
               "--compare_ar", "--repeats=1")

@@ -17,12 +17,12 @@ from absl import app, flags
 
 from tandem_jax.data import pipeline, sources, tokenizer
 
-_SOURCE = flags.DEFINE_enum("source", "default", list(sources.SOURCES), "Data source.")
-_PATH = flags.DEFINE_string("path", None, "Glob, dataset or Task name, as in load_documents.")
-_VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["512", "8192"], "Tokenizer vocabulary sizes to measure.")
-_SEQ_LENS = flags.DEFINE_list("seq_lens", ["256", "1024"], "Row lengths to count packed rows for.")
-_REPEATS = flags.DEFINE_integer("repeats", 3, "Training runs per vocabulary size (the median is reported).")
-_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.")
+_SOURCE = flags.DEFINE_enum("source", "default", list(sources.SOURCES), "Data source.", allow_override=True)
+_PATH = flags.DEFINE_string("path", None, "Glob, dataset or Task name, as in load_documents.", allow_override=True)
+_VOCAB_SIZES = flags.DEFINE_list("vocab_sizes", ["512", "8192"], "Tokenizer vocabulary sizes to measure.", allow_override=True)
+_SEQ_LENS = flags.DEFINE_list("seq_lens", ["256", "1024"], "Row lengths to count packed rows for.", allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 3, "Training runs per vocabulary size (the median is reported).", allow_override=True)
+_JSON = flags.DEFINE_bool("json", False, "Print one JSON object instead of a table.", allow_override=True)
 
 
 def measure(source: str, path: str | None, vocab_sizes: list[int], seq_lens: list[int], repeats: int) -> dict:
