@@ -47,14 +47,14 @@ _PRESETS = {
         vocab=32768, seq_len=2049, max_documents=0,
         primary=lambda v: _model(v, 2048, 24, 16, 8, 128, 8192, 2048, "bfloat16"),
         secondary=lambda v: _model(v, 768, 8, 6, 2, 128, 3072, 2048, "bfloat16"),
-        batch_size=256, steps=20_000, warmup=1000, lr=3e-4, eval_every=1000, eval_batches=16,
+        batch_size=64, steps=20_000, warmup=1000, lr=3e-4, eval_every=1000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 1), mesh_axes=("data", "fsdp", "model"),
         projector_hidden=1536, prompt_len=512, gamma_max=17),
     "v5e256": dict(
         vocab=32768, seq_len=2049, max_documents=0,
         primary=lambda v: _model(v, 4096, 32, 32, 8, 128, 14336, 2048, "bfloat16"),
         secondary=lambda v: _model(v, 1536, 12, 12, 4, 128, 6144, 2048, "bfloat16"),
-        batch_size=1024, steps=50_000, warmup=2000, lr=2e-4, eval_every=2000, eval_batches=16,
+        batch_size=256, steps=50_000, warmup=2000, lr=2e-4, eval_every=2000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 4), mesh_axes=("data", "fsdp", "model"),
         projector_hidden=3072, prompt_len=512, gamma_max=27),
 }
