@@ -123,7 +123,7 @@ def markdown(r: dict, plots: list[str]) -> str:
         "block x primary step / (verify + drafter calls), i.e. the speedup the measured call costs allow without "
         "loop overhead.", "",
         "| setting | method | γ | α | c | ideal | realized | realized/ideal | verify/step | cost model | ms per block: "
-        "verify + drafts = model / measured |", "|---|---|---|---|---|---|---|---|---|---|---|"]
+        "verify + drafts = model / measured (per loop iteration over the batch) |", "|---|---|---|---|---|---|---|---|---|---|---|"]
   for name, per in r["leviathan"].items():
     for meth, v in per.items():
       p = v["profile_ms"]

@@ -110,8 +110,9 @@ def headline(results: dict) -> dict:
       ideal = timing.leviathan(cell["alpha"], g, cr)
       verify = cb["primary"][str(g + 1)]["median"]
       per_block_model = verify + cell["secondary_calls_per_block"] * cb["drafter"]["1"]["median"]
-      ar_ms_tok = row["ar"]["seconds"]["median"] * 1e3 / row["ar"]["tokens"]
-      ms_block = cell["seconds"]["median"] * 1e3 / max(cell["blocks"], 1)
+      # Rows advance in lockstep: per loop iteration (all B rows) = per row-block x B, per ar step = per token x B.
+      ar_ms_tok = row["ar"]["seconds"]["median"] * 1e3 * row["batch"] / row["ar"]["tokens"]
+      ms_block = cell["seconds"]["median"] * 1e3 * row["batch"] / max(cell["blocks"], 1)
       lev[name][m] = dict(
           gamma=g, alpha=cell["alpha"], c=cr, ideal=ideal, realized=cell["speedup"],
           realized_over_ideal=cell["speedup"] / ideal if ideal else float("nan"),
