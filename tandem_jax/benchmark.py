@@ -25,8 +25,8 @@ _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(_
 _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "configs/benchmark.py[:cpu|smoke]",
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the models are trained (one subdirectory per stage) and "
-                               "the results written")
-_JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document")
+                               "the results written", allow_override=True)
+_JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document", allow_override=True)
 
 HEADLINE_KEYS = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tandem_speed_vs_speed",
                  "speedup_adaptive_vs_fixed", "realized_over_ideal")
