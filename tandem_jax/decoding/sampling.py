@@ -57,8 +57,16 @@ def probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
 
 
 def sample(key: jax.Array, p: jax.Array) -> jax.Array:
-  """Draws one token per row of a distribution [..., V]."""
-  return jax.random.categorical(key, jnp.log(p), axis=-1).astype(jnp.int32)
+  """Draws one token per row of a distribution [..., V] by inverting its CDF with one uniform per row.
+
+  One random number per row instead of the V Gumbel draws of ``jax.random.categorical`` (on CPU those cost about
+  0.4 ms per call at V = 8192, more than a small drafter's step). With u in (0, 1] the chosen index j satisfies
+  cdf[j-1] < u * cdf[-1] <= cdf[j], so a token of probability 0 is never drawn and a one-hot p (greedy) yields
+  exactly its argmax.
+  """
+  u = 1.0 - jax.random.uniform(key, p.shape[:-1] + (1,), jnp.float32)
+  cdf = jnp.cumsum(p.astype(jnp.float32), axis=-1)
+  return jnp.sum(cdf < u * cdf[..., -1:], axis=-1).astype(jnp.int32)
 
 
 def speculative_accept(key: jax.Array, p_bkv: jax.Array, q_bkv: jax.Array, drafts_bk: jax.Array,
