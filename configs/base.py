@@ -19,16 +19,18 @@ STAGES = ("primary", "secondary", "secondary_distil", "tandem", "tandem_distil",
 PRESETS = ("tiny", "cpu", "v5e16", "v5e256")
 
 
-def _model(vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq_len, dtype="float32"):
+def _model(vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq_len, dtype="float32", scan=False):
   return dict(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
               head_dim=head_dim, d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=10_000.0, norm_eps=1e-6,
-              qkv_bias=False, tie_embeddings=True, param_dtype="float32", dtype=dtype)
+              qkv_bias=False, tie_embeddings=True, param_dtype="float32", dtype=dtype, scan_layers=scan,
+              remat=scan)
 
 
 # Per preset: vocabulary, sequence length, models, batch, steps per stage, mesh.
 # tiny: runs in seconds (tests). cpu: a 4-layer d256 primary (~6M params) and a 2-layer d128 secondary (~10x
 # cheaper per decoded token, ENVIRONMENT.md), trained in minutes on 2 cores. v5e16 / v5e256: PaLM2-like ratios
-# (the secondary ~1/10-1/20 of the primary's parameters); they only need to construct here, issue "TPU" compiles them.
+# (the secondary ~1/10-1/20 of the primary's parameters), layers scanned (one layer body per program: compiles in
+# minutes instead of tens of minutes) and rematerialised in training; `python -m tandem_jax.aot` compiles them.
 _PRESETS = {
     "tiny": dict(
         vocab=384, seq_len=33, max_documents=6,
@@ -45,15 +47,15 @@ _PRESETS = {
         gamma_max=8),
     "v5e16": dict(
         vocab=32768, seq_len=2049, max_documents=0,
-        primary=lambda v: _model(v, 2048, 24, 16, 8, 128, 8192, 2048, "bfloat16"),
-        secondary=lambda v: _model(v, 768, 8, 6, 2, 128, 3072, 2048, "bfloat16"),
+        primary=lambda v: _model(v, 2048, 24, 16, 8, 128, 8192, 2048, "bfloat16", scan=True),
+        secondary=lambda v: _model(v, 768, 8, 6, 2, 128, 3072, 2048, "bfloat16", scan=True),
         batch_size=64, steps=20_000, warmup=1000, lr=3e-4, eval_every=1000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 1), mesh_axes=("data", "fsdp", "model"),
         projector_hidden=1536, prompt_len=512, gamma_max=17),
     "v5e256": dict(
         vocab=32768, seq_len=2049, max_documents=0,
-        primary=lambda v: _model(v, 4096, 32, 32, 8, 128, 14336, 2048, "bfloat16"),
-        secondary=lambda v: _model(v, 1536, 12, 12, 4, 128, 6144, 2048, "bfloat16"),
+        primary=lambda v: _model(v, 4096, 32, 32, 8, 128, 14336, 2048, "bfloat16", scan=True),
+        secondary=lambda v: _model(v, 1536, 12, 12, 4, 128, 6144, 2048, "bfloat16", scan=True),
         batch_size=256, steps=50_000, warmup=2000, lr=2e-4, eval_every=2000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 4), mesh_axes=("data", "fsdp", "model"),
         projector_hidden=3072, prompt_len=512, gamma_max=27),

@@ -12,6 +12,11 @@ Programs compiled on the topology's mesh (``config.mesh``, its -1 filled with th
   ``secondary_step`` (one Tandem secondary draft step) and ``tandem_commit`` (projecting a verified block into the
   secondary's cache), each one call with a full KV cache, so per-call costs are explicit.
 
+Scanned layers (``scan_layers``, what the TPU presets use): XLA's cost analysis counts a ``lax.scan`` body once
+(jax-ml/jax#18672), so for those models FLOPs, bytes and estimated time come from the same program compiled with
+unrolled layers at depths (1, 1), (2, 1) and (1, 2) (primary, secondary), extrapolated linearly to the real depths
+(every layer is the same computation on the same shapes); memory always comes from the real, scanned program.
+
 Every number is an XLA cost-model estimate from a deviceless compile, not a TPU measurement. A program that does
 not fit the chip's HBM makes the command fail (exit code 2) with a message naming the shortfall.
 """
@@ -114,6 +119,11 @@ def abstract_cache(cfg, batch: int, capacity: int, mesh, rules) -> kvcache.KVCac
   from tandem_jax.models.config import dtype_of
   buf = jax.ShapeDtypeStruct(shape, dtype_of(cfg.dtype), sharding=sh)
   lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_logical(mesh, rules, (batch,), ("batch",)))
+  if cfg.scan_layers:  # one [L, B, S, K, H] buffer, the layer axis unsharded
+    lshape = (cfg.num_layers, *shape)
+    stacked = jax.ShapeDtypeStruct(lshape, dtype_of(cfg.dtype),
+                                   sharding=_logical(mesh, rules, lshape, (None, "batch", None, "act_heads", None)))
+    return kvcache.KVCache(k=stacked, v=stacked, lengths=lengths)
   return kvcache.KVCache(k=(buf,) * cfg.num_layers, v=(buf,) * cfg.num_layers, lengths=lengths)
 
 
@@ -135,8 +145,48 @@ def decode_capacity(prompt_len: int, max_new_tokens: int, max_block_len: int) ->
 
 
 # -- compiling and measuring ------------------------------------------------------------------------------------------
-def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True) -> dict:
-  """Compiles ``lowered`` and returns its per-device memory and cost figures (or the compiler's OOM message)."""
+_COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
+
+
+def _cost_of(compiled) -> dict:
+  cost = compiled.cost_analysis()
+  cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+  return {k: float(cost[k]) for k in _COST_KEYS if cost.get(k) is not None}
+
+
+def depth_variant(config, primary_layers: int, secondary_layers: int):
+  """``config`` with unrolled layers at the given depths.
+
+  Layer map "last": every secondary layer reads the primary's last state, so every primary layer is computed, as in
+  a scanned program (XLA can drop unread trailing layers of an unrolled primary, not iterations of a scan).
+  """
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for model, depth in ((c.primary, primary_layers), (c.secondary, secondary_layers)):
+      model.num_layers, model.scan_layers = depth, False
+    c.tandem.layer_map = "last"
+  return c
+
+
+def extrapolated_cost(lower_at) -> dict:
+  """Cost of a program at the real depths (L_P, L_S) from ``lower_at(l_p, l_s)`` compiled unrolled at small depths.
+
+  cost(L_P, L_S) = c(1,1) + (L_P - 1) (c(2,1) - c(1,1)) + (L_S - 1) (c(1,2) - c(1,1)); ``lower_at`` returns
+  (lowered program, L_P, L_S) where the last two are the real depths.
+  """
+  c11, lp, ls = lower_at(1, 1)
+  c11 = _cost_of(c11.compile())
+  c21 = _cost_of(lower_at(2, 1)[0].compile())
+  c12 = _cost_of(lower_at(1, 2)[0].compile())
+  return {k: c11[k] + (lp - 1) * (c21.get(k, 0.0) - c11[k]) + (ls - 1) * (c12.get(k, 0.0) - c11[k])
+          for k in c11}
+
+
+def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lower_at=None) -> dict:
+  """Compiles ``lowered`` and returns its per-device memory and cost figures (or the compiler's OOM message).
+
+  ``cost_lower_at`` (scanned models): costs by :func:`extrapolated_cost` instead of from ``lowered`` itself.
+  """
   t0 = time.perf_counter()
   try:
     compiled = lowered.compile()
@@ -153,11 +203,13 @@ def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True) -> dict:
   if problem:
     rec["error"] = problem
   if with_cost:
-    cost = compiled.cost_analysis()
-    cost = cost[0] if isinstance(cost, (list, tuple)) else cost
+    t1 = time.perf_counter()
+    cost = extrapolated_cost(cost_lower_at) if cost_lower_at else _cost_of(compiled)
     seconds, source = tp.estimated_seconds(cost, chip)
-    rec.update(flops=float(cost.get("flops", 0.0)), bytes_accessed=float(cost.get("bytes accessed", 0.0)),
-               xla_optimal_seconds=cost.get("optimal_seconds"), seconds=seconds, seconds_source=source)
+    rec.update(flops=cost.get("flops", 0.0), bytes_accessed=cost.get("bytes accessed", 0.0),
+               xla_optimal_seconds=cost.get("optimal_seconds"), seconds=seconds, seconds_source=source,
+               cost_source="depth-extrapolated from unrolled 1-2 layer compiles" if cost_lower_at
+               else "this program", cost_compile_seconds=time.perf_counter() - t1)
   return rec
 
 
@@ -264,14 +316,18 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                             max_block_len=block_len, cache_capacity=capacity),
                 programs={})
 
-  def add(name, lowered, with_cost=True):
-    rec = analyse(name, lowered, chip, with_cost)
+  scanned = pcfg.scan_layers or scfg.scan_layers
+
+  def add(name, lowered, with_cost=True, cost_lower_at=None):
+    rec = analyse(name, lowered, chip, with_cost, cost_lower_at if scanned else None)
     report["programs"][name] = rec
     log("compiled %s in %.1fs", name, rec.get("compile_seconds", 0.0))
     return rec
 
   if "train" in groups:
-    rec = add("train_step", lower_train(config, mesh))
+    rec = add("train_step", lower_train(config, mesh),
+              cost_lower_at=lambda lp, ls: (lower_train(depth_variant(config, lp, ls), mesh), pcfg.num_layers,
+                                            scfg.num_layers))
     if "seconds" in rec:
       tokens = int(config.train.batch_size) * (int(config.data.seq_len) - 1)
       rec["mfu"] = rec["flops"] / (rec["seconds"] * chip.peak_bf16_flops)
@@ -287,9 +343,17 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                                       rules=rules, names=decode_programs):
       add(name, lowered, with_cost=False)
   if "calls" in groups:
-    for name, lowered in lower_calls(tandem, batch=batch, capacity=capacity, max_block_len=block_len, mesh=dmesh,
-                                     rules=rules).items():
-      rec = add(name, lowered)
+    call_kw = dict(batch=batch, capacity=capacity, max_block_len=block_len, mesh=dmesh, rules=rules)
+
+    def call_at(name):
+      def lower_at(lp, ls):
+        p, s_, t = stages.model_configs(depth_variant(config, lp, ls))
+        small = abstract_module(lambda r: TandemLM(p, s_, t, r), dmesh, rules)
+        return lower_calls(small, **call_kw)[name], pcfg.num_layers, scfg.num_layers
+      return lower_at
+
+    for name, lowered in lower_calls(tandem, **call_kw).items():
+      rec = add(name, lowered, cost_lower_at=call_at(name))
       if "seconds" in rec:
         rec["ms_per_call"] = rec["seconds"] * 1e3
     progs = report["programs"]

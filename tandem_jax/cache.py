@@ -22,8 +22,10 @@ import jax.numpy as jnp
 @jax.tree_util.register_dataclass
 @dataclasses.dataclass(frozen=True)
 class KVCache:
-  k: tuple[jax.Array, ...]  # per layer [B, S, K, H]
-  v: tuple[jax.Array, ...]  # per layer [B, S, K, H]
+  # Per layer [B, S, K, H]: a tuple of L buffers, or one [L, B, S, K, H] array for a model with scan_layers
+  # (``k[i]`` is layer i's buffer either way).
+  k: tuple[jax.Array, ...] | jax.Array
+  v: tuple[jax.Array, ...] | jax.Array
   lengths: jax.Array        # [B] int32: valid positions per row
 
   @property
@@ -50,11 +52,13 @@ class KVCache:
 
 
 def init_cache(num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
-               dtype=jnp.float32) -> KVCache:
+               dtype=jnp.float32, stacked: bool = False) -> KVCache:
   shape = (batch_size, capacity, num_kv_heads, head_dim)
-  zeros = tuple(jnp.zeros(shape, dtype) for _ in range(num_layers))
-  return KVCache(k=zeros, v=tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)),
-                 lengths=jnp.zeros((batch_size,), jnp.int32))
+  if stacked:
+    k, v = jnp.zeros((num_layers, *shape), dtype), jnp.zeros((num_layers, *shape), dtype)
+  else:
+    k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(2))
+  return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
 def write(buf_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
@@ -67,6 +71,13 @@ def write(buf_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.A
   zero = jnp.zeros((), jnp.int32)
   return jax.vmap(lambda b, n, s: jax.lax.dynamic_update_slice(b, n, (s, zero, zero)))(
       buf_bskh, new_btkh, start_b.astype(jnp.int32))
+
+
+def write_layers(bufs, new, start_b: jax.Array):
+  """:func:`write` for every layer: ``bufs``/``new`` are tuples over layers or arrays with a leading layer axis."""
+  if isinstance(bufs, (tuple, list)):
+    return tuple(write(b, n, start_b) for b, n in zip(bufs, new))
+  return jax.vmap(write, in_axes=(0, 0, None))(bufs, new, start_b)
 
 
 def attention_mask(q_positions_bt: jax.Array, capacity: int) -> jax.Array:

@@ -18,7 +18,8 @@ from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
 
 Rules = tuple[tuple[str, Any], ...]
 
-# Logical names used by the models. Parameters: vocab, embed, heads, kv_heads, mlp, norm, primary_embed, proj_hidden.
+# Logical names used by the models. Parameters: vocab, embed, heads, kv_heads, mlp, norm, primary_embed, proj_hidden,
+# layers (leading axis of stacked layers when scan_layers).
 # Activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
@@ -35,6 +36,7 @@ DEFAULT_RULES: Rules = (
     ("mlp", "model"),
     ("proj_hidden", "model"),
     ("norm", None),
+    ("layers", None),  # the stacked-layer axis of scan_layers models: every device holds its share of every layer
 )
 
 

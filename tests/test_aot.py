@@ -84,6 +84,29 @@ def test_tiny_compiles_on_v5e_2x2_train_and_tandem_speed(tiny_report):
   assert [row["gamma"] for row in proj["rows"]] == [1, 2, 3, 4] and "projection" in proj["label"]
 
 
+def test_scanned_layers_compile_and_cost_like_unrolled(tiny_report):
+  """The TPU presets scan their layers: the tiny tandem with scan_layers (+ remat) compiles for training and
+  decoding, and its depth-extrapolated costs (XLA counts a scan body once) match the unrolled programs' own."""
+  from configs import base
+  from tandem_jax import aot
+  config = base.get_config("tandem", "tiny")
+  for model in (config.primary, config.secondary):
+    model.scan_layers = True
+  r = aot.run(config, "v5e:2x2", prompt_len=8, max_new_tokens=16, block_len=4, groups=("decode", "calls"),
+              decode_programs=("decode_tandem_speed",), log=lambda *a: None)
+  assert not r["failures"] and r["programs"]["decode_tandem_speed"]["fits"]
+  for name in ("primary_step", "primary_block", "secondary_step", "tandem_commit"):
+    got, want = r["programs"][name], tiny_report["programs"][name]
+    assert got["cost_source"].startswith("depth-extrapolated") and want["cost_source"] == "this program"
+    assert got["flops"] == pytest.approx(want["flops"], rel=0.05), name
+  config.primary.remat = config.secondary.remat = True
+  r = aot.run(config, "v5e:2x2", prompt_len=8, max_new_tokens=16, block_len=4, groups=("train",),
+              log=lambda *a: None)
+  train, unrolled = r["programs"]["train_step"], tiny_report["programs"]["train_step"]
+  assert train["fits"] and not r["failures"]
+  assert unrolled["flops"] < train["flops"] < 1.6 * unrolled["flops"]  # remat recomputes the forward once
+
+
 def test_report_formats_with_labels(tiny_report):
   from tandem_jax import aot
   text = aot.format_report(tiny_report)

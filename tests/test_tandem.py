@@ -12,9 +12,11 @@ from tandem_jax.models import TandemConfig, TandemLM, block_mask
 ATOL = 3e-5
 
 
-def _tandem(seed=0, **tandem_kw):
-  primary = tiny_config(d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, d_ff=96)
-  secondary = tiny_config(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8, d_ff=64)
+def _tandem(seed=0, scan_layers=False, **tandem_kw):
+  primary = tiny_config(d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, d_ff=96,
+                        scan_layers=scan_layers)
+  secondary = tiny_config(d_model=32, num_layers=2, num_heads=4, num_kv_heads=1, head_dim=8, d_ff=64,
+                          scan_layers=scan_layers)
   with nnx.use_eager_sharding(False):
     return TandemLM(primary, secondary, TandemConfig(**tandem_kw), nnx.Rngs(seed))
 
@@ -52,11 +54,11 @@ def step_by_step(tandem, seqs, prompt_lens, gamma, n_blocks, boundary):
   return jnp.stack(out, 1)  # [B, n_blocks * gamma, V]
 
 
-@pytest.mark.parametrize("gamma", [1, 2, 3, 5])
+@pytest.mark.parametrize("gamma,scan", [(1, False), (2, False), (3, False), (5, False), (3, True)])
 @pytest.mark.parametrize("boundary", ["fig1", "eq2"])
-def test_parallel_forward_equals_step_by_step(gamma, boundary):
+def test_parallel_forward_equals_step_by_step(gamma, scan, boundary):
   rng = np.random.default_rng(gamma * 10 + (boundary == "eq2"))
-  tandem = _tandem(seed=gamma, boundary=boundary)
+  tandem = _tandem(seed=gamma, scan_layers=scan, boundary=boundary)
   forward = jitted(tandem, "forward", block_len=gamma)
   b, t, n_blocks = 4, 48, 3
   for case in range(3):
@@ -69,11 +71,13 @@ def test_parallel_forward_equals_step_by_step(gamma, boundary):
     np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"gamma={gamma} {boundary} case {case}")
 
 
-@pytest.mark.parametrize("layer_map", ["last", (0, 3)])
-def test_layer_maps_step_by_step(layer_map):
+@pytest.mark.parametrize("layer_map,scan", [("last", False), ((0, 3), False), ((3, 1), True)])
+def test_layer_maps_step_by_step(layer_map, scan):
   rng = np.random.default_rng(3)
-  tandem = _tandem(seed=9, layer_map=layer_map)
+  tandem = _tandem(seed=9, scan_layers=scan, layer_map=layer_map)
   assert tandem.layer_map == ((3, 3) if layer_map == "last" else layer_map)
+  if scan:
+    assert jax.tree.leaves(nnx.state(tandem.projections))[0].shape[0] == 2  # stacked like the secondary layers
   seqs = jnp.asarray(rng.integers(0, 64, (3, 32)), jnp.int32)
   prompt_lens = np.array([2, 5, 9])
   got = step_by_step(tandem, seqs, prompt_lens, 2, 3, "fig1")

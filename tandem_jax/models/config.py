@@ -38,6 +38,13 @@ class TransformerConfig:
   tie_embeddings: bool = True
   param_dtype: str = "float32"
   dtype: str = "float32"
+  # Layers as one stacked module run by lax.scan: one layer body in the compiled program instead of num_layers
+  # (compile time independent of depth; what the TPU presets use). Parameters and cache buffers get a leading
+  # "layers" axis. Same function as the unrolled layers (tested); checkpoints of the two layouts differ.
+  scan_layers: bool = False
+  # Recompute each layer in the backward pass instead of storing its activations (jax.checkpoint of the layer;
+  # only layer inputs are kept). Changes training memory and FLOPs, not numerics.
+  remat: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",

@@ -23,7 +23,7 @@ from flax import nnx
 from tandem_jax import cache as kvcache
 from tandem_jax.models.config import TandemConfig, TransformerConfig, dtype_of
 from tandem_jax.models.layers import attend
-from tandem_jax.models.transformer import Transformer
+from tandem_jax.models.transformer import Transformer, run_stacked, stacked
 
 
 def block_mask(t: int, block_len: int, offset_b: jax.Array, boundary: str = "fig1") -> jax.Array:
@@ -57,20 +57,35 @@ class TandemLM(nnx.Module):
     self.primary = Transformer(primary_cfg, rngs)
     self.secondary = Transformer(secondary_cfg, rngs)
     init = nnx.with_partitioning(nnx.initializers.lecun_normal(), ("primary_embed", "embed"))
-    self.projections = nnx.List([
-        nnx.Linear(primary_cfg.d_model, secondary_cfg.d_model, use_bias=tandem_cfg.projection_bias,
-                   dtype=dtype_of(secondary_cfg.dtype), param_dtype=dtype_of(secondary_cfg.param_dtype),
-                   kernel_init=init,
-                   bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=rngs)
-        for _ in range(secondary_cfg.num_layers)])
+
+    def projection(r):
+      return nnx.Linear(primary_cfg.d_model, secondary_cfg.d_model, use_bias=tandem_cfg.projection_bias,
+                        dtype=dtype_of(secondary_cfg.dtype), param_dtype=dtype_of(secondary_cfg.param_dtype),
+                        kernel_init=init,
+                        bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), ("embed",)), rngs=r)
+
+    # Stacked like the secondary's layers when those are scanned.
+    if secondary_cfg.scan_layers:
+      self.projections = stacked(projection, secondary_cfg.num_layers, rngs)
+    else:
+      self.projections = nnx.List([projection(rngs) for _ in range(secondary_cfg.num_layers)])
 
   def project_kv(self, primary_hidden_lbtd, positions_bt):
-    """Per secondary layer j: keys/values of ŷ^(j) = FF^(j)(x^(ℓ(j))) under layer j's own norm and W_K, W_V."""
-    out = []
-    for j, layer in enumerate(self.secondary.layers):
-      y_hat = self.projections[j](primary_hidden_lbtd[self.layer_map[j]])
-      out.append(layer.kv(y_hat, positions_bt))
-    return out
+    """Per secondary layer j: keys/values of ŷ^(j) = FF^(j)(x^(ℓ(j))) under layer j's own norm and W_K, W_V.
+
+    Returns (keys, values) in the secondary cache's layout: [L_S, B, T, K, H] arrays (scan_layers) or tuples.
+    """
+    def layer_fn(pair, carry, h):
+      proj, layer = pair
+      return carry, layer.kv(proj(h), positions_bt)
+
+    if self.secondary.cfg.scan_layers:
+      modules, xs = (self.projections, self.secondary.layers), primary_hidden_lbtd[jnp.asarray(self.layer_map)]
+    else:
+      modules = list(zip(self.projections, self.secondary.layers))
+      xs = [primary_hidden_lbtd[m] for m in self.layer_map]
+    _, (keys, values) = run_stacked(modules, layer_fn, None, xs, self.secondary.cfg.scan_layers)
+    return keys, values
 
   # -- parallel training forward -----------------------------------------------------------------------------------
   def forward(self, tokens_bt, block_len: int, *, block_offset_b=None, primary_out=None):
@@ -87,13 +102,17 @@ class TandemLM(nnx.Module):
     offset = jnp.zeros((b,), jnp.int32) if block_offset_b is None else block_offset_b
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = block_mask(t, block_len, offset, self.tandem_cfg.boundary)
-    projected = self.project_kv(hidden_l, positions)
-    x = self.secondary.embed_tokens(tokens_bt)
-    for layer, (kp, vp) in zip(self.secondary.layers, projected):
+    keys, values = self.project_kv(hidden_l, positions)
+
+    def layer_fn(layer, x, kv):
+      kp, vp = kv
       q, k, v = layer.qkv(x, positions)
       o = attend(q, jnp.concatenate([kp, k.astype(kp.dtype)], 1), jnp.concatenate([vp, v.astype(vp.dtype)], 1),
                  mask)
-      x = layer.finish(x, o)
+      return layer.finish(x, o), None
+
+    x, _ = self.secondary.run_layers(layer_fn, self.secondary.embed_tokens(tokens_bt),
+                                     self.secondary.per_layer(keys, values))
     return self.secondary.logits(x), logits_l
 
   # -- step-by-step inference --------------------------------------------------------------------------------------
@@ -110,10 +129,10 @@ class TandemLM(nnx.Module):
     k = primary_hidden_lbtd.shape[2]
     start = start_b.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
-    projected = self.project_kv(primary_hidden_lbtd, positions)
-    new_k = tuple(kvcache.write(ck, pk, start) for ck, (pk, _) in zip(secondary_cache.k, projected))
-    new_v = tuple(kvcache.write(cv, pv, start) for cv, (_, pv) in zip(secondary_cache.v, projected))
-    return secondary_cache.replace(k=new_k, v=new_v, lengths=start + num_b.astype(jnp.int32))
+    keys, values = self.project_kv(primary_hidden_lbtd, positions)
+    return secondary_cache.replace(k=kvcache.write_layers(secondary_cache.k, keys, start),
+                                   v=kvcache.write_layers(secondary_cache.v, values, start),
+                                   lengths=start + num_b.astype(jnp.int32))
 
   def secondary_step(self, tokens_bt, secondary_cache: kvcache.KVCache, **kw):
     """The secondary's own step(s): an ordinary cached extend (its keys go to the own slot)."""

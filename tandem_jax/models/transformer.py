@@ -7,6 +7,10 @@ Three ways to run it, all over the same layers:
   keys/values into the explicit :class:`~tandem_jax.cache.KVCache`. Prefill of a ragged batch, a single decoding
   step and the primary's block-mode verification call are all this method.
 - rollback is :meth:`KVCache.rollback`.
+
+Layers are either a Python list (unrolled in the compiled program) or, with ``cfg.scan_layers``, one stacked module
+(every parameter has a leading "layers" axis) run by ``lax.scan`` so the program holds one layer body whatever the
+depth. :meth:`Transformer.run_layers` hides the difference: callers write one per-layer function.
 """
 
 from __future__ import annotations
@@ -25,6 +29,50 @@ def causal_mask(t: int) -> jax.Array:
   return jnp.tril(jnp.ones((t, t), bool))[None]
 
 
+def stacked(make_one, n: int, rngs: nnx.Rngs):
+  """``n`` modules ``make_one(rngs)`` as one module whose variables have a leading axis of size n named "layers"."""
+  @nnx.split_rngs(splits=n)
+  @nnx.vmap(in_axes=0, out_axes=0, transform_metadata={nnx.PARTITION_NAME: "layers"})
+  def make(r):
+    return make_one(r)
+  return make(rngs)
+
+
+def run_stacked(modules, fn, carry, xs, scan: bool, remat: bool = False):
+  """Threads ``carry`` through ``modules`` in order: ``carry, y_j = fn(module_j, carry, xs_j)``.
+
+  ``scan``: ``modules`` is one stacked module (:func:`stacked`), ``xs`` a pytree of arrays with a leading axis over
+  modules, and the ys come back stacked the same way (``lax.scan``). Otherwise ``modules`` is a sequence, ``xs`` a
+  sequence of per-module pytrees (``None``: no per-module inputs), and the ys come back as one pytree whose leaves
+  are tuples over modules. ``remat``: each module's computation is recomputed in the backward pass (``jax.checkpoint``).
+  """
+  if scan:
+    graphdef, state = nnx.split(modules)
+
+    def body(c, inputs):
+      module_state, x = inputs
+      return fn(nnx.merge(graphdef, module_state), c, x)
+
+    if remat:
+      body = jax.checkpoint(body, policy=jax.checkpoint_policies.nothing_saveable)
+    return jax.lax.scan(body, carry, (state, xs))
+  ys = []
+  for module, x in zip(modules, [None] * len(modules) if xs is None else xs):
+    if remat:
+      graphdef, state = nnx.split(module)
+      carry, y = jax.checkpoint(lambda st, c, x_, g=graphdef: fn(nnx.merge(g, st), c, x_),
+                                policy=jax.checkpoint_policies.nothing_saveable)(state, carry, x)
+    else:
+      carry, y = fn(module, carry, x)
+    ys.append(y)
+  return carry, jax.tree.map(lambda *per_module: tuple(per_module), *ys)
+
+
+def stack_layer_state(per_layer_states):
+  """The state of a stacked (scanned) module from the states of its n unstacked copies, in order."""
+  return jax.tree.map(lambda *leaves: jnp.stack(leaves), *per_layer_states)
+
+
 class Transformer(nnx.Module):
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -32,7 +80,10 @@ class Transformer(nnx.Module):
     self.embed = nnx.Embed(cfg.vocab_size, cfg.d_model, dtype=dtype_of(cfg.dtype), param_dtype=pd,
                            embedding_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("vocab", "embed")),
                            rngs=rngs)
-    self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
+    if cfg.scan_layers:
+      self.layers = stacked(lambda r: Block(cfg, r), cfg.num_layers, rngs)
+    else:
+      self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype_of(cfg.dtype),
@@ -59,19 +110,33 @@ class Transformer(nnx.Module):
       out = self.lm_head(h).astype(jnp.float32)
     return constrain(out, ("batch", "length", "act_vocab"))
 
+  def run_layers(self, fn, x, xs):
+    """``x, y_j = fn(layer_j, x, xs_j)`` over the layers; see :func:`run_stacked` for the layouts of xs and ys."""
+    return run_stacked(self.layers, fn, x, xs, self.cfg.scan_layers, self.cfg.remat)
+
+  def _hidden(self, x0, ys):
+    """[L+1, B, T, D]: the embeddings followed by every layer's output."""
+    return jnp.concatenate([x0[None], ys]) if self.cfg.scan_layers else jnp.stack([x0, *ys])
+
+  def per_layer(self, *stacks):
+    """xs for :meth:`run_layers` from per-layer collections (stacked arrays or tuples) zipped layer by layer."""
+    return stacks if self.cfg.scan_layers else list(zip(*stacks))
+
   # -- full forward ------------------------------------------------------------------------------------------------
   def forward(self, tokens_bt, *, extra_embed_btd=None, return_hidden: bool = False):
     """Causal pass over [B, T] tokens. Returns logits [B, T, V] (fp32) and hidden [L+1, B, T, D] or None."""
     b, t = tokens_bt.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = causal_mask(t)
-    x = self.embed_tokens(tokens_bt, extra_embed_btd)
-    hidden = [x]
-    for layer in self.layers:
+    x0 = self.embed_tokens(tokens_bt, extra_embed_btd)
+
+    def layer_fn(layer, x, _):
       q, k, v = layer.qkv(x, positions)
       x = layer.finish(x, attend(q, k, v, mask))
-      hidden.append(x)
-    return self.logits(x), (jnp.stack(hidden) if return_hidden else None)
+      return x, (x if return_hidden else None)
+
+    x, ys = self.run_layers(layer_fn, x0, None)
+    return self.logits(x), (self._hidden(x0, ys) if return_hidden else None)
 
   # -- cached ------------------------------------------------------------------------------------------------------
   def init_cache(self, batch_size: int, capacity: int, dtype=None) -> kvcache.KVCache:
@@ -79,7 +144,7 @@ class Transformer(nnx.Module):
     if capacity > c.max_seq_len:
       raise ValueError(f"cache capacity {capacity} exceeds the model's max_seq_len {c.max_seq_len}")
     return kvcache.init_cache(c.num_layers, batch_size, capacity, c.num_kv_heads, c.head_dim,
-                              dtype or dtype_of(c.dtype))
+                              dtype or dtype_of(c.dtype), stacked=c.scan_layers)
 
   def extend(self, tokens_bt, cache: kvcache.KVCache, *, extra_embed_btd=None, return_hidden: bool = False,
              write: bool = True, start_b=None):
@@ -94,20 +159,20 @@ class Transformer(nnx.Module):
     start = cache.lengths if start_b is None else start_b.astype(jnp.int32)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     mask = kvcache.attention_mask(positions, cache.capacity)
-    x = self.embed_tokens(tokens_bt, extra_embed_btd)
-    hidden, new_k, new_v = [x], [], []
-    for i, layer in enumerate(self.layers):
+    x0 = self.embed_tokens(tokens_bt, extra_embed_btd)
+
+    def layer_fn(layer, x, kv):
+      ck, cv = kv
       q, k, v = layer.qkv(x, positions)
-      ck, cv = cache.k[i], cache.v[i]
       if write:
         ck, cv = kvcache.write(ck, k, start), kvcache.write(cv, v, start)
-        new_k.append(ck)
-        new_v.append(cv)
       x = layer.finish(x, attend(q, ck, cv, mask))
-      hidden.append(x)
+      return x, ((ck, cv) if write else None, x if return_hidden else None)
+
+    x, (new_kv, hs) = self.run_layers(layer_fn, x0, self.per_layer(cache.k, cache.v))
     if write:
-      cache = cache.replace(k=tuple(new_k), v=tuple(new_v), lengths=start + t)
-    return self.logits(x), (jnp.stack(hidden) if return_hidden else None), cache
+      cache = cache.replace(k=new_kv[0], v=new_kv[1], lengths=start + t)
+    return self.logits(x), (self._hidden(x0, hs) if return_hidden else None), cache
 
   def prefill(self, tokens_bt, lengths_b, cache: kvcache.KVCache, **kw):
     """Ragged prefill of right-padded prompts from each row's current length; rows end at length + lengths_b."""
