@@ -24,8 +24,8 @@ def ar_loop(step: Callable, cache: kvcache.KVCache, first_logits_bv, max_new_b, 
             eos_id, max_new: int):
   """Samples the first token from ``first_logits`` then steps ``step(tokens_b1, cache) -> (logits_bv, cache)``."""
   b = first_logits_bv.shape[0]
-  key, sub = jax.random.split(key)
-  first = sampling.sample(sub, sampling.probs(first_logits_bv, params))
+  key, sub = sampling.split(key, params)
+  first, _ = sampling.sample_logits(sub, first_logits_bv, params)
   em = output.append(output.init(b, max_new + 1, max_new_b), first[:, None], jnp.ones((b,), jnp.int32), max_new_b,
                      eos_id)
   calls = jnp.ones((b,), jnp.int32)  # the prefill produced the first token
@@ -37,11 +37,14 @@ def ar_loop(step: Callable, cache: kvcache.KVCache, first_logits_bv, max_new_b, 
   def body(carry):
     em, cache, pending, key, calls, it = carry
     active = ~em.done
-    logits, new_cache = step(pending[:, None], cache)
+    with jax.named_scope("step"):
+      logits, new_cache = step(pending[:, None], cache)
     new_cache = new_cache.with_lengths(jnp.where(active, new_cache.lengths, cache.lengths))
-    key, sub = jax.random.split(key)
-    nxt = sampling.sample(sub, sampling.probs(logits, params))
-    em = output.append(em, nxt[:, None], jnp.ones((b,), jnp.int32), max_new_b, eos_id)
+    with jax.named_scope("sample"):
+      key, sub = sampling.split(key, params)
+      nxt, _ = sampling.sample_logits(sub, logits, params)
+    with jax.named_scope("append"):
+      em = output.append(em, nxt[:, None], jnp.ones((b,), jnp.int32), max_new_b, eos_id)
     return em, new_cache, nxt, key, calls + active.astype(jnp.int32), it + 1
 
   em, cache, _, _, calls, _ = jax.lax.while_loop(cond, body, (em, cache, first, key, calls, jnp.int32(0)))

@@ -34,12 +34,25 @@ class SamplingParams:
     return self.temperature == 0
 
 
+def argmax(x: jax.Array) -> jax.Array:
+  """``jnp.argmax(x, -1)`` (the first maximal index) as two plain reductions.
+
+  XLA's CPU backend runs argmax as a variadic (value, index) reduce that is not vectorized: 3-4x slower than a max
+  followed by a min over the indices that reach it (36 against 11 µs for one row of 8192 logits, 2.2 against 0.6 ms
+  for 8 x 9 rows). Rows without a maximum (NaN) give index 0.
+  """
+  v = x.shape[-1]
+  hit = x == jnp.max(x, -1, keepdims=True)
+  first = jnp.min(jnp.where(hit, jnp.arange(v, dtype=jnp.int32), v), -1)
+  return jnp.where(first < v, first, 0).astype(jnp.int32)
+
+
 def probs(logits: jax.Array, params: SamplingParams) -> jax.Array:
   """The adjusted distribution [..., V] (fp32) that sampling draws from."""
   logits = logits.astype(jnp.float32)
   v = logits.shape[-1]
   if params.greedy:
-    return jax.nn.one_hot(jnp.argmax(logits, -1), v, dtype=jnp.float32)
+    return jax.nn.one_hot(argmax(logits), v, dtype=jnp.float32)
   logits = logits / params.temperature
   if params.top_k and params.top_k < v:
     kth = jax.lax.top_k(logits, params.top_k)[0][..., -1:]
@@ -67,6 +80,34 @@ def sample(key: jax.Array, p: jax.Array) -> jax.Array:
   u = 1.0 - jax.random.uniform(key, p.shape[:-1] + (1,), jnp.float32)
   cdf = jnp.cumsum(p.astype(jnp.float32), axis=-1)
   return jnp.sum(cdf < u * cdf[..., -1:], axis=-1).astype(jnp.int32)
+
+
+def split(key: jax.Array, params: SamplingParams, num: int = 2):
+  """``jax.random.split``, skipped when greedy (nothing random is drawn; the key stays as it is)."""
+  return (key,) * num if params.greedy else tuple(jax.random.split(key, num))
+
+
+def sample_logits(key: jax.Array, logits: jax.Array, params: SamplingParams) -> tuple[jax.Array, jax.Array | None]:
+  """(token [...], the distribution [..., V] it was drawn from); greedy: (argmax, None) without building the one-hot
+  distribution or its CDF (``sample`` of that one-hot is exactly the argmax) and without using ``key``."""
+  if params.greedy:
+    return argmax(logits), None
+  p = probs(logits, params)
+  return sample(key, p), p
+
+
+def greedy_accept(logits_bkv: jax.Array, drafts_bk: jax.Array, num_drafts_b: jax.Array):
+  """:func:`speculative_accept` for one-hot p and q (temperature 0), without the distributions.
+
+  With one-hot q every draft has q(x) = 1, so it is accepted iff p(x) = 1, i.e. iff it is the primary's argmax; the
+  replacement norm(max(0, p - q)) and the bonus are then both the one-hot of the primary's argmax at the first
+  unaccepted position. ``logits_bkv``: the primary's logits [B, K+1, V]. Returns (accepted [B], next_token [B]).
+  """
+  k = drafts_bk.shape[1]
+  target = argmax(logits_bkv)  # [B, K+1]
+  ok = (drafts_bk == target[:, :k]) & (jnp.arange(k)[None] < num_drafts_b[:, None])
+  accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), -1), -1).astype(jnp.int32)
+  return accepted, jnp.take_along_axis(target, accepted[:, None], 1)[:, 0]
 
 
 def speculative_accept(key: jax.Array, p_bkv: jax.Array, q_bkv: jax.Array, drafts_bk: jax.Array,

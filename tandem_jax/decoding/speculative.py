@@ -94,8 +94,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   cache_l = primary.init_cache(b, capacity)
   logits, hidden, cache_l = primary.prefill(prompt_bt, prompt_len_b, cache_l, return_hidden=drafter.needs_hidden)
   dstate = drafter.init(prompt_bt, prompt_len_b, hidden)
-  key, sub = jax.random.split(key)
-  first = sampling.sample(sub, sampling.probs(last_logits(logits, prompt_len_b), params))
+  key, sub = sampling.split(key, params)
+  first, _ = sampling.sample_logits(sub, last_logits(logits, prompt_len_b), params)
   ones = jnp.ones((b,), jnp.int32)
   em = output.append(output.init(b, max_new + k + 1, max_new_b), first[:, None], ones, max_new_b, eos_id)
   zeros = jnp.zeros((b,), jnp.int32)
@@ -111,20 +111,23 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     ``lax.cond`` around the step, which would make XLA copy the drafter's cache)."""
 
     def record(g, logits, key, drafting, n_draft, drafts, q):
-      key, sub = jax.random.split(key)
-      qg = sampling.probs(logits, params)
-      d = sampling.sample(sub, qg)
-      drafts, q = drafts.at[:, g].set(d), q.at[:, g].set(qg)
+      with jax.named_scope("draft_sample"):
+        key, sub = sampling.split(key, params)
+        d, qg = sampling.sample_logits(sub, logits, params)
+      drafts = drafts.at[:, g].set(d)
+      if q is not None:  # greedy acceptance needs only the drafts
+        q = q.at[:, g].set(qg)
       n_draft = n_draft + drafting.astype(jnp.int32)
       keep = drafting & (g + 1 < block_len)
       if router is not None:
         keep = keep & (router.accept_prob(logits, drafter.embed) >= threshold)
       return d, key, keep, n_draft, drafts, q
 
-    logits, dstate = drafter.begin(dstate, prev, pending, n)
-    v = logits.shape[-1]
+    with jax.named_scope("draft"):
+      logits, dstate = drafter.begin(dstate, prev, pending, n)
+    q = None if params.greedy else jnp.zeros((b, k, logits.shape[-1]), jnp.float32)
     d, key, keep, n_draft, drafts, q = record(0, logits, key, jnp.ones((b,), bool), zeros,
-                                              jnp.zeros((b, k), jnp.int32), jnp.zeros((b, k, v), jnp.float32))
+                                              jnp.zeros((b, k), jnp.int32), q)
 
     def cond(c):
       g, _, _, _, keep, *_ = c
@@ -132,7 +135,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
 
     def body(c):
       g, d, dstate, key, keep, n_draft, drafts, q, calls = c
-      logits, dstate = drafter.step(dstate, d)
+      with jax.named_scope("draft"):
+        logits, dstate = drafter.step(dstate, d)
       calls = calls + keep.astype(jnp.int32)
       d, key, keep, n_draft, drafts, q = record(g, logits, key, keep, n_draft, drafts, q)
       return g + 1, d, dstate, key, keep, n_draft, drafts, q, calls
@@ -149,21 +153,27 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     em, cache_l, dstate, prev, pending, stats, trace_buf, key, it = c
     active = ~em.done
     n = cache_l.lengths
-    key, k_draft, k_accept = jax.random.split(key, 3)
+    key, k_draft, k_accept = sampling.split(key, params, 3)
     dstate, n_draft, drafts, q, calls = draft(dstate, prev, pending, n, k_draft)
     block = jnp.concatenate([pending[:, None], drafts], 1)
-    logits, hidden, cache_l = primary.extend(block, cache_l, return_hidden=drafter.needs_hidden)
-    p = sampling.probs(logits, params)
-    if accept_all:
-      accepted = n_draft
-      nxt = sampling.sample(k_accept, p[jnp.arange(b), n_draft])
-    else:
-      accepted, nxt = sampling.speculative_accept(k_accept, p, q, drafts, n_draft)
-    accepted = jnp.where(active, accepted, 0)
+    with jax.named_scope("verify"):
+      logits, hidden, cache_l = primary.extend(block, cache_l, return_hidden=drafter.needs_hidden)
+    with jax.named_scope("accept"):
+      if accept_all:
+        accepted = n_draft
+        nxt, _ = sampling.sample_logits(k_accept, logits[jnp.arange(b), n_draft], params)
+      elif params.greedy:
+        accepted, nxt = sampling.greedy_accept(logits, drafts, n_draft)
+      else:
+        p = sampling.probs(logits, params)
+        accepted, nxt = sampling.speculative_accept(k_accept, p, q, drafts, n_draft)
+      accepted = jnp.where(active, accepted, 0)
     cache_l = cache_l.with_lengths(jnp.where(active, n + 1 + accepted, n))
-    dstate = drafter.end(dstate, hidden, n, accepted)
+    with jax.named_scope("commit"):
+      dstate = drafter.end(dstate, hidden, n, accepted)
     new = jnp.where(jnp.arange(k + 1)[None] < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
-    em = output.append(em, new, accepted + 1, max_new_b, eos_id)
+    with jax.named_scope("append"):
+      em = output.append(em, new, accepted + 1, max_new_b, eos_id)
     a = active.astype(jnp.int32)
     stats = Stats(stats.primary_calls + a, stats.secondary_calls + a * calls, stats.drafted + a * n_draft,
                   stats.accepted + a * accepted,
