@@ -127,15 +127,20 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 # -- per-call costs ---------------------------------------------------------------------------------------------
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
 def _extend_loop(graphdef, state, cache, tokens_bk, n: int):
-  """``n`` cached calls on k tokens per row at a fixed cache fill; each call's argmax feeds the next (no DCE)."""
+  """``n`` cached calls on k tokens per row at a fixed cache fill; each call's output feeds the next (no DCE).
+
+  Every position's logits feed the next tokens, as a verify call needs them all: reading only the last position
+  let XLA slice the output layer down to one row and under-count a k-token call.
+  A max over the vocabulary is the cheapest full read (an argmax costs more than a small drafter's step on CPU).
+  """
   model = nnx.merge(graphdef, state)
   fill = cache.lengths
 
   def body(_, carry):
     cache, tok = carry
     logits, _, cache = model.extend(tok, cache)
-    nxt = jnp.argmax(logits[:, -1], -1).astype(jnp.int32)
-    return cache.with_lengths(fill), jnp.broadcast_to(nxt[:, None], tok.shape)
+    nxt = (jnp.max(logits, -1) > 0).astype(jnp.int32)  # [B, k]
+    return cache.with_lengths(fill), nxt
 
   _, tok = jax.lax.fori_loop(0, n, body, (cache, tokens_bk))
   return tok
