@@ -47,6 +47,7 @@ _JSON = flags.DEFINE_string("json", "", "also write the results here")
 # Scopes put by tandem_jax.decoding around the parts of a loop iteration, innermost first.
 SCOPES = ("draft_sample", "draft", "verify", "accept", "commit", "append", "step", "sample")
 _NAME = re.compile(r"^\s*(?:ROOT )?%?([\w.\-]+) = ")
+_CALLS = re.compile(r"calls=%?([\w.\-]+)")
 _OP_NAME = re.compile(r"metadata=\{op_name=\"([^\"]*)\"")
 
 
@@ -59,8 +60,20 @@ def scope_of(op_name: str) -> str:
 
 
 def op_scopes(hlo_text: str) -> dict[str, str]:
-  """Scope per HLO instruction. Instructions without metadata (XLA drops it from dots and some fusions) take the
-  scope of the closest instruction before them in the same scheduled computation."""
+  """Scope per HLO instruction of the compiled program's text.
+
+  A fusion holding a matrix multiply takes the multiply's scope (XLA fuses e.g. the verify call's output layer
+  with the acceptance's softmax, and labels the fusion by its root). Instructions without metadata (XLA drops it
+  from some) take the scope of the closest instruction before them in the same scheduled computation.
+  """
+  dot_scope, comp = {}, None
+  for line in hlo_text.splitlines():
+    if line.endswith("{") and " = " not in line:
+      comp = line.split()[0].lstrip("%") if not line.startswith("ENTRY") else None
+    elif comp and comp not in dot_scope and re.search(r" (?:dot|convolution)\(", line):
+      op = _OP_NAME.search(line)
+      if op:
+        dot_scope[comp] = scope_of(op.group(1))
   out, last = {}, "unattributed"
   for line in hlo_text.splitlines():
     if line.endswith("{") and " = " not in line:  # a computation's header: reset
@@ -72,7 +85,8 @@ def op_scopes(hlo_text: str) -> dict[str, str]:
     op = _OP_NAME.search(line)
     if op:
       last = scope_of(op.group(1))
-    out[m.group(1)] = last
+    called = _CALLS.search(line)
+    out[m.group(1)] = dot_scope.get(called.group(1), last) if called else last
   return out
 
 
