@@ -36,7 +36,7 @@ def get_config(arg=None):
                     mid=dict(num_layers=3, d_model=192, num_heads=3, num_kv_heads=1, head_dim=64, d_ff=576))
     c.steps = dict(primary=300, mid=300, secondary=300, secondary_distil=150, tandem=150, tandem_distil=150,
                    router=60)
-    c.gamma_max = 8  # K: one compile serves every γ in 1..K; the adaptive router's cap
+    c.gamma_max = 8  # K: the adaptive router's cap (fixed-γ cells are compiled for their own γ)
     c.eval_batches = 16  # validation batches (x train batch size 16 rows of 128 targets) for Tables 1 and 3
     c.decode = dict(num_prompts=16, prompt_len=32, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
                     gammas=(1, 2, 3, 4, 5, 6, 7, 8), repeats=3, batch1_prompts=6, standalone_block_len=3,
