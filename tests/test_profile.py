@@ -6,6 +6,11 @@ import jax.numpy as jnp
 from tandem_jax.bench import profile
 
 
+def test_importing_defines_no_flags():
+  from absl import flags
+  assert "gamma" not in flags.FLAGS  # its CLI flags exist only when run as a script (--json, --repeats collide)
+
+
 def test_scope_of_innermost_known_scope():
   assert profile.scope_of("jit(_decode)/while/body/while/body/draft/draft_sample/add") == "draft_sample"
   assert profile.scope_of("jit(_decode)/while/body/verify/dot_general") == "verify"

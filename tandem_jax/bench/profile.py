@@ -33,16 +33,25 @@ from absl import app, flags, logging
 from tandem_jax.bench import quality, timing
 from tandem_jax.decoding import SamplingParams, api, generate
 
-FLAGS = flags.DEFINE_string("workdir", None, "benchmark workdir with trained checkpoints", required=True)
-_GAMMA = flags.DEFINE_integer("gamma", 5, "block length γ of speed / tandem_speed")
-_K = flags.DEFINE_integer("max_block_len", 0, "K the programs are compiled for (0 = γ; the benchmark uses "
-                          "gamma_max): the primary verifies K + 1 tokens whatever γ")
-_BATCH = flags.DEFINE_integer("batch", 1, "rows decoded together")
-_TEMP = flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)")
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt")
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "prompt tokens")
-_REPEATS = flags.DEFINE_integer("repeats", 7, "timed rounds (interleaved)")
-_JSON = flags.DEFINE_string("json", "", "also write the results here")
+_F: dict = {}
+
+
+def define_flags():
+  """The CLI's flags, defined only when run as a script: importing this module (tests, other CLIs in one process)
+  must not add or override global absl flags such as --json or --repeats."""
+  _F.update(
+      workdir=flags.DEFINE_string("workdir", None, "benchmark workdir with trained checkpoints"),
+      gamma=flags.DEFINE_integer("gamma", 5, "block length γ of speed / tandem_speed"),
+      max_block_len=flags.DEFINE_integer("max_block_len", 0, "K the programs are compiled for (0 = γ): the primary "
+                                         "verifies K + 1 tokens whatever γ"),
+      batch=flags.DEFINE_integer("batch", 1, "rows decoded together"),
+      temperature=flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)"),
+      max_new_tokens=flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt"),
+      prompt_len=flags.DEFINE_integer("prompt_len", 32, "prompt tokens"),
+      repeats=flags.DEFINE_integer("repeats", 7, "timed rounds (interleaved)"),
+      json=flags.DEFINE_string("json", "", "also write the results here"))
+  flags.mark_flag_as_required("workdir")
+
 
 # Scopes put by tandem_jax.decoding around the parts of a loop iteration, innermost first.
 SCOPES = ("draft_sample", "draft", "verify", "accept", "commit", "append", "step", "sample")
@@ -133,14 +142,15 @@ def thunk_self_times(trace_dir: str) -> tuple[dict[str, float], int, float]:
 
 def main(argv):
   del argv
-  gamma, batch = _GAMMA.value, _BATCH.value
-  k = _K.value or gamma
-  loaded = quality.load_models(FLAGS.value)
+  f = {name: holder.value for name, holder in _F.items()}
+  gamma, batch, temperature = f["gamma"], f["batch"], f["temperature"]
+  k = f["max_block_len"] or gamma
+  loaded = quality.load_models(f["workdir"])
   primary, drafter = loaded["primary"].model, loaded["secondary_distil"].model
   tandem = loaded["tandem_distil"].model
-  prompts = timing.draw_prompts(quality.validation_rows(loaded), batch, _PROMPT_LEN.value)
-  sampling = SamplingParams(temperature=_TEMP.value)
-  kw = dict(max_new_tokens=_MAX_NEW.value, sampling=sampling, eos_id=None)
+  prompts = timing.draw_prompts(quality.validation_rows(loaded), batch, f["prompt_len"])
+  sampling = SamplingParams(temperature=temperature)
+  kw = dict(max_new_tokens=f["max_new_tokens"], sampling=sampling, eos_id=None)
   methods = {"ar": dict(primary=primary),
              f"speed@{gamma}": dict(primary=primary, drafter=drafter, block_len=gamma, max_block_len=k),
              f"tandem_speed@{gamma}": dict(tandem=tandem, block_len=gamma, max_block_len=k)}
@@ -149,8 +159,8 @@ def main(argv):
     return generate(name.split("@")[0], prompts, **methods[name], **kw)
 
   # 1. standalone per-call costs at the decode's mean cache fill.
-  capacity = api._bucket(api._bucket(_PROMPT_LEN.value) + api._bucket(_MAX_NEW.value) + k + 2)
-  fill = _PROMPT_LEN.value + _MAX_NEW.value // 2
+  capacity = api._bucket(api._bucket(f["prompt_len"]) + api._bucket(f["max_new_tokens"]) + k + 2)
+  fill = f["prompt_len"] + f["max_new_tokens"] // 2
   cost = lambda m, k: timing.call_ms(m, batch, k, capacity=capacity, fill=fill, calls=64,  # noqa: E731
                                      repeats=5)["median"]
   standalone = {"primary k=1": cost(primary, 1), f"primary k={k + 1} (verify)": cost(primary, k + 1),
@@ -161,7 +171,7 @@ def main(argv):
   first = {n: run(n) for n in methods}  # compile + warm-up
   iters = {n: int(r.stats["primary_calls"].max()) - 1 for n, r in first.items()}
   times = collections.defaultdict(list)
-  for r in range(_REPEATS.value):
+  for r in range(f["repeats"]):
     names = list(methods)
     for n in names[r % 3:] + names[:r % 3]:
       times[n].append(run(n).wall_time)
@@ -194,10 +204,10 @@ def main(argv):
     breakdown[n] = {k: v / 1e3 / iters[n] for k, v in parts.items()}
     gaps[n] = dict(ops_per_iter=count / iters[n], traced_wall_ms=wall * 1e3)
 
-  print(f"\nload {os.getloadavg()}; batch {batch}, γ {gamma}, K {k}, T {_TEMP.value}, {tokens} tokens per run")
+  print(f"\nload {os.getloadavg()}; batch {batch}, γ {gamma}, K {k}, T {temperature}, {tokens} tokens per run")
   print("\n| model call (standalone, ms) | ms |\n|---|---|")
-  for k, v in standalone.items():
-    print(f"| {k} | {v:.3f} |")
+  for name, ms in standalone.items():
+    print(f"| {name} | {ms:.3f} |")
   print("\n| method | iterations | ms/iter in loop | tokens/iter | ms/token | KV-cache copies in program |"
         "\n|---|---|---|---|---|---|")
   for n in methods:
@@ -211,10 +221,11 @@ def main(argv):
     print(f"| {n} | " + " | ".join(f"{b.get(c, 0.0):.3f}" for c in cols) + f" | {gaps[n]['ops_per_iter']:.0f} |")
   out = dict(standalone=standalone, per_iter_ms=per_iter, iterations=iters, times=dict(times), copies=copies,
              breakdown_ms=breakdown, ops=gaps, load=os.getloadavg(), batch=batch, gamma=gamma, max_block_len=k)
-  if _JSON.value:
-    with open(_JSON.value, "w") as f:
-      json.dump(out, f, indent=1)
+  if f["json"]:
+    with open(f["json"], "w") as fh:
+      json.dump(out, fh, indent=1)
 
 
 if __name__ == "__main__":
+  define_flags()
   app.run(main)
