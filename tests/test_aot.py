@@ -107,6 +107,14 @@ def test_scanned_layers_compile_and_cost_like_unrolled(tiny_report):
   assert unrolled["flops"] < train["flops"] < 1.6 * unrolled["flops"]  # remat recomputes the forward once
 
 
+def test_presets_summary_table(tiny_report):
+  from launch import compile_presets
+  table = compile_presets.summary_table({("tiny", "tandem"): dict(tiny_report, wall_seconds=12.0)})
+  row = [line for line in table.splitlines() if line.startswith("| tiny |")][0]
+  assert "| v5e:2x2 | tandem |" in row and "| yes |" in row and "x (γ=" in row and row.endswith("| 12 |")
+  assert tp.LABEL in table
+
+
 def test_report_formats_with_labels(tiny_report):
   from tandem_jax import aot
   text = aot.format_report(tiny_report)

@@ -1,0 +1,102 @@
+"""Compile every stage of the TPU presets for their topologies (deviceless) and tabulate fit and estimates.
+
+  python -m launch.compile_presets --out_dir=/tmp/aot_presets [--presets=v5e16,v5e256] [--stages=...]
+
+Runs ``tandem_jax.aot`` for each (preset, stage): the ``tandem`` stage compiles its train step, the whole decode
+programs and the per-call programs (projection at ``--acceptance``); the other stages their train step. Each
+report is written to ``<out_dir>/<stage>_<preset>.json`` (the same JSON as ``python -m tandem_jax.aot --json``);
+runs whose JSON already exists are reused, so an interrupted sweep continues. Prints one markdown table. Needs the
+``tpu`` extra (libtpu). Every number is an XLA cost-model estimate from a deviceless compile, not a TPU
+measurement. Exit code 2 if any program does not fit its chip.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import sys
+import time
+
+from absl import app, flags
+
+TOPOLOGY = {"v5e16": "v5e:4x4", "v5e256": "v5e:16x16"}
+STAGES = ("tandem", "primary", "secondary", "secondary_distil", "tandem_distil", "llm_to_slm", "router")
+
+flags.DEFINE_string("out_dir", None, "directory for the per-run JSON reports (reused when present)")
+flags.DEFINE_list("presets", list(TOPOLOGY), f"TPU presets, from {list(TOPOLOGY)}")
+flags.DEFINE_list("stages", list(STAGES), f"stages, from {list(STAGES)}")
+flags.DEFINE_string("acceptance", "0.75", "α for the tandem stage's projected speedup (number or results.json)")
+
+
+def compile_one(stage: str, preset: str, acceptance: str) -> dict:
+  from configs import base
+  from tandem_jax import aot
+  groups = ("train", "decode", "calls") if stage == "tandem" else ("train",)
+  t0 = time.perf_counter()
+  report = aot.run(base.get_config(stage, preset), TOPOLOGY[preset], groups=groups,
+                   acceptance=acceptance if stage == "tandem" else None)
+  report["wall_seconds"] = time.perf_counter() - t0
+  return report
+
+
+def summary_table(reports: dict) -> str:
+  """One row per (preset, stage): train-step HBM, fit, estimates; decode programs' HBM; projected speedup."""
+  from tandem_jax import tpu_projection as tp
+  gib = lambda b: f"{b / tp.GIB:.2f}"  # noqa: E731
+  lines = [f"_{tp.LABEL}_", "",
+           "| preset | topology | stage | train HBM GiB/chip | fits | est. ms/step | est. MFU | tokens/s (est.) | "
+           "decode HBM GiB/chip (ar / tandem_speed / adaptive) | projected best speedup | compile wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|"]
+  for (preset, stage), r in reports.items():
+    progs = r["programs"]
+    train = progs.get("train_step", {})
+    mem = gib(train["memory"]["total"]) if "memory" in train else "-"
+    fits = "yes" if train.get("fits") else "**NO**"
+    est = f"{train['step_ms']:.0f}" if "step_ms" in train else "-"
+    mfu = f"{100 * train['mfu']:.1f}%" if "mfu" in train else "-"
+    tps = f"{train['tokens_per_second']:,.0f}" if "tokens_per_second" in train else "-"
+    dec = [progs.get(n) for n in ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")]
+    dec = " / ".join(gib(d["memory"]["total"]) for d in dec if d and "memory" in d) or "-"
+    wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
+    proj = r.get("projection")
+    best = "-"
+    if proj:
+      row = max(proj["rows"], key=lambda x: x["projected_speedup"])
+      best = f"{row['projected_speedup']:.2f}x (γ={row['gamma']}, α={proj['acceptance']:.2f})"
+    lines.append(f"| {preset} | {r['topology']} | {stage} | {mem} | {fits} | {est} | {mfu} | {tps} | {dec} | "
+                 f"{best} | {wall} |")
+  return "\n".join(lines)
+
+
+def main(argv):
+  del argv
+  f = flags.FLAGS
+  if not f.out_dir:
+    raise app.UsageError("--out_dir is required")
+  bad = [p for p in f.presets if p not in TOPOLOGY] + [s for s in f.stages if s not in STAGES]
+  if bad:
+    raise app.UsageError(f"unknown preset(s)/stage(s) {bad}; presets {list(TOPOLOGY)}, stages {list(STAGES)}")
+  os.makedirs(f.out_dir, exist_ok=True)
+  reports = {}
+  for preset in f.presets:
+    for stage in f.stages:
+      path = os.path.join(f.out_dir, f"{stage}_{preset}.json")
+      if os.path.exists(path) and os.path.getsize(path):
+        with open(path) as fh:
+          reports[(preset, stage)] = json.load(fh)
+        continue
+      print(f"compiling {stage}:{preset} for {TOPOLOGY[preset]} ...", file=sys.stderr, flush=True)
+      reports[(preset, stage)] = report = compile_one(stage, preset, f.acceptance)
+      with open(path, "w") as fh:
+        json.dump(report, fh, indent=1, default=float)
+  print(summary_table(reports))
+  failures = [e for r in reports.values() for e in r["failures"]]
+  if failures:
+    print("\n".join(failures), file=sys.stderr)
+    sys.exit(2)
+
+
+if __name__ == "__main__":
+  os.environ.setdefault("JAX_PLATFORMS", "cpu")
+  sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+  app.run(main)
