@@ -10,6 +10,7 @@ from jax.scipy.special import gammaincc
 from conftest import tiny_config
 from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.decoding.sampling import probs, speculative_accept
+from tandem_jax.models.router import Router
 from tandem_jax.models import TandemConfig, TandemLM, Transformer
 
 
@@ -105,7 +106,10 @@ def test_speculative_sampling_matches_primary_distribution(params):
     toks = np.asarray([r[:3] for r in result.tokens])
     return np.bincount(toks[:, 1] * vocab + toks[:, 2], minlength=vocab * vocab)
 
-  for method, kw in (("speed", dict(primary=tandem.primary, drafter=drafter)), ("tandem_speed", dict(tandem=tandem))):
+  with nnx.use_eager_sharding(False):
+    router = Router(16, top_k=4, hidden=8, rngs=nnx.Rngs(5))  # random: stops blocks at varying lengths
+  for method, kw in (("speed", dict(primary=tandem.primary, drafter=drafter)), ("tandem_speed", dict(tandem=tandem)),
+                     ("tandem_speed", dict(tandem=tandem, router=router, threshold=0.5, max_block_len=3))):
     out = generate(method, prompts, max_new_tokens=3, block_len=2, sampling=params, seed=11, **kw)
     assert 0 < out.stats["accepted"].sum() < out.stats["drafted"].sum()
     assert chi2_pvalue(joint(out), want) > 1e-3, method

@@ -3,7 +3,9 @@
 Per iteration (PAPER_NOTES §1.6 and §2.1), for every row of the batch at its own position n (tokens the primary
 has processed; the pending token t at position n was sampled from the primary but not yet processed by it):
 1. the drafter turns t into up to K drafts d_0.. (a fixed block length γ <= K, or until the router says verify);
-2. the primary processes [t, d_0, .., d_{K-1}] in one block call: K+1 distributions and, for Tandem, hidden states;
+2. the primary processes [t, d_0, .., d_{K-1}] in one block call: K+1 distributions and, for Tandem, hidden states
+   (with the router, drafts per block vary, so the call is the smallest of a few compiled sizes that holds every
+   active row's drafts + 1: a lax.switch, so an early stop also saves verify work);
 3. Algorithm 1 accepts n_acc drafts and yields the next pending token (replacement or bonus); ``tandem``
    (standalone Tandem, §1.5) instead accepts every draft and takes the primary's free token;
 4. the primary's cache is rolled back to n + 1 + n_acc; the drafter is told (Tandem commits the primary's hidden
@@ -145,6 +147,20 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     _, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
     return dstate, n_draft, drafts, q, calls
 
+  # Verify-call sizes for the adaptive policy (a lax.switch branch each). Outputs are padded to K+1 positions;
+  # acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
+  sizes = sorted({s for s in (2, 3, 4, 6, k + 1) if s <= k + 1})
+
+  def verify_call(size):
+    def call(block, cache_l):
+      logits, hidden, cache_l = primary.extend(block[:, :size], cache_l, return_hidden=drafter.needs_hidden)
+      pad = k + 1 - size
+      if pad:
+        logits = jnp.pad(logits, ((0, 0), (0, pad), (0, 0)))
+        hidden = None if hidden is None else jnp.pad(hidden, ((0, 0), (0, 0), (0, pad), (0, 0)))
+      return logits, hidden, cache_l
+    return call
+
   def cond(c):
     em, *_, it = c
     return jnp.any(~em.done) & (it < max_new)
@@ -157,7 +173,12 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     dstate, n_draft, drafts, q, calls = draft(dstate, prev, pending, n, k_draft)
     block = jnp.concatenate([pending[:, None], drafts], 1)
     with jax.named_scope("verify"):
-      logits, hidden, cache_l = primary.extend(block, cache_l, return_hidden=drafter.needs_hidden)
+      if router is None:
+        logits, hidden, cache_l = verify_call(k + 1)(block, cache_l)
+      else:  # adaptive: the primary verifies the smallest bucket holding every active row's drafts + 1
+        need = jnp.max(jnp.where(active, n_draft, 0)) + 1
+        branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
+        logits, hidden, cache_l = jax.lax.switch(branch, [verify_call(s) for s in sizes], block, cache_l)
     with jax.named_scope("accept"):
       if accept_all:
         accepted = n_draft
