@@ -34,7 +34,7 @@ def get_config(arg=None):
     # Overrides of the preset's model dicts ({} = keep the preset's).
     c.models = dict(primary={}, secondary={},
                     mid=dict(num_layers=3, d_model=192, num_heads=3, num_kv_heads=1, head_dim=64, d_ff=576))
-    c.steps = dict(primary=300, mid=300, secondary=300, secondary_distil=150, tandem=150, tandem_distil=150,
+    c.steps = dict(primary=500, mid=300, secondary=300, secondary_distil=150, tandem=150, tandem_distil=150,
                    router=60)
     c.gamma_max = 8  # K: the adaptive router's cap (fixed-γ cells are compiled for their own γ)
     c.eval_batches = 16  # validation batches (x train batch size 16 rows of 128 targets) for Tables 1 and 3
