@@ -3,9 +3,9 @@
   python -m tandem_jax.benchmark --workdir=/tmp/bench --config=configs/benchmark.py:cpu
   python -m tandem_jax.benchmark --workdir=/tmp/bench_smoke --config=configs/benchmark.py:smoke
 
-``cpu`` (default): the ``cpu`` training preset's primary (4 layers, d 256, ~6M params) and secondary (2 layers, d
-128, ~10x cheaper per decoded token, ENVIRONMENT.md), plus a mid-size primary-stage model (3 layers, d 192; the
-paper's Otter role); about 30 minutes of training on 2 idle cores, decoding measurements under 10 minutes.
+``cpu`` (default): the ``cpu`` training preset's primary (4 layers, d 256, ~5M params) and secondary (2 layers, d
+128, ~1.4M), plus a mid-size primary-stage model (3 layers, d 192; the paper's Otter role) and the equal-steps
+secondary control; about 40 minutes of training on 2 idle cores, decoding measurements under 10 minutes.
 ``smoke``: the ``tiny`` preset's models and a handful of steps; the whole pipeline in well under 2 minutes (CI).
 """
 
@@ -19,8 +19,11 @@ except ImportError:  # loaded by path (config_flags) from outside the repository
 import ml_collections
 
 BENCH_PRESETS = ("cpu", "smoke")
-# Stages in training order; "mid" is a second primary-stage run at the mid size.
-STAGES = ("primary", "mid", "secondary", "secondary_distil", "tandem", "tandem_distil", "router")
+# Stages in training order; "mid" is a second primary-stage run at the mid size; "secondary_long" a second
+# secondary-stage run trained for as many steps as the tandem's secondary gets in all (secondary + tandem steps): the
+# equal-training control for Table 1 (Tandem-CE starts from the trained secondary and adds its own steps).
+STAGES = ("primary", "mid", "secondary", "secondary_long", "secondary_distil", "tandem", "tandem_distil", "router")
+BASE_STAGE = {"mid": "primary", "secondary_long": "secondary"}
 
 
 def get_config(arg=None):
@@ -34,8 +37,8 @@ def get_config(arg=None):
     # Overrides of the preset's model dicts ({} = keep the preset's).
     c.models = dict(primary={}, secondary={},
                     mid=dict(num_layers=3, d_model=192, num_heads=3, num_kv_heads=1, head_dim=64, d_ff=576))
-    c.steps = dict(primary=500, mid=300, secondary=300, secondary_distil=150, tandem=150, tandem_distil=150,
-                   router=60)
+    c.steps = dict(primary=1000, mid=300, secondary=300, secondary_long=450, secondary_distil=150, tandem=150,
+                   tandem_distil=150, router=60)
     c.gamma_max = 8  # K: the adaptive router's cap (fixed-γ cells are compiled for their own γ)
     c.eval_batches = 16  # validation batches (x train batch size 16 rows of 128 targets) for Tables 1 and 3
     c.decode = dict(num_prompts=16, prompt_len=32, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
@@ -45,7 +48,8 @@ def get_config(arg=None):
   else:
     c.train_preset = "tiny"
     c.models = dict(primary={}, secondary={}, mid=dict(num_layers=1))
-    c.steps = dict(primary=2, mid=2, secondary=2, secondary_distil=1, tandem=1, tandem_distil=1, router=1)
+    c.steps = dict(primary=2, mid=2, secondary=2, secondary_long=3, secondary_distil=1, tandem=1, tandem_distil=1,
+                   router=1)
     c.gamma_max = 2
     c.eval_batches = 1
     c.decode = dict(num_prompts=2, prompt_len=8, max_new_tokens=8, batch_sizes=(1,), temperatures=(0.0,),
@@ -60,7 +64,7 @@ def get_config(arg=None):
 
 def stage_config(bench: ml_collections.ConfigDict, stage: str, tokenizer_cache: str) -> ml_collections.ConfigDict:
   """The training config of one benchmark stage (``mid`` = stage ``primary`` at the mid size)."""
-  c = base.get_config("primary" if stage == "mid" else stage, bench.train_preset)
+  c = base.get_config(BASE_STAGE.get(stage, stage), bench.train_preset)
   c.primary.update(dict(bench.models.primary))
   c.secondary.update(dict(bench.models.secondary))
   if stage == "mid":

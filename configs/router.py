@@ -1,4 +1,5 @@
-"""Stage `router`: Adaptive block-length router: labels TV(q, p) from a trained tandem (init.tandem_workdir), soft BCE.
+"""Stage `router`: adaptive block-length router: soft BCE on TV(q, p) (sampled head) and on argmax mismatch (greedy
+head), labels from a trained tandem (init.tandem_workdir).
 
   python -m tandem_jax.train --config=configs/router.py:tiny --workdir=/tmp/router
 """

@@ -39,7 +39,8 @@ def test_smoke_results_and_report(smoke):
   for k in HEADLINE + ("table1", "table2", "table3_quality", "table3_speed", "table4", "leviathan", "costs",
                        "targets", "machine", "phases_seconds", "cost_ratio_c", "best_gamma"):
     assert k in r, k
-  assert set(r["table1"]) >= {"secondary", "secondary_distil", "tandem", "tandem_distil"}
+  assert set(r["table1"]) >= {"secondary", "secondary_long", "secondary_distil", "tandem", "tandem_distil"}
+  assert "accuracy_gain_points_equal_steps" in r
   row = r["table2"]["greedy_b1"]
   assert set(row["speed"]) == set(row["tandem_speed"]) == {"1", "2"}
   cell = row["tandem_speed"]["2"]
@@ -96,6 +97,9 @@ def test_configs_and_stage_wiring(tmp_path):
     cfgs = chain.stage_configs(bench, str(tmp_path))
     assert list(cfgs) == list(bench_cfg.STAGES)
     assert cfgs["mid"].stage == "primary" and cfgs["mid"].primary.num_layers != cfgs["primary"].primary.num_layers
+    long_ = cfgs["secondary_long"]
+    assert long_.stage == "secondary" and long_.secondary.to_dict() == cfgs["secondary"].secondary.to_dict()
+    assert long_.train.steps == cfgs["secondary"].train.steps + cfgs["tandem"].train.steps
     assert cfgs["router"].init.tandem_workdir.endswith("tandem_distil")
     assert cfgs["router"].router.gamma_max == bench.gamma_max
     assert max(bench.decode.gammas) <= bench.gamma_max

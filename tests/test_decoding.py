@@ -135,6 +135,37 @@ def test_adaptive_threshold_limits():
   assert always_stop.tokens == fixed.tokens
 
 
+def test_adaptive_uses_the_head_of_the_decoding_mode():
+  """Greedy decoding reads the router's greedy head, sampling its sampled (TV) head: with the sampled head saying
+  "reject" and the greedy head "accept", greedy blocks run to γ and sampled blocks stop after one draft."""
+  tandem, _, _ = _build(seed=4)
+  with nnx.use_eager_sharding(False):
+    router = Router(S_CFG["d_model"], top_k=4, hidden=16, rngs=nnx.Rngs(9))
+  router.out.kernel[...] = jnp.zeros_like(router.out.kernel[...])
+  router.out.bias[...] = jnp.array([30.0, -30.0])  # logit of r: sampled ~1 (reject), greedy ~0 (accept)
+  prompts = _prompts(np.random.default_rng(1), 3)
+  kw = dict(tandem=tandem, router=router, threshold=0.5, block_len=5, max_new_tokens=12)
+  greedy = generate("tandem_speed", prompts, **kw)
+  fixed = generate("tandem_speed", prompts, tandem=tandem, block_len=5, max_new_tokens=12)
+  np.testing.assert_array_equal(greedy.stats["drafted"], fixed.stats["drafted"])
+  sampled = generate("tandem_speed", prompts, sampling=SamplingParams(temperature=1.0), seed=0, **kw)
+  np.testing.assert_array_equal(sampled.stats["drafted"], sampled.stats["primary_calls"] - 1)
+
+
+def test_router_labels_and_loss():
+  from tandem_jax.models import router as router_lib
+  p = jnp.log(jnp.array([[0.7, 0.2, 0.1], [0.1, 0.5, 0.4]]))
+  q = jnp.log(jnp.array([[0.6, 0.3, 0.1], [0.1, 0.4, 0.5]]))
+  y = router_lib.labels(p, q)
+  np.testing.assert_allclose(y[:, 0], [0.1, 0.1], atol=1e-6)  # TV
+  np.testing.assert_array_equal(y[:, 1], [0.0, 1.0])  # argmax differs only in row 1
+  # The loss is minimised by predicting the labels (soft BCE per head): at r = y it is below any perturbation.
+  logit = jnp.log(jnp.clip(y, 1e-4, 1 - 1e-4)) - jnp.log1p(-jnp.clip(y, 1e-4, 1 - 1e-4))
+  best = router_lib.router_loss(logit, y)
+  assert best < router_lib.router_loss(logit + 0.5, y) and best < router_lib.router_loss(logit - 0.5, y)
+  assert router_lib.router_loss(logit, y, jnp.array([1.0, 0.0])) < router_lib.router_loss(logit + 1.0, y)
+
+
 def test_llm_to_slm_decodes_its_secondary_with_the_fused_prompt():
   with nnx.use_eager_sharding(False):
     m = LLMToSLM(tiny_config(**P_CFG), tiny_config(**S_CFG), nnx.Rngs(0))

@@ -39,7 +39,9 @@ def test_every_stage_trains_and_reports(runs):
     ev = runs[stage]["eval"]
     assert 0 <= ev["agreement"] <= 1 and 0 <= ev["tv"] <= 1, stage
   assert "distil_ce" in runs["secondary_distil"]["train"] and "distil_ce" in runs["tandem_distil"]["train"]
-  assert 0 <= runs["router"]["eval"]["router_pred"] <= 1
+  ev = runs["router"]["eval"]
+  for name in ("router", "router_greedy"):
+    assert 0 <= ev[f"{name}_pred"] <= 1 and 0 <= ev[f"{name}_label"] <= 1 and 0 <= ev[f"{name}_decision_acc"] <= 1
 
 
 def test_frozen_parts_unchanged_and_without_optimizer_state(runs):

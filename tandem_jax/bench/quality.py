@@ -10,7 +10,7 @@ from tandem_jax import data as data_lib
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.training import data as data_mod, evaluation
 
-TABLE1 = ("secondary", "secondary_distil", "tandem", "tandem_distil")
+TABLE1 = ("secondary", "secondary_long", "secondary_distil", "tandem", "tandem_distil")
 
 
 def load_models(workdir: str) -> dict:
@@ -51,7 +51,7 @@ def evaluate(bench, loaded: dict, val_rows) -> dict:
     return _metrics(evaluation.Evaluator(config, mesh)(model, reference, batches))
 
   table1 = {}
-  for s in ("secondary", "secondary_distil"):
+  for s in ("secondary", "secondary_long", "secondary_distil"):
     table1[s] = run(_as(loaded[s].config, "secondary"), loaded[s].model, primary.model)
   for s in ("tandem", "tandem_distil"):
     table1[s] = run(loaded[s].config, loaded[s].model)

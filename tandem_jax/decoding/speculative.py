@@ -122,7 +122,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       n_draft = n_draft + drafting.astype(jnp.int32)
       keep = drafting & (g + 1 < block_len)
       if router is not None:
-        keep = keep & (router.accept_prob(logits, drafter.embed) >= threshold)
+        keep = keep & (router.accept_prob(logits, drafter.embed, params.greedy) >= threshold)
       return d, key, keep, n_draft, drafts, q
 
     with jax.named_scope("draft"):

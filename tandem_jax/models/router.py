@@ -1,10 +1,16 @@
 """Adaptive block length (PAPER_NOTES §1.7): a 2-layer MLP that decides after every draft token whether to verify.
 
 Features of the secondary's next-token distribution q: its entropy, its top-k probabilities, and the secondary's
-embeddings of those top-k tokens. The target is the total-variation distance TV(q, p) to the primary's distribution
-p at the same position, i.e. the probability that speculative sampling rejects there (β = 1 - TV, §2.2); the MLP
-predicts it with a soft-target binary cross-entropy. At decode time drafting continues while the predicted
-acceptance 1 - r stays >= τ (paper: 0.8), up to γ_max tokens.
+embeddings of those top-k tokens. The MLP has two heads, each a soft-target binary cross-entropy on one rejection
+label at the same position (p = the primary's distribution there):
+
+* ``sampled`` (the paper's): TV(q, p), the probability that speculative sampling rejects the draft (β = 1 - TV, §2.2);
+* ``greedy`` (ours, CHOICE): 1[argmax q != argmax p], the rejection event of greedy verification. The TV label
+  is a poor proxy there: a drafter whose argmax agrees 93% of the time still has TV ~0.2, so a TV router at τ = 0.8
+  stops most greedy blocks after a draft or two.
+
+At decode time drafting continues while the predicted acceptance 1 - r of the decoding mode's head stays >= τ
+(paper: 0.8), up to γ_max tokens.
 """
 
 from __future__ import annotations
@@ -25,11 +31,20 @@ def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array
   return jnp.concatenate([entropy, top_p, emb.reshape(emb.shape[0], -1)], axis=-1)
 
 
+HEADS = ("sampled", "greedy")  # output columns of Router: rejection under speculative sampling / greedy verification
+
+
 def tv_distance(p_logits_bv: jax.Array, q_logits_bv: jax.Array) -> jax.Array:
   """[B] total-variation distance between softmax(p) and softmax(q)."""
   p = jax.nn.softmax(p_logits_bv.astype(jnp.float32), -1)
   q = jax.nn.softmax(q_logits_bv.astype(jnp.float32), -1)
   return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
+
+
+def labels(p_logits_bv: jax.Array, q_logits_bv: jax.Array) -> jax.Array:
+  """[B, 2] rejection labels per head (HEADS): TV(q, p) and whether the argmaxes differ."""
+  mismatch = jnp.argmax(p_logits_bv, -1) != jnp.argmax(q_logits_bv, -1)
+  return jnp.stack([tv_distance(p_logits_bv, q_logits_bv), mismatch.astype(jnp.float32)], axis=-1)
 
 
 class Router(nnx.Module):
@@ -44,22 +59,24 @@ class Router(nnx.Module):
     self.hidden = nnx.Linear(d_in, hidden, rngs=rngs,
                              kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None)),
                              bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
-    self.out = nnx.Linear(hidden, 1, rngs=rngs,
+    self.out = nnx.Linear(hidden, len(HEADS), rngs=rngs,
                           kernel_init=nnx.with_partitioning(nnx.initializers.lecun_normal(), (None, None)),
                           bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (None,)))
 
   def __call__(self, logits_bv: jax.Array, embed_vd: jax.Array) -> jax.Array:
-    """[B] logit of the predicted rejection probability r."""
+    """[B, 2] logits of the predicted rejection probability r, one column per head (HEADS)."""
     x = self.norm(features(logits_bv, embed_vd, self.top_k))
-    return self.out(jax.nn.gelu(self.hidden(x)))[:, 0]
+    return self.out(jax.nn.gelu(self.hidden(x)))
 
-  def accept_prob(self, logits_bv, embed_vd):
-    return 1.0 - jax.nn.sigmoid(self(logits_bv, embed_vd))
+  def accept_prob(self, logits_bv, embed_vd, greedy: bool = False):
+    """[B] predicted acceptance 1 - r of the next draft under greedy or sampled verification."""
+    return 1.0 - jax.nn.sigmoid(self(logits_bv, embed_vd)[:, HEADS.index("greedy" if greedy else "sampled")])
 
 
-def router_loss(router: Router, q_logits_bv, embed_vd, tv_b, weights_b=None) -> jax.Array:
-  """Soft-target BCE: -[TV log r + (1 - TV) log(1 - r)], averaged (optionally weighted)."""
-  loss = optax.sigmoid_binary_cross_entropy(router(q_logits_bv, embed_vd), tv_b)
+def router_loss(r_logits_b2, labels_b2, weights_b=None) -> jax.Array:
+  """Soft-target BCE per head, -[y log r + (1 - y) log(1 - r)], summed over the heads and averaged over positions
+  (optionally weighted)."""
+  loss = jnp.sum(optax.sigmoid_binary_cross_entropy(r_logits_b2, labels_b2), axis=-1)
   if weights_b is None:
     return jnp.mean(loss)
   return jnp.sum(loss * weights_b) / jnp.maximum(jnp.sum(weights_b), 1.0)

@@ -70,7 +70,7 @@ def finalize(sums: dict) -> dict:
   if "agree" in sums:
     out.update(agreement=float(sums["agree"]) / n, tv=float(sums["tv"]) / n,
                reference_loss=float(sums["reference_nll"]) / n)
-  for k in ("router_loss", "router_pred", "router_label", "router_decision_acc"):
-    if k in sums:
+  for k in sums:
+    if k.startswith("router_"):
       out[k] = float(sums[k]) / n
   return out

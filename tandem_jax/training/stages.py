@@ -24,7 +24,6 @@ from typing import Callable
 import jax
 import jax.numpy as jnp
 import ml_collections
-import optax
 from flax import nnx
 
 from tandem_jax.models import router as router_lib
@@ -160,7 +159,8 @@ def prompt_lens(config, batch_size: int):
 
 
 def router_terms(bundle: RouterBundle, config, inputs_bt):
-  """(router logits [B*T], TV labels [B*T]) from the frozen tandem's parallel forward at block length γ_max.
+  """(router logits [B*T, 2], labels [B*T, 2]: TV and argmax mismatch, router_lib.HEADS) from the frozen tandem's
+  parallel forward at block length γ_max.
 
   γ_max puts every within-block draft offset 1..γ_max in the data, as the router sees them while drafting.
   """
@@ -169,7 +169,7 @@ def router_terms(bundle: RouterBundle, config, inputs_bt):
   v = q.shape[-1]
   q2, p2 = q.reshape(-1, v), p.reshape(-1, v)
   embed = jax.lax.stop_gradient(bundle.tandem.secondary.embed.embedding[...])
-  return bundle.router(q2, embed), router_lib.tv_distance(p2, q2)
+  return bundle.router(q2, embed), router_lib.labels(p2, q2)
 
 
 def loss_fn(config, bundle: nnx.Module, batch: dict):
@@ -191,10 +191,10 @@ def loss_fn(config, bundle: nnx.Module, batch: dict):
     logits = bundle.forward(inputs, prompt_lens(config, inputs.shape[0]))
     return losses.training_loss(logits, targets, response_mask(config, mask))
   if stage == "router":
-    r_logits, tv = router_terms(bundle, config, inputs)
+    r_logits, y = router_terms(bundle, config, inputs)
     w = mask.reshape(-1)
-    bce = jnp.sum(optax.sigmoid_binary_cross_entropy(r_logits, tv) * w) / jnp.maximum(jnp.sum(w), 1.0)
-    return bce, {"router_loss": bce, "tv": jnp.sum(tv * w) / jnp.maximum(jnp.sum(w), 1.0)}
+    bce = router_lib.router_loss(r_logits, y, w)
+    return bce, {"router_loss": bce, "tv": jnp.sum(y[:, 0] * w) / jnp.maximum(jnp.sum(w), 1.0)}
   raise ValueError(f"config.stage must be one of {STAGES}, got {stage!r}")
 
 
@@ -227,13 +227,16 @@ def eval_sums(config, model: nnx.Module, reference: Transformer | None, batch: d
     logits = model.forward(inputs, prompt_lens(config, inputs.shape[0]))
     return losses.token_sums(logits, targets, m, model.primary.forward(inputs)[0])
   if stage == "router":
-    r_logits, tv = router_terms(model, config, inputs)
+    r_logits, y = router_terms(model, config, inputs)
     w = mask.reshape(-1)
     r = jax.nn.sigmoid(r_logits)
     tau = config.router.threshold
-    decision_ok = ((1.0 - r >= tau) == (1.0 - tv >= tau)).astype(jnp.float32)
     sums = losses.token_sums(*model.tandem.forward(inputs, config.tandem.block_len)[:1], targets, mask)
-    sums.update(router_loss=jnp.sum(optax.sigmoid_binary_cross_entropy(r_logits, tv) * w), router_pred=jnp.sum(r * w),
-                router_label=jnp.sum(tv * w), router_decision_acc=jnp.sum(decision_ok * w))
+    sums["router_loss"] = router_lib.router_loss(r_logits, y, w) * jnp.sum(w)
+    for i, head in enumerate(router_lib.HEADS):  # router_{pred,label,decision_acc} (sampled), router_greedy_*
+      name = "router" if head == "sampled" else f"router_{head}"
+      decision_ok = ((1.0 - r[:, i] >= tau) == (1.0 - y[:, i] >= tau)).astype(jnp.float32)
+      sums.update({f"{name}_pred": jnp.sum(r[:, i] * w), f"{name}_label": jnp.sum(y[:, i] * w),
+                   f"{name}_decision_acc": jnp.sum(decision_ok * w)})
     return sums
   raise ValueError(f"config.stage must be one of {STAGES}, got {stage!r}")
