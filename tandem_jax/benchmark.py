@@ -7,7 +7,9 @@ Trains primary, mid-size, secondary, secondary_distil, tandem (CE), tandem_disti
 Table 2 (speedup over ``ar`` of ``speed`` and ``tandem_speed`` for every γ, greedy and sampled, batch 1 and 8),
 Tables 3-4 (standalone Tandem vs the mid-size model; adaptive vs fixed γ), Leviathan's ideal speedup with the
 measured α and c. Writes ``<workdir>/results.json``, ``<workdir>/report.md`` and PNG plots (with matplotlib). The
-parts live in ``tandem_jax/bench/``.
+parts live in ``tandem_jax/bench/``. Compiled programs are kept in JAX's persistent compilation cache under
+``<workdir>/jax_cache`` (``--compilation_cache=false`` turns it off): a rerun on the same checkpoints skips most
+of the decode part's compilation, which is excluded from every timing anyway.
 """
 
 from __future__ import annotations
@@ -26,6 +28,8 @@ _CONFIG = config_flags.DEFINE_config_file("config", _DEFAULT_CONFIG, "configs/be
                                           lock_config=True)
 _WORKDIR = flags.DEFINE_string("workdir", None, "where the models are trained (one subdirectory per stage) and "
                                "the results written", allow_override=True)
+_CACHE = flags.DEFINE_bool("compilation_cache", True, "keep compiled programs in <workdir>/jax_cache",
+                           allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document", allow_override=True)
 
 HEADLINE_KEYS = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tandem_speed_vs_speed",
@@ -36,6 +40,10 @@ def main(argv):
   del argv
   logging.getLogger().setLevel(logging.INFO)
   from tandem_jax.bench import report, run
+  if _CACHE.value:
+    import jax
+    jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"))
+    jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
   command = "python -m tandem_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   r = run.run(_CONFIG.value, _WORKDIR.value, command=command)
   if _JSON.value:

@@ -99,7 +99,8 @@ def test_configs_and_stage_wiring(tmp_path):
     assert cfgs["mid"].stage == "primary" and cfgs["mid"].primary.num_layers != cfgs["primary"].primary.num_layers
     long_ = cfgs["secondary_long"]
     assert long_.stage == "secondary" and long_.secondary.to_dict() == cfgs["secondary"].secondary.to_dict()
-    assert long_.train.steps == cfgs["secondary"].train.steps + cfgs["tandem"].train.steps
+    assert long_.train.steps == cfgs["tandem"].train.steps
+    assert long_.init.secondary_workdir == cfgs["tandem"].init.secondary_workdir
     assert cfgs["router"].init.tandem_workdir.endswith("tandem_distil")
     assert cfgs["router"].router.gamma_max == bench.gamma_max
     assert max(bench.decode.gammas) <= bench.gamma_max

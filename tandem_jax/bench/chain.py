@@ -1,7 +1,7 @@
 """Trains the benchmark's eight models in one chain, each in ``<workdir>/<stage>/``, skipping finished stages.
 
-  primary -> mid (a second primary-stage run, mid size) -> secondary -> secondary_long (the same, trained for the
-  secondary + tandem steps: Table 1's equal-training control) -> secondary_distil (teacher: primary, student from
+  primary -> mid (a second primary-stage run, mid size) -> secondary -> secondary_long (continues secondary alone
+  for the tandem's steps: Table 1's equal-training control) -> secondary_distil (teacher: primary, student from
   secondary) -> tandem (Tandem-CE: primary frozen, secondary from secondary) -> tandem_distil (from
   tandem) -> router (on tandem_distil)
 """
@@ -19,7 +19,7 @@ from tandem_jax.training import checkpoint, loop
 INIT = {
     "primary": {}, "mid": {},
     "secondary": {"primary_workdir": "primary"},  # the primary only for agreement/TV metrics
-    "secondary_long": {"primary_workdir": "primary"},
+    "secondary_long": {"primary_workdir": "primary", "secondary_workdir": "secondary"},
     "secondary_distil": {"primary_workdir": "primary", "secondary_workdir": "secondary"},
     "tandem": {"primary_workdir": "primary", "secondary_workdir": "secondary"},
     "tandem_distil": {"tandem_workdir": "tandem"},

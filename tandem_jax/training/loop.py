@@ -30,7 +30,7 @@ def init_from_sources(config, bundle: nnx.Module, mesh) -> dict:
   for attr, field, _ in stages.spec(config.stage).sources:
     path = config.init[field]
     if not path:
-      if field == "secondary_workdir":
+      if field == "secondary_workdir" and config.stage != "secondary":
         logging.warning("config.init.secondary_workdir is empty: the secondary starts from random weights")
       continue
     loaded = workdir_lib.load_workdir(path, mesh=mesh)

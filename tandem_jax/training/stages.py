@@ -5,7 +5,8 @@ names and gets neither gradients nor optimizer state:
 
   stage             bundle                       frozen      initialised from (config.init.*)
   primary           Transformer(primary)         -           -
-  secondary         Transformer(secondary)       -           - (primary_workdir only for agreement/TV metrics)
+  secondary         Transformer(secondary)       -           optional: everything <- secondary_workdir (continue a
+                                                                       run; primary_workdir only for agreement/TV)
   secondary_distil  Distillation(student,teacher) teacher    teacher <- primary_workdir, student <- secondary_workdir
   tandem            TandemLM                     primary     primary <- primary_workdir, secondary <- secondary_workdir
   tandem_distil     TandemLM                     primary     everything <- tandem_workdir (a Tandem-CE run)
@@ -64,7 +65,7 @@ class StageSpec:
 
 SPECS = {
     "primary": StageSpec((), (), uses_secondary=False),
-    "secondary": StageSpec((), (), uses_primary=False),
+    "secondary": StageSpec((), (("", "secondary_workdir", False),), uses_primary=False),  # optional: continue one
     "secondary_distil": StageSpec(("teacher",), (("teacher", "primary_workdir", True),
                                                  ("student", "secondary_workdir", False))),
     "tandem": StageSpec(("primary",), (("primary", "primary_workdir", True), ("secondary", "secondary_workdir", False))),
