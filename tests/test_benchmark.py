@@ -106,3 +106,18 @@ def test_configs_and_stage_wiring(tmp_path):
     assert max(bench.decode.gammas) <= bench.gamma_max
   with pytest.raises(ValueError, match="preset"):
     bench_cfg.get_config("huge")
+
+
+def test_interrupted_stage_stops_the_chain(tmp_path, monkeypatch):
+  """A stage stopped by SIGTERM (saved, not finished) ends the benchmark: later stages would build on it."""
+  calls = []
+
+  def fake_train(config, workdir):
+    calls.append(os.path.basename(workdir))
+    return dict(step=1, eval={}, stopped_early=len(calls) == 2)
+
+  monkeypatch.setattr(chain.loop, "train", fake_train)
+  with pytest.raises(SystemExit, match="mid stopped early at step 1"):
+    chain.train_all(bench_cfg.get_config("smoke"), str(tmp_path))
+  assert calls == ["primary", "mid"]
+

@@ -65,6 +65,9 @@ def train_all(bench, workdir: str) -> dict:
     logging.info("benchmark: training %s (%d steps)", stage, c.train.steps)
     t0 = time.perf_counter()
     r = loop.train(c, d)
+    if r.get("stopped_early"):  # SIGTERM: the stage saved a checkpoint; later stages must not use it half-trained
+      raise SystemExit(f"benchmark: {stage} stopped early at step {r['step']} of {c.train.steps} (signal); rerun "
+                       f"the same command to resume from {d}")
     report[stage] = dict(seconds=time.perf_counter() - t0, reused=False, step=r["step"], eval=r["eval"])
     logging.info("benchmark: %s done in %.0f s: %s", stage, report[stage]["seconds"], r["eval"])
   return report
