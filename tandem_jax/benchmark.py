@@ -2,7 +2,8 @@
 
   python -m tandem_jax.benchmark --workdir=/tmp/bench [--config=configs/benchmark.py:cpu] [--json]
 
-Trains primary, mid-size, secondary, secondary_distil, tandem (CE), tandem_distil and router in
+Trains primary, mid-size, secondary, secondary_long (equal-training control), secondary_distil, tandem (CE),
+tandem_distil and router in
 ``<workdir>/<stage>/`` (finished stages are reused), then in this one process: Table 1 (validation quality),
 Table 2 (speedup over ``ar`` of ``speed`` and ``tandem_speed`` for every γ, greedy and sampled, batch 1 and 8),
 Tables 3-4 (standalone Tandem vs the mid-size model; adaptive vs fixed γ), Leviathan's ideal speedup with the

@@ -76,8 +76,8 @@ def markdown(r: dict, plots: list[str]) -> str:
              f"{_f(100 * v['agreement'], '{:.2f}') if 'agreement' in v else '-'} | {_f(v.get('tv'))} |")
   if "accuracy_gain_points_equal_steps" in r:
     steps = r["config"]["steps"]
-    L += ["", f"`secondary_long` is `secondary` trained alone for {steps.get('secondary_long')} more steps, as Tandem-CE "
-          f"continues it for {steps.get('tandem')}: tandem minus it = "
+    L += ["", f"`secondary_long` is `secondary` trained alone for {steps.get('secondary_long')} more steps, as "
+          f"Tandem-CE continues it for {steps.get('tandem')}: tandem minus it = "
           f"{_f(r['accuracy_gain_points_equal_steps'], '{:.2f}')} points (`accuracy_gain_points_equal_steps`), the "
           f"gain at equal training; the headline gain is against `secondary`, as the issue defines it."]
 
