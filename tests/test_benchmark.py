@@ -46,7 +46,14 @@ def test_smoke_results_and_report(smoke):
   cell = row["tandem_speed"]["2"]
   assert cell["tokens"] == row["ar"]["tokens"] > 0  # no EOS stop: every method emits the same tokens
   assert cell["seconds"]["min"] <= cell["seconds"]["median"] <= cell["seconds"]["max"]
-  assert {"fixed", "adaptive", "ar", "speedup_adaptive_vs_fixed"} <= set(r["table4"]["greedy_b1"])
+  t4 = r["table4"]["greedy_b1"]
+  assert {"fixed", "adaptive", "ar", "speedup_adaptive_vs_fixed", "speedup_adaptive_paper_tau_vs_fixed"} <= set(t4)
+  # τ chosen on held-out prompts: the fastest of the searched values, and those prompts are not the timed ones.
+  assert t4["tuning"]["prompts"] == r["prompts"]["threshold_tuning"] == 1
+  assert {float(x) for x in t4["tuning"]["seconds"]} == {0.5, 0.8}
+  best = min(t4["tuning"]["seconds"], key=t4["tuning"]["seconds"].get)
+  assert float(best) == t4["threshold"]
+  assert ("adaptive_paper_tau" in t4) == (t4["threshold"] != 0.8)
   assert {"mid", "primary", "secondary"} <= set(r["table3_speed"])
   assert r["machine"]["before_decode"]["cpu_count"] == os.cpu_count()
   with open(os.path.join(workdir, "report.md")) as fh:

@@ -42,8 +42,9 @@ def define_flags():
   _F.update(
       workdir=flags.DEFINE_string("workdir", None, "benchmark workdir with trained checkpoints"),
       gamma=flags.DEFINE_integer("gamma", 5, "block length γ of speed / tandem_speed"),
-      max_block_len=flags.DEFINE_integer("max_block_len", 0, "K the programs are compiled for (0 = γ): the primary "
-                                         "verifies K + 1 tokens whatever γ"),
+      max_block_len=flags.DEFINE_integer("max_block_len", 0, "K the programs are compiled for (0 = γ); with K > γ "
+                                         "one program serves every γ <= K (a switch over verify sizes), as in the "
+                                         "benchmark's γ sweep"),
       batch=flags.DEFINE_integer("batch", 1, "rows decoded together"),
       temperature=flags.DEFINE_float("temperature", 0.0, "sampling temperature (0 = greedy)"),
       max_new_tokens=flags.DEFINE_integer("max_new_tokens", 64, "tokens per prompt"),

@@ -39,7 +39,19 @@ def _best(cells: dict, method: str, gammas) -> int:
   return max(gammas, key=lambda g: cells[method][g]["speedup"])
 
 
-def decode_tables(bench, models: dict, prompts) -> dict:
+def tune_threshold(bench, cell_for, tune_prompts) -> dict:
+  """Table 4's τ, chosen on held-out validation prompts (not the timed ones): the adaptive decoder is timed at
+  every τ of ``decode.thresholds`` (τ is traced: one compiled program) and the fastest median wins.
+
+  ``cell_for(tau, prompts)`` builds the adaptive decode cell. Returns {"chosen", "seconds": {τ: median}}.
+  """
+  taus = [float(t) for t in bench.decode.thresholds]
+  res = timing.interleaved({t: cell_for(t, tune_prompts) for t in taus}, int(bench.decode.repeats))
+  med = {t: float(np.median(res[t]["times"])) for t in taus}
+  return dict(chosen=min(taus, key=lambda t: med[t]), seconds=med, prompts=len(tune_prompts))
+
+
+def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
   d, k = bench.decode, int(bench.gamma_max)
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
@@ -65,14 +77,24 @@ def decode_tables(bench, models: dict, prompts) -> dict:
       table2[name] = row
       if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
         g = row["best_gamma"]["tandem_speed"]
-        cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"],
-                  "adaptive": timing.decode_cell("tandem_speed", ps, b, k, models=dict(tandem=tandem),
-                                                 router=router, threshold=float(bench.threshold), **common)}
+
+        def adaptive(tau, prompts_, common=common, b=b):
+          return timing.decode_cell("tandem_speed", prompts_, b, k, models=dict(tandem=tandem), router=router,
+                                    threshold=tau, **common)
+
+        paper_tau = float(bench.threshold)
+        tuned = tune_threshold(bench, adaptive, tune_prompts) if tune_prompts and d.thresholds else None
+        tau = tuned["chosen"] if tuned else paper_tau
+        cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
+        if tau != paper_tau:
+          cells4["adaptive_paper_tau"] = adaptive(paper_tau, ps)
         res4 = timing.interleaved(cells4, int(d.repeats))
         t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
-        t4.update(fixed_gamma=g, gamma_max=k, threshold=float(bench.threshold),
-                  speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
-                                                  np.median(res4["adaptive"]["times"])))
+        fixed_med = float(np.median(res4["fixed"]["times"]))
+        t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
+                  speedup_adaptive_vs_fixed=fixed_med / float(np.median(res4["adaptive"]["times"])),
+                  speedup_adaptive_paper_tau_vs_fixed=fixed_med / float(np.median(
+                      res4["adaptive_paper_tau" if tau != paper_tau else "adaptive"]["times"])))
         table4[name] = t4
   # Table 3 (speed): standalone Tandem against the mid-size model (and the primary, the secondary) alone.
   g3 = int(d.standalone_block_len)
@@ -163,7 +185,9 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
   models = dict(primary=loaded["primary"].model, drafter=loaded["secondary_distil"].model,
                 tandem=loaded["tandem_distil"].model, router=loaded["router"].model.router, mid=loaded["mid"].model)
   d = bench.decode
-  prompts = timing.draw_prompts(val_rows, int(d.num_prompts), int(d.prompt_len))
+  # The timed prompts, then held-out ones (other validation rows) for choosing the router's τ.
+  prompts = timing.draw_prompts(val_rows, int(d.num_prompts) + int(d.tune_prompts), int(d.prompt_len))
+  prompts, tune_prompts = prompts[:int(d.num_prompts)], prompts[int(d.num_prompts):]
   cap = -(-(-(-int(d.prompt_len) // 16) * 16 + -(-int(d.max_new_tokens) // 16) * 16 + int(bench.gamma_max) + 2)
           // 16) * 16
   costs = timing.call_costs(models, d.batch_sizes, int(bench.gamma_max), capacity=cap,
@@ -171,7 +195,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
                             repeats=int(bench.cost.repeats))
   phases["costs"] = time.perf_counter() - t0
   t1 = time.perf_counter()
-  tables = decode_tables(bench, models, prompts)
+  tables = decode_tables(bench, models, prompts, tune_prompts)
   phases["decode"] = time.perf_counter() - t1
   machine_after = machine()
 
@@ -185,7 +209,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
       preset=bench.preset, config=bench.to_dict(), config_arg=config_arg, command=command, workdir=workdir,
       training=report.jsonable({s: {k: v for k, v in r.items() if k != "eval"} for s, r in trained.items()}),
       phases_seconds=phases, machine=dict(before_decode=machine_before, after_decode=machine_after),
-      prompts=dict(count=len(prompts), tokens=int(d.prompt_len), max_new_tokens=int(d.max_new_tokens),
+      prompts=dict(count=len(prompts), threshold_tuning=len(tune_prompts), tokens=int(d.prompt_len), max_new_tokens=int(d.max_new_tokens),
                    source="validation split"),
       params={n: report.param_count(m) for n, m in models.items() if n != "router"})
   report.write_all(results, workdir, plots=bool(bench.plots))

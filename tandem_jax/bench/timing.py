@@ -110,9 +110,10 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
                 max_new: int, k: int, seed: int, router=None, threshold: float = 0.8) -> Callable[[], dict]:
   kw = dict(models, max_new_tokens=max_new, sampling=sampling, seed=seed, eos_id=None)
   if gamma is not None:
-    # A fixed γ runs the program compiled for it (generate's default max_block_len = block_len): one compiled for
-    # K > γ makes the primary verify K + 1 tokens per block whatever γ. The adaptive router needs its cap K.
-    kw.update(block_len=int(gamma), max_block_len=int(k) if router is not None else int(gamma))
+    # Every γ <= K runs one program per method compiled for K (γ = K its own, with one verify size): a γ < K
+    # block verifies γ + 1 tokens (speculative.verify_sizes), so one compile serves the whole γ sweep. The adaptive
+    # router needs its cap K.
+    kw.update(block_len=int(gamma), max_block_len=max(int(k), int(gamma)))
   if router is not None:
     kw.update(router=router, threshold=threshold)
 

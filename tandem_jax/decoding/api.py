@@ -46,7 +46,7 @@ def _bucket(n: int, quantum: int = 16) -> int:
 
 
 def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, *, k, params,
-            max_new, capacity, trace=False):
+            max_new, capacity, trace=False, variable_block=False):
   models = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity)
   if method == "ar":
@@ -60,11 +60,12 @@ def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, 
     primary, drafter = tandem.primary, speculative.tandem_drafter(tandem, capacity)
   return speculative.decode_speculative(primary, drafter, prompt, plen, max_new_b, key, block_len,
                                         max_block_len=k, accept_all=(method == "tandem"),
-                                        router=models.get("router"), threshold=threshold, trace=trace, **common)
+                                        router=models.get("router"), threshold=threshold, trace=trace,
+                                        variable_block=variable_block, **common)
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity",
-                                                "trace"))
+                                                "trace", "variable_block"))
 _compiled: dict[Any, Any] = {}
 
 
@@ -125,8 +126,10 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
              rules=shd.DEFAULT_RULES, trace: bool = False) -> DecodeResult:
   """Generates continuations of token-id prompts with one of METHODS.
 
-  ``block_len`` (γ) is traced: any γ <= ``max_block_len`` (default: γ, or the router's cap when adaptive) reuses the
-  compiled program. With ``router`` the block ends early when the predicted acceptance falls below ``threshold``.
+  ``block_len`` (γ) is traced. With ``max_block_len`` K > γ (or a router) the program is compiled for every
+  verify size up to K + 1 and any γ <= K reuses it, each block verifying only its drafts + 1; with K = γ (the
+  default) the program has one verify size, K + 1. With ``router`` (K = its cap) the block ends early when the
+  predicted acceptance falls below ``threshold``.
   ``trace`` (speculative methods) adds ``stats["trace"]``: per block the drafts, accepted count and primary token.
   """
   if method not in METHODS:
@@ -173,19 +176,20 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
           jax.random.key(seed), jnp.int32(block_len), jnp.float32(threshold),
           jnp.int32(-1 if eos_id is None else eos_id))
   statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
-                 capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"))
+                 capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
+                 variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"))
   if mesh is not None:
     batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
 
   def run():
-    key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"], b, p_pad,
-           id(mesh))
+    key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
+           statics["variable_block"], b, p_pad, id(mesh))
     t0 = time.perf_counter()
     if key not in _compiled:
       _compiled[key] = _decode_jit.lower(statics["method"], statics["graphdefs"], *args,
                                          **{n: statics[n] for n in ("k", "params", "max_new", "capacity",
-                                                                    "trace")}).compile()
+                                                                    "trace", "variable_block")}).compile()
     compile_time = time.perf_counter() - t0
     t1 = time.perf_counter()
     em, stats = jax.block_until_ready(_compiled[key](*args))

@@ -4,8 +4,9 @@ Per iteration (PAPER_NOTES §1.6 and §2.1), for every row of the batch at its o
 has processed; the pending token t at position n was sampled from the primary but not yet processed by it):
 1. the drafter turns t into up to K drafts d_0.. (a fixed block length γ <= K, or until the router says verify);
 2. the primary processes [t, d_0, .., d_{K-1}] in one block call: K+1 distributions and, for Tandem, hidden states
-   (with the router, drafts per block vary, so the call is the smallest of a few compiled sizes that holds every
-   active row's drafts + 1: a lax.switch, so an early stop also saves verify work);
+   (when drafts per block vary, with the router or a γ below the compiled K, the call is the smallest of the
+   compiled sizes (:func:`verify_sizes`) that holds every active row's drafts + 1: a lax.switch, so an early stop
+   or a short γ also saves verify work);
 3. Algorithm 1 accepts n_acc drafts and yields the next pending token (replacement or bonus); ``tandem``
    (standalone Tandem, §1.5) instead accepts every draft and takes the primary's free token;
 4. the primary's cache is rolled back to n + 1 + n_acc; the drafter is told (Tandem commits the primary's hidden
@@ -84,10 +85,22 @@ class Stats(NamedTuple):
   block_hist: jax.Array       # [B, K+2] count of iterations that emitted j tokens (j = accepted + 1)
 
 
+def verify_sizes(max_block_len: int) -> list[int]:
+  """Block sizes a variable-length program compiles its verify call for: every size up to 9 (where a verify's cost
+  still grows with its length on CPU), then K + 1."""
+  k = int(max_block_len)
+  return sorted({*range(2, min(k + 1, 9) + 1), k + 1})
+
+
 def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_new_b, key, block_len, *,
                        max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
-                       capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False):
+                       capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False,
+                       variable_block: bool = False):
   """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling.
+
+  ``variable_block`` (static; implied by ``router``) compiles the verify call for every size of
+  :func:`verify_sizes` and runs the smallest that holds the block, so γ < K costs a (γ+1)-token verify; without it
+  the primary always verifies K + 1 positions (one verify size: the program for γ = K).
 
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
@@ -147,9 +160,10 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     _, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
     return dstate, n_draft, drafts, q, calls
 
-  # Verify-call sizes for the adaptive policy (a lax.switch branch each). Outputs are padded to K+1 positions;
-  # acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
-  sizes = sorted({s for s in (2, 3, 4, 6, k + 1) if s <= k + 1})
+  # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
+  # positions; acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
+  sizes = verify_sizes(k)
+  variable = (router is not None or variable_block) and len(sizes) > 1
 
   def verify_call(size):
     def call(block, cache_l):
@@ -173,9 +187,9 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     dstate, n_draft, drafts, q, calls = draft(dstate, prev, pending, n, k_draft)
     block = jnp.concatenate([pending[:, None], drafts], 1)
     with jax.named_scope("verify"):
-      if router is None:
+      if not variable:
         logits, hidden, cache_l = verify_call(k + 1)(block, cache_l)
-      else:  # adaptive: the primary verifies the smallest bucket holding every active row's drafts + 1
+      else:  # the primary verifies the smallest size holding every active row's drafts + 1
         need = jnp.max(jnp.where(active, n_draft, 0)) + 1
         branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
         logits, hidden, cache_l = jax.lax.switch(branch, [verify_call(s) for s in sizes], block, cache_l)
