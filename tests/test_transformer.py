@@ -49,6 +49,19 @@ def test_block_extends_match_full_forward(variant):
     assert np.all(np.asarray(cache.lengths) == t)
 
 
+def test_last_logits_is_the_last_position_of_the_block():
+  model = _model(seed=3)
+  extend = jitted(model, "extend", last_logits=True)
+  full_extend = jitted(model, "extend")
+  tokens = jnp.asarray(np.random.default_rng(3).integers(0, 64, (2, 5)), jnp.int32)
+  cache = model.init_cache(2, 16)
+  last, _, c1 = extend(tokens, cache, last_logits=True)
+  full, _, c2 = full_extend(tokens, cache)
+  assert last.shape == (2, 1, full.shape[-1])
+  np.testing.assert_allclose(last[:, 0], full[:, -1], atol=ATOL)
+  np.testing.assert_allclose(c1.k[0] if isinstance(c1.k, tuple) else c1.k, c2.k[0] if isinstance(c2.k, tuple) else c2.k)
+
+
 def test_ragged_prefill_then_single_steps():
   rng = np.random.default_rng(7)
   model = _model(seed=3)

@@ -45,8 +45,8 @@ def standalone_drafter(drafter, capacity: int) -> Drafter:
     return cache
 
   def begin(cache, prev, pending, n):
-    logits, _, cache = drafter.extend(jnp.stack([prev, pending], 1), cache, start_b=n - 1)
-    return logits[:, 1], cache
+    logits, _, cache = drafter.extend(jnp.stack([prev, pending], 1), cache, start_b=n - 1, last_logits=True)
+    return logits[:, 0], cache
 
   def step(cache, token):
     logits, _, cache = drafter.extend(token[:, None], cache)

@@ -147,13 +147,14 @@ class Transformer(nnx.Module):
                               dtype or dtype_of(c.dtype), stacked=c.scan_layers)
 
   def extend(self, tokens_bt, cache: kvcache.KVCache, *, extra_embed_btd=None, return_hidden: bool = False,
-             write: bool = True, start_b=None):
+             write: bool = True, start_b=None, last_logits: bool = False):
     """Runs k = T new tokens per row at positions ``start[b] + 0..k-1`` (default start: ``cache.lengths``).
 
     With ``write`` (the default) their keys/values are stored and each row's length becomes start + k (shrink rows
     that had fewer real tokens with :meth:`KVCache.rollback`/``with_lengths``). With ``write=False`` the cache is
     only read: a query at position p attends to the slots 0..p already in it (Tandem's "eq2" boundary uses this).
-    Returns (logits [B, T, V], hidden [L+1, B, T, D] or None, new cache).
+    Returns (logits [B, T, V], hidden [L+1, B, T, D] or None, new cache); with ``last_logits`` the logits are
+    only the last position's, [B, 1, V] (the output layer is the largest matmul of a small model's step).
     """
     b, t = tokens_bt.shape
     start = cache.lengths if start_b is None else start_b.astype(jnp.int32)
@@ -172,7 +173,7 @@ class Transformer(nnx.Module):
     x, (new_kv, hs) = self.run_layers(layer_fn, x0, self.per_layer(cache.k, cache.v))
     if write:
       cache = cache.replace(k=new_kv[0], v=new_kv[1], lengths=start + t)
-    return self.logits(x), (self._hidden(x0, hs) if return_hidden else None), cache
+    return self.logits(x[:, -1:] if last_logits else x), (self._hidden(x0, hs) if return_hidden else None), cache
 
   def prefill(self, tokens_bt, lengths_b, cache: kvcache.KVCache, **kw):
     """Ragged prefill of right-padded prompts from each row's current length; rows end at length + lengths_b."""
