@@ -52,8 +52,8 @@ def test_greedy_speculative_equals_ar_for_every_row(models, b):
     max_new = rng.integers(1, 24, b).tolist()  # per-row budgets
     eos = int(rng.integers(0, 64)) if case % 2 else None
     want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos).tokens
-    for gamma in range(1, 9):  # one compiled program per method serves every γ <= 8
-      kw = dict(max_new_tokens=max_new, eos_id=eos, block_len=gamma, max_block_len=8)
+    for gamma in range(1, 9):  # one compiled program per method (K = 9 > γ: a switch over verify sizes) serves all
+      kw = dict(max_new_tokens=max_new, eos_id=eos, block_len=gamma, max_block_len=9)
       sp = generate("speed", prompts, primary=tandem.primary, drafter=drafter, **kw)
       ts = generate("tandem_speed", prompts, tandem=tandem, **kw)
       assert sp.tokens == want, (case, gamma, "speed")

@@ -58,7 +58,9 @@ def markdown(r: dict, plots: list[str]) -> str:
         f"{r['prompts']['max_new_tokens']} new tokens each, no EOS stop (every method emits the same number of "
         f"tokens). Timing: compiled programs only (compilation and one warm-up run excluded), every cell of a table "
         f"interleaved round-robin (order rotated each round), {r['config']['decode']['repeats']} rounds; speedup = "
-        f"median(ar) / median(method), spread = min / median / max.", ""]
+        f"median(ar) / median(method), spread = min / median / max. Every fixed γ < K = {r['config']['gamma_max']} "
+        f"runs the method's one program compiled for K (a switch over verify sizes: a block verifies its γ + 1 "
+        f"tokens), γ = K its own program.", ""]
 
   L += ["## Headline (greedy, batch 1, best γ)", "", "| quantity | value | target | met |", "|---|---|---|---|"]
   for k, t in r["targets"].items():
