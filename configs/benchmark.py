@@ -5,8 +5,9 @@
 
 ``cpu`` (default): the ``cpu`` training preset's primary (4 layers, d 256, ~5M params) and secondary (2 layers, d
 128, ~1.4M), plus a mid-size primary-stage model (3 layers, d 192; the paper's Otter role) and the equal-steps
-secondary control; 38 minutes of training on 2 cores without AVX-512 (BENCHMARKS.md), the decode part about 10
-minutes on a rerun with the compilation cache (18 minutes the first time, compiling).
+secondary control; 37 minutes of training on 2 cores without AVX-512 (BENCHMARKS.md), the decode part (quality,
+per-call costs, decoding) 14.5 minutes the first time, compiling, and just over 10 minutes (603 s) on a rerun with the
+compilation cache.
 ``smoke``: the ``tiny`` preset's models and a handful of steps; the whole pipeline in well under 2 minutes (CI).
 """
 
