@@ -90,11 +90,11 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
           cells4["adaptive_paper_tau"] = adaptive(paper_tau, ps)
         res4 = timing.interleaved(cells4, int(d.repeats))
         t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
-        fixed_med = float(np.median(res4["fixed"]["times"]))
+        over_fixed = lambda n: float(np.median(res4["fixed"]["times"]) / np.median(res4[n]["times"]))  # noqa: E731
         t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
-                  speedup_adaptive_vs_fixed=fixed_med / float(np.median(res4["adaptive"]["times"])),
-                  speedup_adaptive_paper_tau_vs_fixed=fixed_med / float(np.median(
-                      res4["adaptive_paper_tau" if tau != paper_tau else "adaptive"]["times"])))
+                  speedup_adaptive_vs_fixed=over_fixed("adaptive"),
+                  speedup_adaptive_paper_tau_vs_fixed=over_fixed("adaptive_paper_tau" if tau != paper_tau
+                                                                 else "adaptive"))
         table4[name] = t4
   # Table 3 (speed): standalone Tandem against the mid-size model (and the primary, the secondary) alone.
   g3 = int(d.standalone_block_len)
@@ -209,8 +209,8 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
       preset=bench.preset, config=bench.to_dict(), config_arg=config_arg, command=command, workdir=workdir,
       training=report.jsonable({s: {k: v for k, v in r.items() if k != "eval"} for s, r in trained.items()}),
       phases_seconds=phases, machine=dict(before_decode=machine_before, after_decode=machine_after),
-      prompts=dict(count=len(prompts), threshold_tuning=len(tune_prompts), tokens=int(d.prompt_len), max_new_tokens=int(d.max_new_tokens),
-                   source="validation split"),
+      prompts=dict(count=len(prompts), threshold_tuning=len(tune_prompts), tokens=int(d.prompt_len),
+                   max_new_tokens=int(d.max_new_tokens), source="validation split"),
       params={n: report.param_count(m) for n, m in models.items() if n != "router"})
   report.write_all(results, workdir, plots=bool(bench.plots))
   return results

@@ -50,7 +50,7 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
   return agg
 
 
-def interleaved(cells: dict[str, Callable[[], dict]], repeats: int) -> dict[str, dict]:
+def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str, dict]:
   """Runs every cell once to compile and warm up (``cell(warmup=True)``: a cell may run just its first batch, which
   compiles and warms the same program), then ``repeats`` rounds, each cell once per round in an order rotated by one
   every round. Returns per cell ``{"times": [...], "run": last run's counters}``."""
@@ -108,7 +108,7 @@ def summarize(cell: dict, ar_times: list[float] | None = None) -> dict:
 
 
 def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: dict, sampling: SamplingParams,
-                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8) -> Callable[[], dict]:
+                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8) -> Callable[..., dict]:
   kw = dict(models, max_new_tokens=max_new, sampling=sampling, seed=seed, eos_id=None)
   if gamma is not None:
     # Every γ <= K runs one program per method compiled for K (γ = K its own, with one verify size): a γ < K
