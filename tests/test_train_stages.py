@@ -69,3 +69,32 @@ def test_loaded_models_and_provenance(runs):
     assert isinstance(loaded.model, kind) and loaded.stage == stage and loaded.step == 2
   sources = workdir_lib.read_json(runs["tandem_distil"]["workdir"])["sources"]
   assert sources["tandem_workdir"]["sources"]["primary_workdir"]["workdir"] == runs["primary"]["workdir"]
+
+
+def test_evaluator_with_the_primary_computed_once(runs):
+  """Metrics from shared primary outputs (the benchmark computes the primary's forward once for all its models)
+  equal those of each model's own primary forward, for the primary, a secondary (reference) and the tandems."""
+  from tandem_jax.bench import quality
+  from tandem_jax.training import evaluation
+
+  loaded = {s: workdir_lib.load_workdir(runs[s]["workdir"]) for s in ("primary", "secondary", "tandem_distil")}
+  primary = loaded["primary"]
+  cfg = primary.config
+  rng = np.random.default_rng(0)
+  batches = [{"tokens": rng.integers(1, cfg.primary.vocab_size, (cfg.train.batch_size, cfg.data.seq_len))}
+             for _ in range(2)]
+  mesh = workdir_lib.default_mesh(cfg)
+  shared = evaluation.Evaluator(cfg, mesh).primary_outputs(primary.model, batches)
+  assert quality.same_weights(loaded["tandem_distil"].model.primary, primary.model)
+  assert not quality.same_weights(loaded["secondary"].model, primary.model)
+  for stage, model, reference in (("primary", primary.model, None),
+                                  ("secondary", loaded["secondary"].model, primary.model),
+                                  ("tandem_distil", loaded["tandem_distil"].model, None)):
+    config = loaded.get(stage, primary).config
+    own = evaluation.Evaluator(config, mesh)(model, reference, batches)
+    given = evaluation.Evaluator(config, mesh)(model, None, batches, shared)
+    assert set(own) == set(given) and own["tokens"] == given["tokens"] > 0, stage
+    for k in own:
+      np.testing.assert_allclose(given[k], own[k], rtol=1e-5, atol=1e-6, err_msg=f"{stage} {k}")
+  with pytest.raises(ValueError, match="primary outputs for"):
+    evaluation.Evaluator(cfg, mesh)(primary.model, None, batches, shared[:1])

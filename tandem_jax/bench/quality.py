@@ -6,6 +6,10 @@ from __future__ import annotations
 import copy
 import os
 
+import jax
+import numpy as np
+from flax import nnx
+
 from tandem_jax import data as data_lib
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.training import data as data_mod, evaluation
@@ -40,31 +44,49 @@ def _as(config, stage: str, block_len: int | None = None):
   return c
 
 
+def same_weights(a, b) -> bool:
+  """Whether two modules hold the same parameters (same tree, equal values)."""
+  pa, pb = nnx.state(a, nnx.Param), nnx.state(b, nnx.Param)
+  la, lb = jax.tree.leaves(pa), jax.tree.leaves(pb)
+  return (jax.tree.structure(pa) == jax.tree.structure(pb) and
+          all(x.shape == y.shape and bool(np.array_equal(np.asarray(x), np.asarray(y))) for x, y in zip(la, lb)))
+
+
 def evaluate(bench, loaded: dict, val_rows) -> dict:
-  """{"table1": {model: metrics}, "table3_quality": {model: metrics}, "eval_tokens": n}."""
+  """{"table1": {model: metrics}, "table3_quality": {model: metrics}, "eval_tokens": n}.
+
+  The primary's forward over the validation batches is computed once: it is the reference of every secondary's
+  agreement and TV and the input of every tandem (whose frozen primary is checked to be the same weights; one that
+  is not runs its own).
+  """
   primary = loaded["primary"]
   cfg = primary.config
   batches = data_lib.make_eval_batches(val_rows, cfg.train.batch_size, int(bench.eval_batches))
   mesh = workdir_lib.default_mesh(cfg)
+  primary_out = evaluation.Evaluator(_as(cfg, "primary"), mesh).primary_outputs(primary.model, batches)
 
-  def run(config, model, reference=None):
-    return _metrics(evaluation.Evaluator(config, mesh)(model, reference, batches))
+  def run(config, model, shared=True):
+    out = primary_out if shared else None
+    return _metrics(evaluation.Evaluator(config, mesh)(model, None if shared else primary.model, batches, out))
+
+  def tandem(stage, block_len=None):
+    m = loaded[stage].model
+    return run(_as(loaded[stage].config, stage, block_len), m, shared=same_weights(m.primary, primary.model))
 
   table1 = {}
   for s in ("secondary", "secondary_long", "secondary_distil"):
-    table1[s] = run(_as(loaded[s].config, "secondary"), loaded[s].model, primary.model)
+    table1[s] = run(_as(loaded[s].config, "secondary"), loaded[s].model)
   for s in ("tandem", "tandem_distil"):
-    table1[s] = run(loaded[s].config, loaded[s].model)
+    table1[s] = tandem(s)
   table1["primary"] = run(_as(cfg, "primary"), primary.model)
 
   gamma = int(bench.decode.standalone_block_len)
   table3 = {
       "primary": table1["primary"],
-      "mid": run(_as(cfg, "secondary"), loaded["mid"].model, primary.model),
+      "mid": run(_as(cfg, "secondary"), loaded["mid"].model),
       "secondary": table1["secondary"],
-      f"tandem_ce@{gamma}": run(_as(loaded["tandem"].config, "tandem", gamma), loaded["tandem"].model),
-      f"tandem_distil@{gamma}": run(_as(loaded["tandem_distil"].config, "tandem_distil", gamma),
-                                    loaded["tandem_distil"].model),
+      f"tandem_ce@{gamma}": tandem("tandem", gamma),
+      f"tandem_distil@{gamma}": tandem("tandem_distil", gamma),
   }
   return dict(table1=table1, table3_quality=table3, eval_tokens=table1["primary"]["tokens"],
               train_block_len=int(loaded["tandem"].config.tandem.block_len), inference_block_len=gamma)

@@ -207,21 +207,27 @@ def eval_parts(stage: str, bundle: nnx.Module, reference: Transformer | None = N
   return bundle, reference
 
 
-def eval_sums(config, model: nnx.Module, reference: Transformer | None, batch: dict) -> dict:
+def eval_sums(config, model: nnx.Module, reference: Transformer | None, batch: dict, primary_out=None) -> dict:
   """Summed metrics of one batch (see losses.token_sums): vs ground truth and, where a primary exists, vs it.
 
   ``model`` is what ``public_model`` returns (a RouterBundle for the router stage); ``reference`` is the primary for
-  the secondary stages (the tandem stages and LLM-to-SLM carry their own).
+  the secondary stages (the tandem stages and LLM-to-SLM carry their own). ``primary_out``, the primary's
+  ``forward(inputs, return_hidden=True)`` (logits, hidden) of this batch computed once by the caller, stands in for
+  the primary's forward in the primary, secondary and tandem stages (the caller's primary must be the model's own).
   """
   stage = config.stage
   inputs, targets, mask = batch["inputs"], batch["targets"], batch["mask"]
   if stage == "primary":
-    return losses.token_sums(model.forward(inputs)[0], targets, mask)
+    logits = model.forward(inputs)[0] if primary_out is None else primary_out[0]
+    return losses.token_sums(logits, targets, mask)
   if stage in ("secondary", "secondary_distil"):
-    ref = None if reference is None else reference.forward(inputs)[0]
+    if primary_out is not None:
+      ref = primary_out[0]
+    else:
+      ref = None if reference is None else reference.forward(inputs)[0]
     return losses.token_sums(model.forward(inputs)[0], targets, mask, ref)
   if stage in TANDEM_STAGES:
-    q, p = model.forward(inputs, config.tandem.block_len)
+    q, p = model.forward(inputs, config.tandem.block_len, primary_out=primary_out)
     return losses.token_sums(q, targets, mask, p)
   if stage == "llm_to_slm":
     m = response_mask(config, mask)
