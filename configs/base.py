@@ -112,7 +112,7 @@ def get_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
       weight_decay=0.1,
       grad_clip=1.0,
       eval_every=p["eval_every"],  # 0 = only at the end
-      eval_batches=p["eval_batches"],
+      eval_batches=p["eval_batches"],  # 0 = no evaluation (then eval_every must be 0)
       checkpoint_every=p["checkpoint_every"],
       keep_checkpoints=3,
       log_every=p["log_every"],

@@ -75,7 +75,8 @@ def stage_config(bench: ml_collections.ConfigDict, stage: str, tokenizer_cache: 
   if stage == "mid":
     c.primary.update(dict(bench.models.mid))
   c.train.steps = int(bench.steps[stage])
-  c.train.eval_every = 0  # only the final evaluation; the benchmark runs its own
+  c.train.eval_every = 0
+  c.train.eval_batches = 0  # no evaluation in training: the benchmark's quality phase evaluates every model
   c.train.checkpoint_every = max(1, int(bench.steps[stage]))
   c.router.gamma_max = int(bench.gamma_max)
   c.router.threshold = float(bench.threshold)

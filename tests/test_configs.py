@@ -71,6 +71,8 @@ def _bad(stage="primary", **changes):
     ({"data.source": "text"}, "data.path"),
     ({"train.distil_lambda": 1.5}, "train.distil_lambda"),
     ({"mesh.shape": (3, 1)}, "mesh.shape"),
+    ({"train.eval_batches": -1}, "train.eval_batches"),
+    ({"train.eval_batches": 0, "train.eval_every": 5}, "train.eval_batches"),  # 0 = no evaluation at all
 ])
 def test_errors_name_the_field(changes, field):
   with pytest.raises(ConfigError, match=field.replace(".", r"\.")):

@@ -42,14 +42,15 @@ def _prompts(rng, b, vocab=64):
   return [rng.integers(0, vocab, int(rng.integers(1, 14))).tolist() for _ in range(b)]
 
 
-@pytest.mark.parametrize("b", [1, 3, 8])
+@pytest.mark.parametrize("b", [1, 4])
 def test_greedy_speculative_equals_ar_for_every_row(models, b):
   tandem, drafter, router = models
   rng = np.random.default_rng(b)
   accepted_any = rejected_any = 0
   for case in range(4):
     prompts = _prompts(rng, b)
-    max_new = rng.integers(1, 24, b).tolist()  # per-row budgets
+    # Per-row budgets, all in one 16-token buffer bucket: the four cases share each method's compiled program.
+    max_new = rng.integers(1, 17, b).tolist()
     eos = int(rng.integers(0, 64)) if case % 2 else None
     want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos).tokens
     for gamma in range(1, 9):  # one compiled program per method (K = 9 > γ: a switch over verify sizes) serves all

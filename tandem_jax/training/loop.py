@@ -112,6 +112,8 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   evaluator = evaluation.Evaluator(config, mesh)
 
   def run_eval(step):
+    if not eval_batches:  # train.eval_batches = 0: no evaluation
+      return {}
     model, ref = stages.eval_parts(config.stage, prog.bundle(state), reference)
     metrics = evaluator(model, ref, eval_batches)
     writer.write(step, "eval", metrics)

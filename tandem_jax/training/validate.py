@@ -110,9 +110,11 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     _check(r.gamma_max >= 1, "router.gamma_max", f"must be >= 1, got {r.gamma_max}")
 
   # Training.
-  for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints", "eval_batches"):
+  for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
     _check(int(tr[name]) >= 1, f"train.{name}", f"must be >= 1, got {tr[name]}")
-  for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip"):
+  _check(tr.eval_batches > 0 or not tr.eval_every, "train.eval_batches",
+         f"is {tr.eval_batches} (no evaluation) while train.eval_every is {tr.eval_every}; set one of them")
+  for name in ("warmup_steps", "eval_every", "weight_decay", "grad_clip", "eval_batches"):
     _check(tr[name] >= 0, f"train.{name}", f"must be >= 0, got {tr[name]}")
   _check(tr.lr > 0, "train.lr", f"must be > 0, got {tr.lr}")
   _check(0.0 <= tr.distil_lambda <= 1.0, "train.distil_lambda", f"must be in [0, 1], got {tr.distil_lambda}")
