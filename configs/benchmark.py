@@ -46,7 +46,7 @@ def get_config(arg=None):
     c.decode = dict(num_prompts=16, prompt_len=32, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
                     gammas=(1, 2, 3, 4, 5, 6, 7, 8), repeats=3, batch1_prompts=6, standalone_block_len=3,
                     hist_gamma=5, seed=0, tune_prompts=6, thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
-    c.cost = dict(calls=64, repeats=5)  # per-call microbenchmark (c, verify cost vs block length)
+    c.cost = dict(calls=64, repeats=3)  # per-call microbenchmark (c, verify cost vs block length)
   else:
     c.train_preset = "tiny"
     c.models = dict(primary={}, secondary={}, mid=dict(num_layers=1))
