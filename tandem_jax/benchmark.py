@@ -45,6 +45,9 @@ def main(argv):
     import jax
     jax.config.update("jax_compilation_cache_dir", os.path.join(os.path.abspath(_WORKDIR.value), "jax_cache"))
     jax.config.update("jax_persistent_cache_min_compile_time_secs", 0.5)
+    # By default JAX also turns on XLA's GPU autotune cache under the cache directory and that path enters every
+    # cache key: a copied or moved workdir then misses every entry (measured: a copy of the workdir recompiled all).
+    jax.config.update("jax_persistent_cache_enable_xla_caches", "none")
   command = "python -m tandem_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   r = run.run(_CONFIG.value, _WORKDIR.value, command=command)
   if _JSON.value:
