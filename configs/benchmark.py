@@ -5,10 +5,10 @@
 
 ``cpu`` (default): the ``cpu`` training preset's primary (4 layers, d 256, ~5M params) and secondary (2 layers, d
 128, ~1.4M), plus a mid-size primary-stage model (3 layers, d 192; the paper's Otter role) and the equal-steps
-secondary control; 37 minutes of training on 2 cores without AVX-512 (BENCHMARKS.md), the decode part (quality,
-per-call costs, decoding) 14.5 minutes the first time, compiling, and just over 10 minutes (603 s) on a rerun with the
-compilation cache.
-``smoke``: the ``tiny`` preset's models and a handful of steps; the whole pipeline in well under 2 minutes (CI).
+secondary control; 37 minutes of training on 2 cores without AVX-512 (52 minutes in all from scratch), the decode
+part (quality, per-call costs, decoding) 12.5 minutes (750 s) when it compiles everything and 8 minutes (482 s) on a
+rerun whose programs are in the workdir's compilation cache (BENCHMARKS.md).
+``smoke``: the ``tiny`` preset's models and a handful of steps; the whole pipeline in about 3 minutes (CI).
 """
 
 try:
