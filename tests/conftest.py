@@ -41,28 +41,16 @@ def jitted(model, method: str, **static):
 
 @pytest.fixture(scope="session")
 def tiny_chain(tmp_path_factory):
-  """Every stage trained for 2 steps on :tiny, chained as in the paper. {stage: train result + "workdir"}."""
+  """Every stage trained for 2 steps on :tiny by the package's one chain (training/chain.py).
+
+  {stage: train result + "workdir"}."""
   from configs import base
-  from tandem_jax.training import loop
+  from tandem_jax.training import chain
 
-  root = tmp_path_factory.mktemp("chain")
   tok = str(tmp_path_factory.mktemp("tok"))
-  out = {}
-
-  def run(stage, **init):
-    c = base.get_config(stage, "tiny")
+  configs = {}
+  for stage in ("primary", "secondary", "secondary_distil", "tandem", "tandem_distil", "llm_to_slm", "router"):
+    c = configs[stage] = base.get_config(stage, "tiny")
     c.data.tokenizer_cache = tok
     c.train.steps, c.train.log_every, c.train.eval_batches = 2, 1, 1
-    for k, v in init.items():
-      c.init[k] = str(root / v)
-    out[stage] = loop.train(c, str(root / stage))
-    out[stage]["workdir"] = str(root / stage)
-
-  run("primary")
-  run("secondary", primary_workdir="primary")
-  run("secondary_distil", primary_workdir="primary", secondary_workdir="secondary")
-  run("tandem", primary_workdir="primary", secondary_workdir="secondary")
-  run("tandem_distil", tandem_workdir="tandem")
-  run("llm_to_slm", primary_workdir="primary", secondary_workdir="secondary")
-  run("router", tandem_workdir="tandem_distil")
-  return out
+  return chain.train_chain(configs, str(tmp_path_factory.mktemp("chain")))

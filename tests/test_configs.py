@@ -90,3 +90,33 @@ def test_tandem_errors(tmp_path):
     validate(_bad("tandem", **{"secondary.vocab_size": 400}), num_devices=8, check_workdirs=False)
   with pytest.raises(ConfigError, match="init.tandem_workdir"):
     validate(base.get_config("router", "tiny"), num_devices=8)
+
+
+def test_continuing_a_tandem_keeps_its_coupling(tmp_path):
+  """tandem_distil / router continue a tandem: a layer map or boundary other than the one it was trained with is an
+  error naming both values (the checkpoint's weights would compute another function)."""
+  import json
+  from tandem_jax import workdir as workdir_lib
+  src = base.get_config("tandem", "tiny")
+  src.tandem.layer_map, src.tandem.boundary = "last", "eq2"
+  (tmp_path / "tandem").mkdir()
+  (tmp_path / "tandem" / "config.json").write_text(json.dumps(workdir_lib.config_dict(src)))
+  for stage in ("tandem_distil", "router"):
+    c = _bad(stage, **{"init.tandem_workdir": str(tmp_path / "tandem")})
+    with pytest.raises(ConfigError, match=r"tandem\.layer_map: 'proportional' \(primary hidden states \(0, 1\)\) "
+                                          r"differs from 'last' \(primary hidden states \(2, 2\)\)"):
+      validate(c, num_devices=8)
+    c.tandem.layer_map = "2,2"  # the same map spelled out is the same function
+    with pytest.raises(ConfigError, match="tandem.boundary: 'fig1' differs from 'eq2'"):
+      validate(c, num_devices=8)
+    c.tandem.boundary = "eq2"
+    validate(c, num_devices=8)
+  # Resuming a tandem's own workdir with another coupling fails the same way, before anything is built.
+  from tandem_jax.training import loop
+  run = tmp_path / "run"
+  (run / "checkpoints").mkdir(parents=True)
+  (run / "config.json").write_text(json.dumps(workdir_lib.config_dict(base.get_config("tandem_distil", "tiny"))))
+  c = _bad("tandem_distil", **{"init.tandem_workdir": str(tmp_path / "tandem")})
+  c.tandem.layer_map, c.tandem.boundary = "last", "eq2"  # as its source tandem: validate() passes
+  with pytest.raises(ConfigError, match="tandem.layer_map: 'last' .*the workdir being resumed"):
+    loop.train(c, str(run))

@@ -11,6 +11,7 @@ from tandem_jax import sharding
 from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.models import LLMToSLM, TandemConfig, TandemLM, Transformer
 from tandem_jax.models.router import Router
+from tandem_jax.models.tandem import decode_block_offset
 
 P_CFG = dict(d_model=48, num_layers=3, num_heads=6, num_kv_heads=2, head_dim=8, d_ff=96)
 S_CFG = dict(d_model=32, num_layers=1, num_heads=4, num_kv_heads=1, head_dim=8, d_ff=64)
@@ -99,8 +100,13 @@ def test_standalone_tandem_matches_reference_loop(models):
   """`tandem` (§1.5): secondary drafts γ tokens, the primary's block call supplies the free token.
 
   Each cycle covers γ + 1 positions (free token + γ drafts), so the reference is the parallel forward with blocks
-  of γ + 1 starting at the first generated token."""
+  of γ + 1 aligned by ``decode_block_offset``: starting at the first generated token (fig1) or at the prompt's
+  last token (eq2). The drafter never reads the boundary (it only aligns blocks; tests/test_tandem.py drives the
+  eq2 drafter itself), so the same weights coupled by eq2 must explain the same tokens."""
   tandem, _, _ = models
+  with nnx.use_eager_sharding(False):
+    eq2 = TandemLM(tandem.primary.cfg, tandem.secondary.cfg, TandemConfig(boundary="eq2"), nnx.Rngs(0))
+  nnx.update(eq2, nnx.state(tandem))
   rng = np.random.default_rng(9)
   fwd = nnx.jit(lambda m, t, off, g: m.forward(t, g, block_offset_b=off), static_argnums=3)
   for gamma in (1, 2, 3):
@@ -112,7 +118,7 @@ def test_standalone_tandem_matches_reference_loop(models):
 
       def logits_at(seq):
         buf[0, :len(seq)] = seq
-        s_logits, l_logits = fwd(tandem, jnp.asarray(buf), jnp.array([p]), gamma + 1)
+        s_logits, l_logits = fwd(tandem, jnp.asarray(buf), decode_block_offset(jnp.array([p]), "fig1"), gamma + 1)
         return s_logits[0, len(seq) - 1], l_logits[0, len(seq) - 1]
 
       seq.append(int(jnp.argmax(logits_at(seq)[1])))  # first token: the primary's prefill
@@ -121,6 +127,12 @@ def test_standalone_tandem_matches_reference_loop(models):
           seq.append(int(jnp.argmax(logits_at(seq)[0])))
         seq.append(int(jnp.argmax(logits_at(seq)[1])))  # the free token
       assert out.tokens[row] == seq[p:p + 12], (gamma, row)
+      if gamma == 2:  # eq2: one teacher-forced pass over the generated sequence (causal, so the same logits)
+        buf[0, :p + 12] = seq[:p + 12]
+        s_logits, l_logits = fwd(eq2, jnp.asarray(buf), decode_block_offset(jnp.array([p]), "eq2"), gamma + 1)
+        free = (np.arange(12) % (gamma + 1)) == 0
+        pred = np.where(free, np.argmax(l_logits[0], -1)[p - 1:p + 11], np.argmax(s_logits[0], -1)[p - 1:p + 11])
+        assert pred.tolist() == out.tokens[row], ("eq2", row)
 
 
 def test_adaptive_threshold_limits():
@@ -165,6 +177,17 @@ def test_router_labels_and_loss():
   best = router_lib.router_loss(logit, y)
   assert best < router_lib.router_loss(logit + 0.5, y) and best < router_lib.router_loss(logit - 0.5, y)
   assert router_lib.router_loss(logit, y, jnp.array([1.0, 0.0])) < router_lib.router_loss(logit + 1.0, y)
+
+
+def test_router_features_are_entropy_top_k_and_their_embeddings():
+  from tandem_jax.models import router as router_lib
+  logits = jnp.log(jnp.array([[0.1, 0.6, 0.3], [0.5, 0.2, 0.3]]))
+  embed = jnp.arange(6, dtype=jnp.float32).reshape(3, 2)
+  f = router_lib.features(logits, embed, 2)
+  p = jnp.exp(logits)
+  np.testing.assert_allclose(f[:, 0], -jnp.sum(p * logits, -1), rtol=1e-6)
+  np.testing.assert_allclose(f[:, 1:3], [[0.6, 0.3], [0.5, 0.3]], rtol=1e-6)
+  np.testing.assert_allclose(f[:, 3:], [[2, 3, 4, 5], [0, 1, 4, 5]])  # the top tokens' rows, not scaled
 
 
 def test_llm_to_slm_decodes_its_secondary_with_the_fused_prompt():

@@ -10,6 +10,7 @@ from jax.scipy.special import gammaincc
 from conftest import tiny_config
 from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.decoding.sampling import probs, speculative_accept
+from tandem_jax import recipe
 from tandem_jax.models.router import Router
 from tandem_jax.models import TandemConfig, TandemLM, Transformer
 
@@ -112,10 +113,21 @@ def test_speculative_sampling_matches_primary_distribution(params):
   if not params.top_k:  # the decoding variants, once (the acceptance step is the same code for every params)
     cases += [("tandem_speed", dict(tandem=tandem, router=router, threshold=0.5, max_block_len=3)),
               ("speed", dict(primary=tandem.primary, drafter=drafter, max_block_len=4))]  # γ < K: switch
+  if not params.top_k:  # drafters with a draft vocabulary (tandem_jax.recipe): q is 0 off 10 of the 16 tokens
+    ids = np.arange(0, vocab, 1)[[0, 1, 2, 4, 5, 7, 9, 11, 12, 14]]
+    for kind in ("tandem", "standalone"):
+      rc = recipe.RecipeConfig(kind=kind, init_layers="random", draft_vocab_size=len(ids))
+      model = recipe.build_drafter(tandem.primary, rc, ids, seed=7)
+      kw = dict(tandem=model) if kind == "tandem" else dict(primary=tandem.primary, drafter=model)
+      cases.append(("tandem_speed" if kind == "tandem" else "speed", kw))
   for method, kw in cases:
     out = generate(method, prompts, max_new_tokens=3, block_len=2, sampling=params, seed=11, **kw)
     assert 0 < out.stats["accepted"].sum() < out.stats["drafted"].sum()
     assert chi2_pvalue(joint(out), want) > 1e-3, method
+    drafter = kw.get("drafter", kw.get("tandem").secondary if "tandem" in kw else None)
+    if drafter is not None and drafter.cfg.draft_vocab_size:  # the tokens q cannot draft still come out, from p
+      off = np.setdiff1d(np.arange(vocab), np.asarray(drafter.draft_ids[...]))
+      assert np.isin(np.asarray([r[:3] for r in out.tokens]), off).mean() > 0.05
   # Power: the drafter's own samples are told apart from the primary's.
   own = generate("ar", prompts, primary=drafter, max_new_tokens=3, sampling=params, seed=12)
   assert chi2_pvalue(joint(own), want) < 1e-6

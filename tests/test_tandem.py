@@ -7,7 +7,9 @@ import pytest
 from flax import nnx
 
 from conftest import jitted, tiny_config
+from tandem_jax.decoding import speculative
 from tandem_jax.models import TandemConfig, TandemLM, block_mask
+from tandem_jax.models.tandem import decode_block_offset
 
 ATOL = 3e-5
 
@@ -21,61 +23,74 @@ def _tandem(seed=0, scan_layers=False, **tandem_kw):
     return TandemLM(primary, secondary, TandemConfig(**tandem_kw), nnx.Rngs(seed))
 
 
-def inference_fns(tandem):
-  """The jitted calls of the inference path, built once per model (each build compiles anew)."""
+def inference_fns(tandem, capacity=64):
+  """Jitted decoding functions, built once per model (each build compiles anew): the primary's prefill and block
+  call, and the drafter of ``speculative.tandem_drafter`` (init, begin, step, end), which decoding runs."""
+  graphdef, state = nnx.split(tandem)
+
+  def drafter_fn(name):
+    call = jax.jit(lambda st, *a: getattr(speculative.tandem_drafter(nnx.merge(graphdef, st), capacity), name)(*a))
+    return lambda *a: call(state, *a)
+
   return dict(prefill=jitted(tandem.primary, "prefill", return_hidden=True),
               extend=jitted(tandem.primary, "extend", return_hidden=True),
-              step=jitted(tandem, "secondary_step", write=False), commit=jitted(tandem, "commit"))
+              **{n: drafter_fn(n) for n in ("init", "begin", "step", "end")})
 
 
-def step_by_step(tandem, seqs, prompt_lens, gamma, n_blocks, boundary, fns=None):
-  """Inference path: primary prefill + blocks, secondary steps, commits. Returns per-row logits of the blocks."""
+def step_by_step(tandem, seqs, prompt_lens, gamma, n_blocks, fns=None):
+  """Teacher-forced decoding with every draft accepted, through the decoder's own functions: per block the drafter
+  runs its γ queries from the pending token n, the primary verifies [pending, γ drafts] and the drafter commits them.
+  Returns the drafter's logits [B, n_blocks * γ, V]."""
   b = seqs.shape[0]
-  ahead = 1 if boundary == "eq2" else 0  # eq2: the primary has already processed each block's first token
   fns = fns or inference_fns(tandem)
-  prefill, extend, step, commit = fns["prefill"], fns["extend"], fns["step"], fns["commit"]
   rows = jnp.arange(b)
-  cache_l, cache_s = tandem.primary.init_cache(b, 64), tandem.init_secondary_cache(b, 64)
   p = jnp.asarray(prompt_lens, jnp.int32)
-  p_max = int(p.max()) + ahead
-  padded = jnp.where(jnp.arange(p_max)[None] < (p + ahead)[:, None], seqs[:, :p_max], 0)
-  _, hidden, cache_l = prefill(padded, p + ahead, cache_l, return_hidden=True)
-  cache_s = commit(cache_s, hidden, jnp.zeros_like(p), p + ahead)
+  padded = jnp.where(jnp.arange(int(p.max()))[None] < p[:, None], seqs[:, :int(p.max())], 0)
+  _, hidden, cache_l = fns["prefill"](padded, p, tandem.primary.init_cache(b, 64), return_hidden=True)
+  state = fns["init"](padded, p, hidden)
   out = []
-  for n in range(n_blocks):
-    s = p + n * gamma
-    for g in range(gamma):
-      tok = seqs[rows, s + g][:, None]
-      if ahead and g == 0:
-        logits, _, _ = step(tok, cache_s, write=False, start_b=s)
-      else:
-        np.testing.assert_array_equal(cache_s.lengths, s + g)
-        logits, _, cache_s = step(tok, cache_s)
-      out.append(logits[:, 0])
-    start = cache_l.lengths
-    block = jnp.take_along_axis(seqs, start[:, None] + jnp.arange(gamma)[None], axis=1)
-    _, hidden, cache_l = extend(block, cache_l, return_hidden=True)
-    cache_s = commit(cache_s, hidden, start, jnp.full((b,), gamma, jnp.int32))
-  return jnp.stack(out, 1)  # [B, n_blocks * gamma, V]
+  for _ in range(n_blocks):
+    n = cache_l.lengths  # the pending token's position: the primary has processed every position before it
+    logits, state = fns["begin"](state, seqs[rows, n - 1], seqs[rows, n], n)
+    out.append(logits)
+    for g in range(1, gamma):
+      logits, state = fns["step"](state, seqs[rows, n + g])
+      out.append(logits)
+    block = jnp.take_along_axis(seqs, n[:, None] + jnp.arange(gamma + 1)[None], axis=1)
+    _, hidden, cache_l = fns["extend"](block, cache_l, return_hidden=True)
+    state = fns["end"](state, hidden, n, jnp.full((b,), gamma, jnp.int32))
+  return jnp.stack(out, 1)
+
+
+def forward_at_drafts(forward, seqs, prompt_lens, gamma, n_blocks, offset_b):
+  """The parallel forward's secondary logits at the queries :func:`step_by_step` runs (γ per block of γ + 1, from
+  each block's pending token), with the forward's blocks of γ + 1 starting at ``offset_b``."""
+  p = jnp.asarray(prompt_lens, jnp.int32)
+  want, _ = forward(seqs, block_len=gamma + 1, block_offset_b=jnp.asarray(offset_b, jnp.int32))
+  pos = (jnp.arange(n_blocks)[:, None] * (gamma + 1) + jnp.arange(gamma)[None]).reshape(-1)
+  return jnp.take_along_axis(want, (p[:, None] + pos[None])[..., None], axis=1)
 
 
 @pytest.mark.parametrize("boundary,gamma,scan", [("fig1", 1, False), ("fig1", 2, False), ("fig1", 5, False),
                                                   ("fig1", 3, True), ("eq2", 1, False), ("eq2", 3, False),
                                                   ("eq2", 2, True)])
 def test_parallel_forward_equals_step_by_step(gamma, scan, boundary):
+  """Decoding computes the training forward of its boundary: blocks aligned by ``decode_block_offset``."""
   rng = np.random.default_rng(gamma * 10 + (boundary == "eq2"))
   tandem = _tandem(seed=gamma, scan_layers=scan, boundary=boundary)
-  forward = jitted(tandem, "forward", block_len=gamma)
+  forward = jitted(tandem, "forward", block_len=gamma + 1)
   fns = inference_fns(tandem)  # the cases share the compiled programs
   b, t, n_blocks = 4, 48, 3
   for case in range(3):
     seqs = jnp.asarray(rng.integers(0, 64, (b, t)), jnp.int32)
     prompt_lens = rng.integers(1, 12, b)  # ragged: each row's blocks start after its own prompt
-    got = step_by_step(tandem, seqs, prompt_lens, gamma, n_blocks, boundary, fns)
-    want, _ = forward(seqs, block_len=gamma, block_offset_b=jnp.asarray(prompt_lens, jnp.int32))
-    idx = jnp.asarray(prompt_lens)[:, None] + jnp.arange(n_blocks * gamma)[None]
-    want = jnp.take_along_axis(want, idx[..., None], axis=1)
+    got = step_by_step(tandem, seqs, prompt_lens, gamma, n_blocks, fns)
+    offset = decode_block_offset(jnp.asarray(prompt_lens), boundary)
+    want = forward_at_drafts(forward, seqs, prompt_lens, gamma, n_blocks, offset)
     np.testing.assert_allclose(got, want, atol=ATOL, err_msg=f"gamma={gamma} {boundary} case {case}")
+  if boundary == "eq2":  # the alignment matters: eq2 blocks starting at the pending token are another function
+    fig1_aligned = forward_at_drafts(forward, seqs, prompt_lens, gamma, n_blocks, prompt_lens)
+    assert float(jnp.max(jnp.abs(got - fig1_aligned))) > 1e-2
 
 
 @pytest.mark.parametrize("layer_map,scan", [("last", False), ((0, 3), False), ((3, 1), True)])
@@ -87,10 +102,9 @@ def test_layer_maps_step_by_step(layer_map, scan):
     assert jax.tree.leaves(nnx.state(tandem.projections))[0].shape[0] == 2  # stacked like the secondary layers
   seqs = jnp.asarray(rng.integers(0, 64, (3, 32)), jnp.int32)
   prompt_lens = np.array([2, 5, 9])
-  got = step_by_step(tandem, seqs, prompt_lens, 2, 3, "fig1")
-  want, _ = jitted(tandem, "forward", block_len=2)(seqs, block_len=2, block_offset_b=jnp.asarray(prompt_lens))
-  idx = jnp.asarray(prompt_lens)[:, None] + jnp.arange(6)[None]
-  np.testing.assert_allclose(got, jnp.take_along_axis(want, idx[..., None], axis=1), atol=ATOL)
+  got = step_by_step(tandem, seqs, prompt_lens, 2, 3)
+  forward = jitted(tandem, "forward", block_len=3)
+  np.testing.assert_allclose(got, forward_at_drafts(forward, seqs, prompt_lens, 2, 3, prompt_lens), atol=ATOL)
 
 
 def test_default_layer_map_is_depth_proportional():

@@ -87,24 +87,43 @@ def test_ragged_prefill_then_single_steps():
 
 
 def test_rollback_then_reextend_equals_never_rolled_back():
+  """Ragged prefill, rejected drafts, ragged rollback, then a block reaching past every slot written so far.
+
+  The cache starts poisoned (every slot 1e3): the mask "slot <= query position" is right only because every slot
+  a query can see was written first, and reading any unwritten (poisoned) slot would wreck the logits."""
   rng = np.random.default_rng(11)
   model = _model(seed=5, num_kv_heads=1)
   forward, extend = jitted(model, "forward"), jitted(model, "extend")
-  b, filled, k, cont_len = 4, 10, 6, 5
+  b, filled, k, cont_len = 4, 10, 6, 16
+  poison = lambda c: c.replace(k=jax.tree.map(lambda x: jnp.full_like(x, 1e3), c.k),  # noqa: E731
+                               v=jax.tree.map(lambda x: jnp.full_like(x, 1e3), c.v))
   for case in range(6):
-    seqs = jnp.asarray(rng.integers(0, 64, (b, 24)), jnp.int32)
-    cache = model.init_cache(b, 32)
-    _, _, cache = extend(seqs[:, :filled], cache)
+    seqs = jnp.asarray(rng.integers(0, 64, (b, 28)), jnp.int32)
+    prompt_lens = jnp.asarray(rng.integers(1, filled + 1, b), jnp.int32)
+    _, _, cache = extend(seqs[:, :filled], poison(model.init_cache(b, 32)))
+    cache = cache.with_lengths(prompt_lens)  # a ragged prefill (what Transformer.prefill does)
     junk = jnp.asarray(rng.integers(0, 64, (b, k)), jnp.int32)  # rejected drafts
     _, _, cache = extend(junk, cache)
-    keep = jnp.asarray(rng.integers(1, filled + 1, b), jnp.int32)
+    keep = jnp.asarray(rng.integers(1, np.asarray(prompt_lens) + 1), jnp.int32)
     cache = cache.rollback(keep)
     np.testing.assert_array_equal(cache.lengths, keep)
+    written = np.maximum(filled, np.asarray(prompt_lens) + k)
+    assert np.all(np.asarray(keep) + cont_len > written)  # every row's block reaches slots never written
     cont = jnp.take_along_axis(seqs, keep[:, None] + jnp.arange(cont_len)[None], axis=1)
     logits, _, cache = extend(cont, cache)
     full, _ = forward(seqs)
     want = jnp.take_along_axis(full, (keep[:, None] + jnp.arange(cont_len)[None])[..., None], axis=1)
     np.testing.assert_allclose(logits, want, atol=ATOL, err_msg=f"case {case}")
+
+
+def test_writing_past_the_capacity_raises():
+  with nnx.use_eager_sharding(False):  # abstract: the check runs before any weight is read
+    model = nnx.eval_shape(lambda: Transformer(tiny_config(), nnx.Rngs(0)))
+  cache = model.init_cache(1, 16).with_lengths(jnp.array([12]))  # as after extending 12 tokens
+  with pytest.raises(ValueError, match="needs 20 slots but the KV cache holds 16"):
+    model.extend(jnp.zeros((1, 8), jnp.int32), cache)  # eager: the lengths are known
+  with pytest.raises(ValueError, match="cannot write 20 positions into a KV cache of capacity 16"):
+    jax.jit(lambda t, c: model.extend(t, c))(jnp.zeros((1, 20), jnp.int32), cache)  # traced: the shapes decide
 
 
 def test_read_only_extend_leaves_cache_untouched():

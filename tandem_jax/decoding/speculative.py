@@ -32,7 +32,8 @@ class Drafter(NamedTuple):
   step: Callable   # (state, token_b) -> (logits_bv, state)
   end: Callable    # (state, block_hidden, n_b, accepted_b) -> state: after the primary's block call
   needs_hidden: bool
-  embed: Any       # [V, D] embedding table the router reads
+  embed: Any       # [N, D] embedding rows of the drafter's logit indices (what the router reads)
+  ids: Any = None  # [N] token id of each logit index (a draft vocabulary), None: logits cover the vocabulary
 
 
 def standalone_drafter(drafter, capacity: int) -> Drafter:
@@ -52,11 +53,15 @@ def standalone_drafter(drafter, capacity: int) -> Drafter:
     logits, _, cache = drafter.extend(token[:, None], cache)
     return logits[:, 0], cache
 
-  return Drafter(init, begin, step, lambda cache, *_: cache, False, drafter.embed.embedding[...])
+  return Drafter(init, begin, step, lambda cache, *_: cache, False, drafter.output_embedding(), drafter.output_ids())
 
 
 def tandem_drafter(tandem, capacity: int) -> Drafter:
-  """The Tandem secondary: projected primary states for verified positions, its own for the current block."""
+  """The Tandem secondary: projected primary states for verified positions, its own for the current block.
+
+  Its own span starts at the pending token, the first position the primary has not processed, under either
+  ``TandemConfig.boundary``: the boundary only decides how decoding blocks align with training blocks
+  (``models.tandem.decode_block_offset``; eq2's block starts one earlier, at the last verified token)."""
 
   def init(prompt, plen, primary_hidden):
     cache = tandem.init_secondary_cache(prompt.shape[0], capacity)
@@ -74,7 +79,7 @@ def tandem_drafter(tandem, capacity: int) -> Drafter:
   def end(cache, hidden, n, accepted):
     return tandem.commit(cache, hidden, n, accepted + 1)
 
-  return Drafter(init, begin, step, end, True, tandem.secondary.embed.embedding[...])
+  return Drafter(init, begin, step, end, True, tandem.secondary.output_embedding(), tandem.secondary.output_ids())
 
 
 class Stats(NamedTuple):
@@ -105,7 +110,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
   """
-  b, k = prompt_bt.shape[0], max_block_len
+  b, k, vocab = prompt_bt.shape[0], max_block_len, primary.cfg.vocab_size
   cache_l = primary.init_cache(b, capacity)
   logits, hidden, cache_l = primary.prefill(prompt_bt, prompt_len_b, cache_l, return_hidden=drafter.needs_hidden)
   dstate = drafter.init(prompt_bt, prompt_len_b, hidden)
@@ -129,6 +134,10 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       with jax.named_scope("draft_sample"):
         key, sub = sampling.split(key, params)
         d, qg = sampling.sample_logits(sub, logits, params)
+        if drafter.ids is not None:  # draft vocabulary -> token ids; q is 0 off the draft vocabulary
+          d = drafter.ids[d]
+          if qg is not None:
+            qg = jnp.zeros((b, vocab), jnp.float32).at[:, drafter.ids].set(qg)
       drafts = drafts.at[:, g].set(d)
       if q is not None:  # greedy acceptance needs only the drafts
         q = q.at[:, g].set(qg)
@@ -140,7 +149,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
 
     with jax.named_scope("draft"):
       logits, dstate = drafter.begin(dstate, prev, pending, n)
-    q = None if params.greedy else jnp.zeros((b, k, logits.shape[-1]), jnp.float32)
+    q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
     d, key, keep, n_draft, drafts, q = record(0, logits, key, jnp.ones((b,), bool), zeros,
                                               jnp.zeros((b, k), jnp.int32), q)
 

@@ -45,6 +45,13 @@ class TransformerConfig:
   # Recompute each layer in the backward pass instead of storing its activations (jax.checkpoint of the layer;
   # only layer inputs are kept). Changes training memory and FLOPs, not numerics.
   remat: bool = False
+  # A drafter's reduced output vocabulary (EAGLE-3, FR-Spec): > 0 makes the output layer an untied [d_model, N]
+  # matrix over N token ids (``Transformer.draft_ids`` maps output index -> token id); inputs still take every id
+  # of ``vocab_size``. 0: the output layer covers the whole vocabulary.
+  draft_vocab_size: int = 0
+  # The token embedding and output layer are constants (``Frozen`` variables: no gradient and no optimizer state
+  # in any stage): a drafter reusing its primary's (EAGLE), copied in by ``tandem_jax.recipe``.
+  freeze_embeddings: bool = False
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
@@ -61,6 +68,12 @@ class TransformerConfig:
       raise ValueError("TransformerConfig.rope_theta and norm_eps must be positive")
     dtype_of(self.param_dtype)
     dtype_of(self.dtype)
+    if not isinstance(self.draft_vocab_size, int) or not 0 <= self.draft_vocab_size <= self.vocab_size:
+      raise ValueError(f"TransformerConfig.draft_vocab_size must be an integer in [0, vocab_size={self.vocab_size}] "
+                       f"(0: the full vocabulary), got {self.draft_vocab_size!r}")
+    if self.draft_vocab_size and self.tie_embeddings:
+      raise ValueError("TransformerConfig.draft_vocab_size > 0 needs tie_embeddings=False (the draft vocabulary's "
+                       "output layer is its own [d_model, draft_vocab_size] matrix)")
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
@@ -74,13 +87,18 @@ class TransformerConfig:
     return dataclasses.asdict(self)
 
   @property
+  def output_size(self) -> int:
+    """Size of the logits' last axis: the draft vocabulary if there is one, else the vocabulary."""
+    return self.draft_vocab_size or self.vocab_size
+
+  @property
   def num_params(self) -> int:
     d, h = self.d_model, self.head_dim
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
     per_layer = attn + 3 * d * self.d_ff + 2 * d
-    embed = self.vocab_size * d * (1 if self.tie_embeddings else 2)
+    embed = self.vocab_size * d + (0 if self.tie_embeddings else (self.draft_vocab_size or self.vocab_size) * d)
     return self.num_layers * per_layer + embed + d
 
 
@@ -95,9 +113,11 @@ class TandemConfig:
   layer_map: "proportional" (secondary layer j reads the primary's hidden state x^(round(j*L_L/L_S)), the input of
     the proportionally deep primary layer), "last" (every secondary layer reads the primary's last hidden state), or
     an explicit tuple of primary hidden-state indices in [0, L_L], one per secondary layer.
-  boundary: which tokens of a block the secondary represents itself. "fig1" (default; the paper's Fig. 1 and what
-    SPEED needs): a query in block [s, s+γ) sees projected primary states for positions < s and its own for
-    s..i. "eq2" (literal Eq. 2): the block start s is also taken from the primary (own span s+1..i).
+  boundary: which tokens of a block the secondary represents itself (models/tandem.py ``own_start``). "fig1"
+    (default; the paper's Fig. 1): a query in block [s, s+γ) sees projected primary states for positions < s and
+    its own for s..i. "eq2" (literal Eq. 2): the block start s is also taken from the primary (own span s+1..i).
+    One drafter decodes both; they differ in how decoding blocks align with training blocks
+    (``decode_block_offset``): decoding with γ drafts runs own spans 1..γ, which eq2 training meets with γ + 1.
   """
 
   layer_map: Any = "proportional"

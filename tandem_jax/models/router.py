@@ -22,7 +22,7 @@ from flax import nnx
 
 
 def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array:
-  """[B, 1 + k + k*D]: entropy, top-k probabilities, embeddings of the top-k tokens (scaled by their probability)."""
+  """[B, 1 + k + k*D]: entropy, top-k probabilities, the (unscaled) embeddings of the top-k tokens."""
   logp = jax.nn.log_softmax(logits_bv.astype(jnp.float32), axis=-1)
   p = jnp.exp(logp)
   entropy = -jnp.sum(p * logp, axis=-1, keepdims=True)

@@ -26,19 +26,43 @@ from tandem_jax.models.layers import attend
 from tandem_jax.models.transformer import Transformer, run_stacked, stacked
 
 
+def own_start(block_start, boundary: str):
+  """The block boundary (Eq. 2 vs Fig. 1, PAPER_NOTES §1.2), decided here and nowhere else.
+
+  In a block starting at position s the secondary represents positions own_start(s).. itself and reads earlier ones
+  as projected primary states: own_start = s ("fig1") or s + 1 ("eq2": the block's first token is read from the
+  primary too). :func:`block_mask` (training) and :func:`decode_block_offset` (decoding) are both this rule.
+  """
+  return block_start + (1 if boundary == "eq2" else 0)
+
+
+def decode_block_offset(first_own_b, boundary: str):
+  """Where the training forward's blocks start for it to compute what decoding computes from ``first_own_b``.
+
+  Decoding (``speculative.tandem_drafter``) represents exactly the positions the primary has not processed yet: a
+  block's first own position is the pending token n, whatever the boundary. With γ drafts a decoding block covers
+  γ + 1 positions, and the one query the drafter does not run is the one whose next token the primary supplies:
+  under "fig1" the block is [n, n+γ+1) and that query is its last; under "eq2" the block is [n-1, n+γ), starting at
+  the last token the primary processed, and that query is its first (it would predict the pending token). So one
+  drafter decodes both boundaries, and the forward with ``block_len`` γ + 1 and ``block_offset_b`` =
+  decode_block_offset(prompt lengths) gives its logits. With the same γ, "eq2" decoding thus uses own spans of
+  1..γ tokens where "eq2" training with block length γ used 0..γ-1: train eq2 with γ + 1 to decode with γ drafts.
+  """
+  return first_own_b - own_start(0, boundary)
+
+
 def block_mask(t: int, block_len: int, offset_b: jax.Array, boundary: str = "fig1") -> jax.Array:
   """[B, T, 2T] bool mask over [projected slots ; own slots] for queries 0..T-1.
 
-  Blocks are [offset + nγ, offset + (n+1)γ). A query i in the block starting at s sees projected primary states of
-  positions < n_proj(i) and its own states of positions n_proj(i)..i, where n_proj = s ("fig1") or s + 1 ("eq2").
-  offset_b [B] lets each row start its first block after its own prompt (positions before it are primary-only).
+  Blocks of block_len tile every row, aligned so that one starts at offset_b[b] (positions before it are split into
+  blocks too, counting back from the offset). A query i in the block starting at s sees projected primary states of
+  positions < own_start(s) and its own states of positions own_start(s)..i (:func:`own_start`).
   """
   i = jnp.arange(t, dtype=jnp.int32)[None, :, None]
   s = jnp.arange(t, dtype=jnp.int32)[None, None, :]
   off = offset_b.astype(jnp.int32)[:, None, None]
   start = off + jnp.floor_divide(i - off, block_len) * block_len
-  n_proj = start + (1 if boundary == "eq2" else 0)
-  n_proj = jnp.minimum(n_proj, i + 1)
+  n_proj = jnp.minimum(own_start(start, boundary), i + 1)
   proj = s < n_proj
   own = (s >= n_proj) & (s <= i)
   return jnp.concatenate([proj, own], axis=-1)
@@ -70,26 +94,34 @@ class TandemLM(nnx.Module):
     else:
       self.projections = nnx.List([projection(rngs) for _ in range(secondary_cfg.num_layers)])
 
-  def project_kv(self, primary_hidden_lbtd, positions_bt):
+  def select_hidden(self, primary_hidden_lbtd):
+    """[L_S, B, T, D_L]: the primary hidden state x^(ℓ(j)) each secondary layer j reads (of all L_L + 1)."""
+    return jnp.stack([primary_hidden_lbtd[m] for m in self.layer_map])
+
+  def project_kv(self, primary_hidden_lbtd, positions_bt, *, selected: bool = False):
     """Per secondary layer j: keys/values of ŷ^(j) = FF^(j)(x^(ℓ(j))) under layer j's own norm and W_K, W_V.
 
+    ``primary_hidden_lbtd``: all L_L + 1 hidden states, or with ``selected`` only the L_S that the layer map reads
+    (:meth:`select_hidden`; what a cache of primary features keeps).
     Returns (keys, values) in the secondary cache's layout: [L_S, B, T, K, H] arrays (scan_layers) or tuples.
     """
     def layer_fn(pair, carry, h):
       proj, layer = pair
       return carry, layer.kv(proj(h), positions_bt)
 
+    hs = primary_hidden_lbtd if selected else self.select_hidden(primary_hidden_lbtd)
     if self.secondary.cfg.scan_layers:
-      modules, xs = (self.projections, self.secondary.layers), primary_hidden_lbtd[jnp.asarray(self.layer_map)]
+      modules, xs = (self.projections, self.secondary.layers), hs
     else:
       modules = list(zip(self.projections, self.secondary.layers))
-      xs = [primary_hidden_lbtd[m] for m in self.layer_map]
+      xs = [hs[j] for j in range(len(self.layer_map))]
     _, (keys, values) = run_stacked(modules, layer_fn, None, xs, self.secondary.cfg.scan_layers)
     return keys, values
 
   # -- parallel training forward -----------------------------------------------------------------------------------
   def forward(self, tokens_bt, block_len: int, *, block_offset_b=None, primary_out=None):
-    """Teacher-forced pass. Returns (secondary logits [B, T, V], primary logits [B, T, V]); both fp32.
+    """Teacher-forced pass. Returns (secondary logits [B, T, N], primary logits [B, T, V]); both fp32 (N = V
+    unless the secondary has a draft vocabulary).
 
     The primary runs under stop_gradient (frozen). ``primary_out`` = (logits, hidden) skips recomputing it.
     """
@@ -99,10 +131,17 @@ class TandemLM(nnx.Module):
     if primary_out is None:
       primary_out = self.primary.forward(tokens_bt, return_hidden=True)
     logits_l, hidden_l = jax.lax.stop_gradient(primary_out)
+    return self.secondary_forward(tokens_bt, block_len, self.select_hidden(hidden_l),
+                                  block_offset_b=block_offset_b), logits_l
+
+  def secondary_forward(self, tokens_bt, block_len: int, selected_hidden_lbtd, *, block_offset_b=None):
+    """The secondary's teacher-forced logits [B, T, N] from the primary states its layers read
+    (``selected_hidden_lbtd`` [L_S, B, T, D_L], :meth:`select_hidden`): :meth:`forward` without the primary."""
+    b, t = tokens_bt.shape
     offset = jnp.zeros((b,), jnp.int32) if block_offset_b is None else block_offset_b
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
     mask = block_mask(t, block_len, offset, self.tandem_cfg.boundary)
-    keys, values = self.project_kv(hidden_l, positions)
+    keys, values = self.project_kv(jax.lax.stop_gradient(selected_hidden_lbtd), positions, selected=True)
 
     def layer_fn(layer, x, kv):
       kp, vp = kv
@@ -113,7 +152,7 @@ class TandemLM(nnx.Module):
 
     x, _ = self.secondary.run_layers(layer_fn, self.secondary.embed_tokens(tokens_bt),
                                      self.secondary.per_layer(keys, values))
-    return self.secondary.logits(x), logits_l
+    return self.secondary.logits(x)
 
   # -- step-by-step inference --------------------------------------------------------------------------------------
   def init_secondary_cache(self, batch_size: int, capacity: int) -> kvcache.KVCache:
@@ -128,6 +167,7 @@ class TandemLM(nnx.Module):
     """
     k = primary_hidden_lbtd.shape[2]
     start = start_b.astype(jnp.int32)
+    kvcache.check_fits(start, k, secondary_cache.capacity)
     positions = start[:, None] + jnp.arange(k, dtype=jnp.int32)[None, :]
     keys, values = self.project_kv(primary_hidden_lbtd, positions)
     return secondary_cache.replace(k=kvcache.write_layers(secondary_cache.k, keys, start),

@@ -25,6 +25,14 @@ from tandem_jax.models.layers import Block, RMSNorm, attend
 from tandem_jax.sharding import constrain
 
 
+class Frozen(nnx.Variable):
+  """A constant weight: not an ``nnx.Param``, so no stage differentiates it or gives it optimizer state."""
+
+
+class DraftVocab(nnx.Variable):
+  """Token ids of a reduced output vocabulary: output index i is token ``draft_ids[i]``."""
+
+
 def causal_mask(t: int) -> jax.Array:
   return jnp.tril(jnp.ones((t, t), bool))[None]
 
@@ -86,9 +94,16 @@ class Transformer(nnx.Module):
       self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
     self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
     if not cfg.tie_embeddings:
-      self.lm_head = nnx.Linear(cfg.d_model, cfg.vocab_size, use_bias=False, dtype=dtype_of(cfg.dtype),
+      self.lm_head = nnx.Linear(cfg.d_model, cfg.output_size, use_bias=False, dtype=dtype_of(cfg.dtype),
                                 param_dtype=pd, rngs=rngs,
                                 kernel_init=nnx.with_partitioning(nnx.initializers.normal(0.02), ("embed", "vocab")))
+    if cfg.draft_vocab_size:
+      self.draft_ids = DraftVocab(jnp.arange(cfg.draft_vocab_size, dtype=jnp.int32), out_sharding=(None,))
+    if cfg.freeze_embeddings:
+      for holder, name in ((self.embed, "embedding"), (getattr(self, "lm_head", None), "kernel")):
+        if holder is not None:
+          v = getattr(holder, name)
+          setattr(holder, name, Frozen(v[...], **v.get_metadata()))
 
   # -- pieces shared with Tandem and LLM-to-SLM --------------------------------------------------------------------
   def embed_tokens(self, tokens_bt, extra_embed_btd=None):
@@ -100,8 +115,17 @@ class Transformer(nnx.Module):
   def normed(self, x_btd):
     return self.final_norm(x_btd)
 
+  def output_ids(self):
+    """[N] token id of each logit index (the draft vocabulary), or None when the logits cover the vocabulary."""
+    return self.draft_ids[...] if self.cfg.draft_vocab_size else None
+
+  def output_embedding(self):
+    """[N, D] embedding rows of the logits' tokens (what the router reads for its top-k features)."""
+    table = self.embed.embedding[...]
+    return table if not self.cfg.draft_vocab_size else jnp.take(table, self.draft_ids[...], axis=0)
+
   def logits(self, x_btd):
-    """fp32 logits of final hidden states (final norm applied here)."""
+    """fp32 logits of final hidden states (final norm applied here); over the draft vocabulary if there is one."""
     h = self.final_norm(x_btd)
     if self.cfg.tie_embeddings:
       out = jnp.einsum("btd,vd->btv", h, self.embed.embedding[...].astype(h.dtype),
@@ -152,12 +176,15 @@ class Transformer(nnx.Module):
 
     With ``write`` (the default) their keys/values are stored and each row's length becomes start + k (shrink rows
     that had fewer real tokens with :meth:`KVCache.rollback`/``with_lengths``). With ``write=False`` the cache is
-    only read: a query at position p attends to the slots 0..p already in it (Tandem's "eq2" boundary uses this).
+    only read: a query at position p attends to the slots 0..p already in it. Writing past the cache's capacity
+    raises ValueError where it can be known (:func:`~tandem_jax.cache.check_fits`).
     Returns (logits [B, T, V], hidden [L+1, B, T, D] or None, new cache); with ``last_logits`` the logits are
     only the last position's, [B, 1, V] (the output layer is the largest matmul of a small model's step).
     """
     b, t = tokens_bt.shape
     start = cache.lengths if start_b is None else start_b.astype(jnp.int32)
+    if write:
+      kvcache.check_fits(start, t, cache.capacity)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
     mask = kvcache.attention_mask(positions, cache.capacity)
     x0 = self.embed_tokens(tokens_bt, extra_embed_btd)

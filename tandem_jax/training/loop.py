@@ -14,13 +14,14 @@ import jax
 import ml_collections
 import numpy as np
 from flax import nnx
+from jax.experimental import multihost_utils
 
 from tandem_jax import data as data_lib
 from tandem_jax import sharding
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.interop.hf_tokenizer import save_tokenizer, tokenizer_path
 from tandem_jax.training import checkpoint, data as data_mod, evaluation, program as program_lib, stages
-from tandem_jax.training.validate import validate
+from tandem_jax.training.validate import check_coupling, validate
 from tandem_jax.training.writer import MetricWriter
 
 
@@ -66,6 +67,40 @@ def _finite(metrics: dict) -> tuple[bool, dict]:
   return all(math.isfinite(v) for v in vals.values()), vals
 
 
+class Preemption:
+  """Whether to stop (after saving) at a step because of SIGTERM; ``close()`` restores the previous handler.
+
+  One process: a SIGTERM handler sets a flag, read at the next step. Several processes must stop at the same step,
+  or the one that stops first leaves the others waiting in a collective (the next train step or the save) for
+  ever. There JAX's preemption sync manager, started by ``jax.distributed.initialize``, catches SIGTERM on any
+  host and agrees on one step for all (``multihost_utils.reached_preemption_sync_point``, asked at every step);
+  installing a Python handler would take SIGTERM away from it.
+  """
+
+  def __init__(self):
+    self.signalled, self._previous = False, None
+    self._sync = jax.process_count() > 1
+    if self._sync:
+      return
+    try:
+      self._previous = signal.signal(signal.SIGTERM, lambda *_: setattr(self, "signalled", True))
+    except ValueError:  # not the main thread: no preemption handling
+      pass
+
+  def __call__(self, step: int) -> bool:
+    if self._sync:
+      try:
+        self.signalled = multihost_utils.reached_preemption_sync_point(step)
+      except RuntimeError as e:  # jax_enable_preemption_service is off
+        logging.warning("no preemption handling across processes: %s", e)
+        self._sync = False
+    return self.signalled
+
+  def close(self):
+    if self._previous is not None:
+      signal.signal(signal.SIGTERM, self._previous)
+
+
 def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int | None = None,
           hooks: Sequence[Callable[[int, dict, dict], None]] = ()) -> dict:
   """Trains ``config.stage`` in ``workdir``, resuming from its latest checkpoint if there is one.
@@ -81,6 +116,10 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
   if is_main:
     os.makedirs(workdir, exist_ok=True)
   tr = config.train
+  saved = workdir_lib.read_json(workdir) if os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)) else {}
+  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) and config.stage in stages.TANDEM_STAGES + (
+      "router",):  # resuming a tandem: its checkpoint's weights fit only the coupling they were trained with
+    check_coupling(config, saved, workdir, "the workdir being resumed")
   mesh = sharding.mesh_from_config(config.mesh)
   mngr = checkpoint.manager(workdir, keep=tr.keep_checkpoints)
   latest = mngr.latest_step()
@@ -94,8 +133,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     r = checkpoint.restore(mngr, latest, prog.abstract_state, it)
     state = prog.state_from(r["params"], r["frozen"], step=latest, opt_state=r.get("opt_state"))
     start = latest
-    sources = workdir_lib.read_json(workdir).get("sources") if os.path.isfile(
-        os.path.join(workdir, workdir_lib.CONFIG_FILE)) else None
+    sources = saved.get("sources")
   else:
     bundle = sharding.create_sharded(lambda rngs: stages.build_bundle(config, rngs), mesh, prog.rules, tr.seed)
     sources = init_from_sources(config, bundle, mesh)
@@ -128,12 +166,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     checkpoint.save(mngr, step, state, it, force=True)
 
   writer = MetricWriter(workdir, tr.steps, start)
-  stop = {"signal": False}
-  previous_handler = None
-  try:
-    previous_handler = signal.signal(signal.SIGTERM, lambda *_: stop.update(signal=True))
-  except ValueError:  # not the main thread: no preemption handling
-    pass
+  preemption = Preemption()
   base_key = jax.random.key(tr.seed)
   pending, window, last_train, last_eval, stopped = None, [], {}, {}, False
   t_start = time.time()
@@ -155,14 +188,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
         window = []
         last_train.update(writer.progress(step, last_train))
         writer.write(step, "train", last_train)
-      preempt = stop["signal"] or (stop_at_step is not None and step >= stop_at_step)
+      preempt = preemption(step) or (stop_at_step is not None and step >= stop_at_step)
       if preempt or step % tr.checkpoint_every == 0 or step == tr.steps:
         save(step, metrics)
       if tr.eval_every and step % tr.eval_every == 0 and step != tr.steps:
         last_eval = run_eval(step)
       if preempt:
         logging.info("stopping at step %d (%s); checkpoint saved", step,
-                     "SIGTERM" if stop["signal"] else "stop_at_step")
+                     "SIGTERM" if preemption.signalled else "stop_at_step")
         stopped = True
         break
     else:
@@ -179,8 +212,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     mngr.wait_until_finished()
     mngr.close()
     writer.close()
-    if previous_handler is not None:
-      signal.signal(signal.SIGTERM, previous_handler)
+    preemption.close()
   final_step = int(jax.device_get(state["step"]))
   return {"step": final_step, "train": last_train, "eval": last_eval, "stopped_early": stopped,
           "seconds": time.time() - t_start, "state": state}

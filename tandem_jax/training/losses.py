@@ -29,14 +29,19 @@ def masked_mean(x_bt, mask_bt):
 
 def training_loss(logits_btv, targets_bt, mask_bt, teacher_btv=None, distil_lambda: float = 1.0,
                   temperature: float = 1.0):
-  """(scalar loss, metrics): CE on ground truth, or λ·CE(GT) + (1-λ)·CE(teacher, student) with a teacher."""
+  """(scalar loss, metrics): CE on ground truth, or λ·CE(GT) + (1-λ)·T²·CE_T(teacher, student) with a teacher.
+
+  CE_T compares the two distributions at temperature T; the T² factor (Hinton et al., 2015) keeps its gradients
+  on the scale of the CE term's whatever T (they shrink as 1/T² otherwise). ``metrics["distil_ce"]`` is CE_T.
+  Positions where ``mask`` is 0 (pads) count in neither term.
+  """
   ce = masked_mean(nll(logits_btv, targets_bt), mask_bt)
   metrics = {"ce": ce, "accuracy": masked_mean(accuracy(logits_btv, targets_bt), mask_bt)}
   if teacher_btv is None or distil_lambda == 1.0:
     return ce, metrics
   kd = masked_mean(soft_cross_entropy(logits_btv, teacher_btv, temperature), mask_bt)
   metrics["distil_ce"] = kd
-  return distil_lambda * ce + (1.0 - distil_lambda) * kd, metrics
+  return distil_lambda * ce + (1.0 - distil_lambda) * temperature ** 2 * kd, metrics
 
 
 def accuracy(logits_btv, targets_bt):

@@ -61,6 +61,33 @@ def _workdir_config(path: str) -> dict | None:
     return json.load(fh)
 
 
+def _coupling(tandem: dict, primary_layers: int, secondary_layers: int) -> dict:
+  """The settings that make a tandem's function besides its weights, with the layer map resolved to indices."""
+  t = TandemConfig(layer_map=stages.parse_layer_map(tandem["layer_map"]), boundary=tandem["boundary"],
+                   projection_bias=bool(tandem["projection_bias"]))
+  return dict(layer_map=t.resolve_layer_map(primary_layers, secondary_layers), boundary=t.boundary,
+              projection_bias=t.projection_bias)
+
+
+def check_coupling(config: ml_collections.ConfigDict, src: dict, where: str, field: str) -> None:
+  """Raises ConfigError when ``config.tandem`` couples the models otherwise than the tandem saved in ``src`` (a
+  workdir's config.json) did: continuing it would train or decode a function its weights were never trained on."""
+  if "tandem" not in src:
+    return
+  layers = lambda c: (int(c["primary"]["num_layers"]), int(c["secondary"]["num_layers"]))  # noqa: E731
+  try:
+    have = _coupling(src["tandem"], *layers(src))
+  except (KeyError, ValueError):
+    return  # not a tandem's config: the model checks report what is wrong
+  want = _coupling(config.tandem.to_dict(), *layers(config))
+  for name in want:
+    shown = lambda c: f" (primary hidden states {c[name]})" if name == "layer_map" else ""  # noqa: E731
+    _check(want[name] == have[name], f"tandem.{name}",
+           f"{config.tandem[name]!r}{shown(want)} differs from {src['tandem'][name]!r}{shown(have)} of the tandem in "
+           f"{where!r} ({field}); the coupling travels with the workdir: set --config.tandem.{name}="
+           f"{src['tandem'][name]}")
+
+
 def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, process_count: int = 1,
              check_workdirs: bool = True) -> None:
   """Raises ConfigError naming the field for anything that cannot train. Call before building anything.
@@ -152,3 +179,5 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
       diff = sorted(k for k in want if k in have and k != "max_seq_len" and have[k] != want[k])
       _check(not diff, f"{name}", f"differs from the {name} of {path!r} in {diff} "
                                   f"({[(have[k], want[k]) for k in diff]}); use the same preset")
+    if field == "tandem_workdir":
+      check_coupling(config, src, path, f"init.{field}")

@@ -1,0 +1,290 @@
+"""The real-model benchmark: Tandem + SPEED over pretrained SmolLM2-135M (``configs/benchmark.py:smollm2``).
+
+  python -m tandem_jax.benchmark --workdir=/tmp/tandem_quickstart --config=configs/benchmark.py:smollm2
+
+Phases, each timed into results.json:
+- train: the primary imported (``<workdir>/primary``), the recipe's Tandem secondary (``<workdir>/tandem``, the
+  quickstart's; reused when the quickstart ran in the same workdir), a standalone drafter of the same size trained by
+  the same recipe on the same cached data for the same steps (``<workdir>/standalone``: the equal-training
+  control, the paper's Gecko-Distil role), and the adaptive router on the tandem's data;
+- Table 1: both drafters' agreement with the primary, TV distance and CE on the same held-out sequences;
+- Table 3: per-call costs (ms) of the primary for k = 1..K+1 tokens and of the drafters' step, batch 1 and 8;
+- Table 2: speedup over ``ar`` of ``speed`` and ``tandem_speed`` at each γ, greedy and T = 1, batch 1 and 8, on
+  held-out prompts (:mod:`tandem_jax.data.heldout`: text no training step saw); outputs checked equal to ``ar``
+  under greedy decoding;
+- Table 4: the adaptive router against the best fixed γ (batch 1), and Leviathan's ideal speedup with the measured α,
+  drafter cost c and verify cost, against the realized one.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+import logging
+import os
+import time
+
+import numpy as np
+
+from tandem_jax.bench import timing
+from tandem_jax.decoding import SamplingParams, generate
+
+REPORT_FILE = "report_smollm2.md"
+RESULTS_FILE = "results_smollm2.json"
+
+
+def _say(msg: str) -> None:
+  print(msg, flush=True)
+  logging.info(msg)
+
+
+def train_all(bench, workdir: str) -> dict:
+  from tandem_jax import quickstart, recipe
+  out = {}
+  t0 = time.perf_counter()
+  if bench.tiny:
+    primary, documents = recipe.tiny_primary(os.path.join(workdir, "primary"))
+  else:
+    primary, documents = quickstart.import_smollm2(workdir, bench.gguf_dir), None
+  out["primary_seconds"] = time.perf_counter() - t0
+  rc = dataclasses.replace(recipe.PRESETS[bench.recipe_preset], **dict(bench.recipe))
+  tandem_dir = os.path.join(workdir, "tandem")
+  _say(f"[train] tandem: {rc}")
+  out["tandem"] = recipe.train(primary, tandem_dir, rc, documents=documents, progress=_say)
+  _say("[train] standalone drafter: same recipe, data and steps")
+  out["standalone"] = recipe.train(primary, os.path.join(workdir, "standalone"),
+                                   dataclasses.replace(rc, kind="standalone"), documents=documents,
+                                   data_dir=os.path.join(tandem_dir, recipe.DATA_DIR), progress=_say)
+  t0 = time.perf_counter()
+  r = bench.router
+  router = recipe.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
+                               hidden=int(r.hidden), progress=_say)
+  out["router"] = dict(validation=router["validation"], seconds=time.perf_counter() - t0)
+  out["router_model"] = router["router"]
+  out["paths"] = dict(primary=primary, tandem=tandem_dir, standalone=os.path.join(workdir, "standalone"))
+  return out
+
+
+def ideal_speedup(alpha: float, gamma: int, c: float, verify: float) -> float:
+  """Leviathan's expected speedup with the measured verify cost: E[tokens per block] / (γ c + verify), c and verify
+  in units of one primary step (verify = 1 is Thm 3.8's assumption)."""
+  if not np.isfinite(alpha):
+    return float("nan")
+  tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
+  return float(tokens / (gamma * c + verify))
+
+
+def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
+  d = bench.decode
+  k = max(int(g) for g in d.gammas)
+  table2, table4 = {}, {}
+  for temp in d.temperatures:
+    sampling = SamplingParams(temperature=float(temp))
+    common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
+    for b in d.batch_sizes:
+      name = f"{'greedy' if temp == 0 else f'T{temp:g}'}_b{b}"
+      ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
+      _say(f"[decode] table 2 {name}: {len(ps)} prompts, batch {b}, γ in {tuple(d.gammas)}")
+      cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=models["primary"]), **common)}
+      for g in d.gammas:
+        cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=models["primary"],
+                                                                                drafter=models["standalone"]),
+                                                 **common)
+        cells[f"tandem_speed@{g}"] = timing.decode_cell("tandem_speed", ps, b, g,
+                                                        models=dict(tandem=models["tandem"]), **common)
+      res = timing.interleaved(cells, int(d.repeats))
+      row = {"ar": timing.summarize(res["ar"]), "prompts": len(ps), "batch": b, "temperature": float(temp)}
+      for m in ("speed", "tandem_speed"):
+        row[m] = {int(g): timing.summarize(res[f"{m}@{g}"], res["ar"]["times"]) for g in d.gammas}
+      row["best_gamma"] = {m: max(d.gammas, key=lambda g, m=m: row[m][int(g)]["speedup"]) for m in
+                           ("speed", "tandem_speed")}
+      table2[name] = row
+      if b == 1:
+        g = int(row["best_gamma"]["tandem_speed"])
+        kmax = int(bench.gamma_max)
+
+        def adaptive(tau, prompts_, common=common, b=b):
+          return timing.decode_cell("tandem_speed", prompts_, b, kmax, models=dict(tandem=models["tandem"]),
+                                    router=models["router"], threshold=tau,
+                                    **dict(common, k=kmax))
+
+        taus = [float(t) for t in d.thresholds]
+        tune = timing.interleaved({t: adaptive(t, tune_prompts) for t in taus}, 1)
+        tau = min(taus, key=lambda t: float(np.median(tune[t]["times"])))
+        cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
+        res4 = timing.interleaved(cells4, int(d.repeats))
+        t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
+        t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
+                  tuning={str(t): float(np.median(tune[t]["times"])) for t in taus},
+                  speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
+                                                  np.median(res4["adaptive"]["times"])))
+        table4[name] = t4
+  return dict(table2=table2, table4=table4)
+
+
+def greedy_identical(models: dict, prompts, max_new: int, gamma: int) -> bool:
+  """Greedy outputs of speed and tandem_speed equal ar's for every prompt (one batch)."""
+  ar = generate("ar", prompts, primary=models["primary"], max_new_tokens=max_new).tokens
+  ts = generate("tandem_speed", prompts, tandem=models["tandem"], max_new_tokens=max_new, block_len=gamma).tokens
+  sp = generate("speed", prompts, primary=models["primary"], drafter=models["standalone"], max_new_tokens=max_new,
+                block_len=gamma).tokens
+  return ts == ar and sp == ar
+
+
+def leviathan_rows(table2: dict, costs: dict) -> dict:
+  out = {}
+  for name, row in table2.items():
+    cb = costs[row["batch"]]
+    t1 = cb["primary"][1]["median"]
+    out[name] = {}
+    for m, drafter in (("speed", "standalone"), ("tandem_speed", "tandem")):
+      g = int(row["best_gamma"][m])
+      cell = row[m][g]
+      c = cb[drafter][1]["median"] / t1
+      verify = cb["primary"][g + 1]["median"] / t1
+      ideal = ideal_speedup(cell["alpha"], g, c, verify)
+      out[name][m] = dict(gamma=g, alpha=cell["alpha"], c=c, verify_cost=verify, ideal=ideal,
+                          ideal_verify_1=timing.leviathan(cell["alpha"], g, c), realized=cell["speedup"],
+                          realized_over_ideal=cell["speedup"] / ideal if ideal else float("nan"))
+  return out
+
+
+def headline(r: dict) -> dict:
+  g1 = r["table2"]["greedy_b1"]
+  ts_row, sp_row = g1["tandem_speed"], g1["speed"]
+  gt = int(g1["best_gamma"]["tandem_speed"])
+  g4 = 4 if 4 in ts_row else gt
+  t1 = r["table1"]
+  return dict(
+      speedup_tandem_speed_vs_ar=ts_row[gt]["speedup"],
+      alpha_tandem_speed=ts_row[gt]["alpha"],
+      tokens_per_primary_call_gamma4=ts_row[g4]["tokens_per_primary_call"],
+      tandem_vs_standalone_tokens_per_call=ts_row[g4]["tokens_per_primary_call"] /
+      sp_row[g4]["tokens_per_primary_call"] - 1.0,
+      agreement_gain=t1["tandem"]["agreement"] - t1["standalone"]["agreement"],
+      realized_over_ideal=r["leviathan"]["greedy_b1"]["tandem_speed"]["realized_over_ideal"],
+      best_gamma=gt)
+
+
+TARGETS = (("speedup_tandem_speed_vs_ar", 1.5, "tandem_speed vs ar (greedy, batch 1, best γ) >= 1.5x"),
+           ("alpha_tandem_speed", 0.75, "α of tandem_speed (greedy, batch 1, best γ) >= 0.75"),
+           ("tokens_per_primary_call_gamma4", 3.0, "tokens per primary call at γ = 4 >= 3"),
+           ("tandem_vs_standalone_tokens_per_call", 0.10, "Tandem vs standalone drafter, tokens per primary call "
+            "at γ = 4, equal training: >= +10%"),
+           ("agreement_gain", 0.0, "Tandem's agreement with the primary above the standalone drafter's (> 0)"),
+           ("realized_over_ideal", 0.9, "realized / ideal (Leviathan with the measured verify cost) >= 0.9"))
+
+
+def _f(x, fmt="{:.3f}"):
+  return "-" if x is None or (isinstance(x, float) and not np.isfinite(x)) else fmt.format(x)
+
+
+def markdown(r: dict) -> str:
+  lines = [f"# Tandem + SPEED over pretrained SmolLM2-135M ({r['preset']})", "",
+           f"Command: `{r['command']}`  ", f"Machine: {r['machine']}  ",
+           "Phases (s): " + ", ".join(f"{k} {v:.0f}" for k, v in r["phases_seconds"].items()), "",
+           "## Targets (greedy, batch 1 unless said)", "", "| target | value | met |", "|---|---|---|"]
+  for k, t in r["targets"].items():
+    lines.append(f"| {t['what']} | {_f(t['value'])} | {'yes' if t['met'] else 'no'} |")
+  lines += ["", "## Table 1: drafters at equal training (same data, steps, size, draft vocabulary)", "",
+            "Held-out sequences of the self-distillation data (primary continuations never trained on); block "
+            "phase 0 at the training γ.", "",
+            "| drafter | agreement with primary (top-1) | TV(p, q) | CE of primary argmax | soft CE |",
+            "|---|---|---|---|---|"]
+  for n in ("tandem", "standalone"):
+    v = r["table1"][n]
+    lines.append(f"| {n} | {_f(v['agreement'])} | {_f(v['tv'])} | {_f(v['ce'])} | {_f(v['soft_ce'])} |")
+  lines += ["", "## Table 3: per-call costs (ms, median of repeats; cached calls at a fixed fill)", ""]
+  for b, cb in r["costs"].items():
+    ks = sorted(int(k) for k in cb["primary"])
+    lines.append(f"batch {b}: primary " + ", ".join(f"k={k} {cb['primary'][k]['median']:.2f}" for k in ks) +
+                 f"; tandem secondary step {cb['tandem'][1]['median']:.2f}; standalone step "
+                 f"{cb['standalone'][1]['median']:.2f}  ")
+  lines += ["", "## Table 2: speedup over ar (ratio of median wall times; tokens per primary call; α)", ""]
+  for name, row in r["table2"].items():
+    lines += [f"### {name} ({row['prompts']} held-out prompts; ar {row['ar']['tokens_per_second']:.1f} tokens/s)",
+              "", "| γ | speed | tandem_speed | speed tok/call | tandem tok/call | speed α | tandem α |",
+              "|---|---|---|---|---|---|---|"]
+    for g in sorted(row["speed"]):
+      s, t = row["speed"][g], row["tandem_speed"][g]
+      lines.append(f"| {g} | {_f(s['speedup'], '{:.2f}x')} | {_f(t['speedup'], '{:.2f}x')} | "
+                   f"{_f(s['tokens_per_primary_call'], '{:.2f}')} | {_f(t['tokens_per_primary_call'], '{:.2f}')} | "
+                   f"{_f(s.get('alpha'))} | {_f(t.get('alpha'))} |")
+    lines.append("")
+  lines += ["## Table 4: adaptive γ and Leviathan's ideal", ""]
+  for name, t4 in r["table4"].items():
+    lines.append(f"{name}: adaptive (router, K = {t4['gamma_max']}, τ = {t4['threshold']}) "
+                 f"{_f(t4['adaptive'].get('speedup'), '{:.2f}x')} over ar, fixed γ = {t4['fixed_gamma']} "
+                 f"{_f(t4['fixed'].get('speedup'), '{:.2f}x')}; adaptive / fixed "
+                 f"{_f(t4['speedup_adaptive_vs_fixed'], '{:.2f}')}  ")
+  lines += ["", "| setting | method | γ | α | c | verify cost (steps) | ideal | ideal (verify = 1) | realized | "
+            "realized / ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
+  for name, rows in r["leviathan"].items():
+    for m, v in rows.items():
+      lines.append(f"| {name} | {m} | {v['gamma']} | {_f(v['alpha'])} | {_f(v['c'])} | {_f(v['verify_cost'], '{:.2f}')} "
+                   f"| {_f(v['ideal'], '{:.2f}')} | {_f(v['ideal_verify_1'], '{:.2f}')} | {_f(v['realized'], '{:.2f}')} "
+                   f"| {_f(v['realized_over_ideal'], '{:.2f}')} |")
+  lines += ["", "## Training", "", "```", json.dumps(r["training"], indent=1), "```", ""]
+  return "\n".join(lines)
+
+
+def run(bench, workdir: str, command: str = "") -> dict:
+  from tandem_jax.bench.run import machine
+  from tandem_jax.data.heldout import HELDOUT_TUNING, PROMPTS
+  from tandem_jax.workdir import load_workdir
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  os.makedirs(workdir, exist_ok=True)
+  phases, t_all = {}, time.perf_counter()
+  t0 = time.perf_counter()
+  trained = train_all(bench, workdir)
+  phases["train"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  run_t, run_s = load_workdir(trained["paths"]["tandem"]), load_workdir(trained["paths"]["standalone"])
+  models = dict(tandem=run_t.model, primary=run_t.model.primary, standalone=run_s.model,
+                router=trained.pop("router_model"))
+  tok = run_t.tokenizer
+  d = bench.decode
+  cut = int(d.prompt_tokens) or None
+  prompts = [tok.encode(p, add_bos=True)[:cut] for p in PROMPTS[:int(d.num_prompts)]]
+  tune_prompts = [tok.encode(p, add_bos=True)[:cut] for p in HELDOUT_TUNING[:int(d.tune_prompts)]]
+  table1 = {"tandem": trained["tandem"]["validation"], "standalone": trained["standalone"]["validation"]}
+  identical = greedy_identical(models, prompts[:8], int(d.max_new_tokens), 4)
+  if not identical:
+    raise AssertionError("speculative decoding differs from ar under greedy decoding: not lossless")
+  phases["quality"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  k = max(int(g) for g in d.gammas)
+  cap = -(-(32 + -(-int(d.max_new_tokens) // 16) * 16 + max(k, int(bench.gamma_max)) + 2) // 16) * 16
+  costs = {}
+  for b in d.batch_sizes:
+    kw = dict(capacity=cap, fill=32 + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
+              repeats=int(bench.cost.repeats))
+    costs[int(b)] = {"primary": {kk: timing.call_ms(models["primary"], b, kk, **kw) for kk in range(1, k + 2)},
+                     "tandem": {1: timing.call_ms(models["tandem"].secondary, b, 1, **kw)},
+                     "standalone": {1: timing.call_ms(models["standalone"], b, 1, **kw)}}
+  phases["costs"] = time.perf_counter() - t0
+
+  t0 = time.perf_counter()
+  before = machine()
+  tables = decode_tables(bench, models, prompts, tune_prompts)
+  phases["decode"] = time.perf_counter() - t0
+  phases["total"] = time.perf_counter() - t_all
+  training = {n: v for n, v in trained.items() if n != "paths"}
+  r = dict(preset=bench.preset, command=command, workdir=workdir, config=bench.to_dict(), table1=table1,
+           costs=costs, greedy_outputs_identical=identical, phases_seconds=phases, training=training,
+           machine=f"{before.get('cpu_count')} CPU cores, load {before.get('loadavg')}, jax {before.get('jax')}",
+           **tables)
+  r["leviathan"] = leviathan_rows(r["table2"], costs)
+  r.update(headline(r))
+  r["targets"] = {key: dict(target=t, value=r[key], met=bool(r[key] >= t if key != "agreement_gain" else r[key] > t),
+                            what=w) for key, t, w in TARGETS}
+  from tandem_jax.bench.report import jsonable
+  r["report"] = markdown(r)
+  r = jsonable(r)
+  with open(os.path.join(workdir, RESULTS_FILE), "w") as fh:
+    json.dump(r, fh, indent=1)
+  with open(os.path.join(workdir, REPORT_FILE), "w") as fh:
+    fh.write(r["report"])
+  return r
