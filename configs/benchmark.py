@@ -79,7 +79,7 @@ def _real(c, preset):
   c.recipe_preset = "tiny" if tiny else "cpu"
   c.recipe = {}  # RecipeConfig overrides of the preset ({} = the quickstart's recipe)
   c.gguf_dir = "~/.cache/tandem_jax/smollm2"
-  c.gamma_max = 3 if tiny else 8  # K of the adaptive router
+  c.gamma_max = 3 if tiny else 6  # K of the adaptive router
   c.router = dict(steps=4 if tiny else 300, top_k=4, hidden=64)
   if tiny:
     c.decode = dict(num_prompts=2, max_new_tokens=8, batch_sizes=(1, 2), temperatures=(0.0, 1.0), gammas=(2, 3),
@@ -87,7 +87,7 @@ def _real(c, preset):
     c.cost = dict(calls=2, repeats=1)
   else:
     c.decode = dict(num_prompts=24, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
-                    gammas=(2, 3, 4, 6), repeats=2, batch1_prompts=6, seed=0, tune_prompts=3,
+                    gammas=(1, 2, 3, 4), repeats=2, batch1_prompts=6, seed=0, tune_prompts=3,
                     thresholds=(0.5, 0.7, 0.8), prompt_tokens=0)  # 0: whole prompts
     c.cost = dict(calls=16, repeats=3)
   c.lock()

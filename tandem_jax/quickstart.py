@@ -37,7 +37,7 @@ _GGUF_DIR = flags.DEFINE_string("gguf_dir", "~/.cache/tandem_jax/smollm2", "wher
 _STEPS = flags.DEFINE_integer("steps", None, "training steps (default: the preset's)", allow_override=True)
 _PROMPTS = flags.DEFINE_integer("num_prompts", 12, "held-out prompts to decode (one at a time)", allow_override=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt", allow_override=True)
-_BLOCK = flags.DEFINE_integer("block_len", 4, "γ for Tandem + SPEED", allow_override=True)
+_BLOCK = flags.DEFINE_integer("block_len", 2, "γ for Tandem + SPEED", allow_override=True)
 _REPEATS = flags.DEFINE_integer("repeats", 2, "interleaved timing repeats", allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print the summary as JSON", allow_override=True)
 
@@ -160,7 +160,8 @@ def main(argv):
     tandem_dir, train_summary = pretrained_tandem(root, _PRESET.value, _STEPS.value)
   loaded = load_workdir(tandem_dir)
   tok = loaded.tokenizer
-  room = loaded.model.primary.cfg.max_seq_len - _MAX_NEW.value - _BLOCK.value - 18  # the decode buffers' slack
+  # generate pads the prompt and the budget to multiples of 16 and adds γ + 2 slots: the longest prompt that fits
+  room = (loaded.model.primary.cfg.max_seq_len - -(-_MAX_NEW.value // 16) * 16 - _BLOCK.value - 2) // 16 * 16
   prompts = heldout_prompts(tok, _PROMPTS.value, max_tokens=min(room, 64))
   say(f"[decode] {len(prompts)} held-out prompts x {_MAX_NEW.value} tokens, batch 1, greedy: ar vs tandem_speed "
       f"(γ = {_BLOCK.value}), {_REPEATS.value} interleaved repeats")
