@@ -39,7 +39,7 @@ def _say(msg: str) -> None:
 
 
 def train_all(bench, workdir: str) -> dict:
-  from tandem_jax import quickstart, recipe
+  from tandem_jax import quickstart, recipe, recipe_router
   out = {}
   t0 = time.perf_counter()
   if bench.tiny:
@@ -57,7 +57,7 @@ def train_all(bench, workdir: str) -> dict:
                                    data_dir=os.path.join(tandem_dir, recipe.DATA_DIR), progress=_say)
   t0 = time.perf_counter()
   r = bench.router
-  router = recipe.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
+  router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
                                hidden=int(r.hidden), progress=_say)
   out["router"] = dict(validation=router["validation"], seconds=time.perf_counter() - t0)
   out["router_model"] = router["router"]
