@@ -19,6 +19,7 @@ CORE = [
     # the main job imports the pretrained primary (SmolLM2-135M, GGUF) and its byte-level BPE tokenizer
     "gguf==0.19.0",
     "tokenizers==0.23.3",
+    "jinja2==3.1.6",  # chat templates of pretrained tokenizers (generate --interactive)
 ]
 
 EXTRAS = {

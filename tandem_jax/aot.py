@@ -431,10 +431,9 @@ def main(argv):
   del argv
   from absl import flags
   f = flags.FLAGS
-  logging.getLogger().setLevel(logging.INFO)
   report = run(f.config, f.topology, decode_batch=f.decode_batch, prompt_len=f.prompt_len,
                max_new_tokens=f.max_new_tokens, block_len=f.block_len, groups=tuple(f.programs),
-               hbm_gib=f.hbm_gib, acceptance=f.acceptance,
+               hbm_gib=f.hbm_gib, acceptance=f.acceptance, log=lambda fmt, *a: print(fmt % a, file=sys.stderr, flush=True),
                decode_mesh_shape=[int(x) for x in f.decode_mesh_shape] or None)
   print(json.dumps(report, indent=1, default=float) if f.json else format_report(report))
   if report["failures"]:
@@ -462,6 +461,6 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from tandem_jax import cli
   _define_flags()
-  app.run(main)
+  cli.run(main, "aot", workdir_flag=None)

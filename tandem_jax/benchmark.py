@@ -16,12 +16,11 @@ of the decode part's compilation, which is excluded from every timing anyway.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import shlex
 import sys
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _DEFAULT_CONFIG = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), "configs", "benchmark.py")
@@ -39,7 +38,6 @@ HEADLINE_KEYS = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_
 
 def main(argv):
   del argv
-  logging.getLogger().setLevel(logging.INFO)
   from tandem_jax.bench import report, run
   if _CACHE.value:
     import jax
@@ -65,5 +63,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from tandem_jax import cli
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, "benchmark")

@@ -238,7 +238,7 @@ def _define_flags():
 
 
 if __name__ == "__main__":
-  from absl import app
+  from tandem_jax import cli
 
   _define_flags()
-  app.run(main)
+  cli.run(main, "convert")

@@ -8,10 +8,9 @@ The standalone secondary is compared with ``--primary_workdir`` (default: the on
 from __future__ import annotations
 
 import json
-import logging
 import os
 
-from absl import app, flags
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir", allow_override=True)
 _TEXT = flags.DEFINE_string("text_file", None, "evaluate on this plain-text file instead of the validation split", allow_override=True)
@@ -69,5 +68,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  logging.getLogger().setLevel(logging.WARNING)
-  app.run(main)
+  from tandem_jax import cli
+  cli.run(main, "evaluate", reads_workdir=True)

@@ -8,6 +8,12 @@ gives ``ar`` (and ``speed`` with ``--drafter_workdir``).
 ``--compare_ar`` also runs ``ar`` on the same prompts and prints the wall-clock speedup (compiled programs, medians
 of interleaved repeats). ``--show_drafts`` prints the stream with accepted drafts (green), rejected drafts (red,
 struck through) and the primary's own tokens (bold yellow on a rejection, blue as a bonus).
+
+``--stream`` prints the tokens while the compiled loop runs, as each block is accepted (a host callback per loop
+iteration; accepted drafts green, the primary's token blue on a terminal). ``--interactive`` reads prompts from stdin,
+one per line until EOF, with the models loaded once and each program compiled once per padded prompt length (16-token
+buckets); a tokenizer with a chat template (SmolLM2-Instruct) wraps each line as a user message
+(``--nochat_template`` to turn it off). Flags that do not apply to the chosen method are refused.
 """
 
 from __future__ import annotations
@@ -19,8 +25,9 @@ import statistics
 import sys
 from typing import Any
 
-from absl import app, flags
+from absl import flags
 
+from tandem_jax import cli
 from tandem_jax.decoding import METHODS, SamplingParams, generate
 
 _WORKDIR = flags.DEFINE_string("workdir", None, "a training workdir (tandem, router, llm_to_slm or primary)", allow_override=True)
@@ -42,6 +49,23 @@ _JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_overri
 _SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
 _COMPARE = flags.DEFINE_bool("compare_ar", False, "also time `ar` and print the speedup", allow_override=True)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per method with --compare_ar (median reported)", allow_override=True)
+_STREAM = flags.DEFINE_bool("stream", False, "print tokens as each block is accepted", allow_override=True)
+_INTERACTIVE = flags.DEFINE_bool("interactive", False, "read prompts from stdin (one per line, until EOF) with the "
+                                 "models loaded and compiled once", allow_override=True)
+_CHAT = flags.DEFINE_bool("chat_template", True, "--interactive: wrap each line in the tokenizer's chat template "
+                          "(when it has one)", allow_override=True)
+
+SPECULATIVE = ("speed", "tandem", "tandem_speed")
+# flag -> the methods it applies to (a flag given for another method is refused)
+APPLIES = {
+    "block_len": lambda m: m in SPECULATIVE,
+    "drafter_workdir": lambda m: m == "speed",
+    "router_workdir": lambda m: m in ("speed", "tandem_speed"),
+    "adaptive": lambda m: m in ("speed", "tandem_speed"),
+    "threshold": lambda m: m in ("speed", "tandem_speed"),
+    "show_drafts": lambda m: m in SPECULATIVE,
+    "compare_ar": lambda m: m != "ar",
+}
 
 
 @dataclasses.dataclass
@@ -52,8 +76,18 @@ class Generator:
   threshold: float = 0.8
   gamma_max: int | None = None
 
-  def __call__(self, method: str, prompts: list[str], *, adaptive: bool = False, **kw):
-    ids = [self.tokenizer.encode(p, add_bos=True) for p in prompts]
+  def encode(self, prompt: str, chat: bool = False) -> list[int]:
+    """Token ids of ``prompt`` after BOS; with ``chat`` (and a tokenizer that has a chat template) the prompt is
+    one user message under that template (which brings its own start token)."""
+    tok = self.tokenizer
+    if chat and getattr(tok, "chat_template", None):
+      text = tok.apply_chat_template([{"role": "user", "content": prompt}])
+      ids = tok.encode(text)
+      return ids if ids[:1] == [tok.bos_id] else [tok.bos_id] + ids
+    return tok.encode(prompt, add_bos=True)
+
+  def __call__(self, method: str, prompts: list[str], *, adaptive: bool = False, chat: bool = False, **kw):
+    ids = [self.encode(p, chat) for p in prompts]
     models = self.models_for(method, adaptive)
     if adaptive:
       kw.setdefault("threshold", self.threshold)
@@ -144,29 +178,130 @@ def draft_stream(trace_row, tokenizer, token_ids: list[int], colour: bool = True
   return "".join(parts), events
 
 
+class StreamPrinter:
+  """``on_tokens`` for :func:`generate`: prints each row's new text as blocks are accepted.
+
+  One row: the text continues on one line (on a terminal, accepted drafts green and the primary's token blue).
+  Several rows: a line ``[i] +text`` per row that advanced."""
+
+  def __init__(self, tokenizer, num_rows: int, speculative: bool, colour: bool, write=None):
+    self.tok, self.speculative, self.colour = tokenizer, speculative, colour
+    self.tokens: list[list[int]] = [[] for _ in range(num_rows)]
+    self.write = write or (lambda s: (sys.stdout.write(s), sys.stdout.flush()))
+
+  def _delta(self, row: int, new: list[int]) -> tuple[str, str]:
+    """(text of the accepted drafts, text of the primary's token) added by ``new``."""
+    old = self.tok.decode(self.tokens[row])
+    split = len(new) - 1  # the last token of a block is the primary's (also the prefill's single token)
+    mid = self.tok.decode(self.tokens[row] + new[:split])
+    self.tokens[row] += new
+    return mid[len(old):], self.tok.decode(self.tokens[row])[len(mid):]
+
+  def __call__(self, new_per_row: list[list[int]]) -> None:
+    for row, new in enumerate(new_per_row):
+      if not new:
+        continue
+      drafts, own = self._delta(row, list(new))
+      if self.colour and self.speculative:
+        text = (f"{_GREEN}{drafts}{_RESET}" if drafts else "") + (f"{_BLUE}{own}{_RESET}" if own else "")
+      else:
+        text = drafts + own
+      self.write(text if len(self.tokens) == 1 else f"[{row}] +{text!r}\n")
+
+
 def _prompts() -> list[str]:
   prompts = list(_PROMPT.value)
   if _PROMPTS_FILE.value:
     with open(_PROMPTS_FILE.value) as fh:
       prompts += [line.rstrip("\n") for line in fh if line.strip()]
   if not prompts:
-    raise app.UsageError("give at least one --prompt or a --prompts_file")
+    raise cli.UserError("give at least one --prompt or a --prompts_file (or --interactive)")
+  for i, p in enumerate(prompts):
+    if not p.strip():
+      print(f"note: prompt {i} is empty: generating from BOS alone", file=sys.stderr)
   return prompts
+
+
+def check_flags(method: str) -> None:
+  """Refuses flag combinations that would be silently ignored (before any model is loaded)."""
+  cli.refuse_unused(method, APPLIES)
+  f = flags.FLAGS
+  if f["threshold"].present and not _ADAPTIVE.value:
+    raise cli.UserError("--threshold applies only with --adaptive")
+  if f["repeats"].present and not _COMPARE.value:
+    raise cli.UserError("--repeats applies only with --compare_ar")
+  if _TEMP.value == 0 and (f["top_k"].present or f["top_p"].present):
+    raise cli.UserError("--top_k/--top_p apply only when sampling (--temperature > 0)")
+  if _STREAM.value and _JSON.value:
+    raise cli.UserError("--stream and --json exclude each other (--json prints one document at the end)")
+  if _INTERACTIVE.value and (_PROMPT.value or _PROMPTS_FILE.value or _JSON.value):
+    raise cli.UserError("--interactive reads the prompts from stdin: drop --prompt/--prompts_file/--json")
+
+
+def _stats_line(method: str, adaptive: bool, s: dict) -> str:
+  line = f"[{method}{' +adaptive' if adaptive else ''}] {s['tokens']} tokens, {s['tokens_per_second']:.1f} tokens/s"
+  if method in SPECULATIVE:
+    line += (f", {s['primary_calls']} primary calls ({s['tokens_per_primary_call']:.2f} tokens/call), acceptance "
+             f"{s['acceptance_rate']:.3f}")
+  return line
+
+
+def interactive(gen: Generator, method: str, kw: dict, lines=None) -> int:
+  """Reads prompts (one per line) until EOF; prints each reply (streamed with --stream) and its stats.
+
+  With --compare_ar each reply is also decoded by ``ar`` (timed the same way) and the speedup printed. Returns the
+  number of replies."""
+  lines = sys.stdin if lines is None else lines
+  chat = _CHAT.value and bool(getattr(gen.tokenizer, "chat_template", None))
+  spec = method in SPECULATIVE
+  colour = sys.stdout.isatty()
+  print(f"{method}: one prompt per line, EOF (Ctrl-D) ends{'; chat template on' if chat else ''}", flush=True)
+  n = 0
+  for line in lines:
+    prompt = line.rstrip("\n")
+    if not prompt.strip():
+      continue
+    extra = {}
+    if _STREAM.value:
+      extra["on_tokens"] = StreamPrinter(gen.tokenizer, 1, spec, colour)
+    result = gen(method, [prompt], adaptive=_ADAPTIVE.value, chat=chat, **kw, **extra)
+    print(("" if _STREAM.value else gen.tokenizer.decode(result.tokens[0])), flush=True)
+    stats = _stats_line(method, _ADAPTIVE.value, result.summary)
+    if _COMPARE.value:
+      ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold")}
+      ar = gen("ar", [prompt], chat=chat, **ar_kw)
+      stats += (f"; ar {ar.summary['tokens_per_second']:.1f} tokens/s, speedup {ar.wall_time / result.wall_time:.2f}x"
+                f"{'' if ar.tokens == result.tokens or _TEMP.value > 0 else ' (OUTPUTS DIFFER)'}")
+    print(stats, flush=True)
+    n += 1
+  return n
 
 
 def main(argv):
   del argv
+  method = _METHOD.value
+  check_flags(method)
   gen = load(_WORKDIR.value, _DRAFTER.value, _ROUTER.value)
-  prompts = _prompts()
   sampling = SamplingParams(temperature=_TEMP.value, top_k=_TOPK.value, top_p=_TOPP.value)
   kw = dict(max_new_tokens=_MAX_NEW.value, block_len=_BLOCK.value, sampling=sampling, seed=_SEED.value)
   if _THRESHOLD.value is not None:
     kw["threshold"] = _THRESHOLD.value
-  method = _METHOD.value
-  spec = method in ("speed", "tandem", "tandem_speed")
+  spec = method in SPECULATIVE
   if not spec:
     kw.pop("block_len")
-  result = gen(method, prompts, adaptive=_ADAPTIVE.value, trace=_SHOW.value and spec, **kw)
+  if _INTERACTIVE.value:
+    interactive(gen, method, kw)
+    return
+  prompts = _prompts()
+  extra = {}
+  if _STREAM.value:
+    colour = sys.stdout.isatty()
+    extra["on_tokens"] = StreamPrinter(gen.tokenizer, len(prompts), spec, colour)
+    if len(prompts) == 1:
+      print(f"> {prompts[0]}", flush=True)
+  result = gen(method, prompts, adaptive=_ADAPTIVE.value, trace=_SHOW.value and spec, **kw, **extra)
+  if _STREAM.value:
+    print("\n" if len(prompts) == 1 else "", flush=True)
   report: dict[str, Any] = dict(method=method, adaptive=_ADAPTIVE.value, summary=result.summary,
                                 compile_seconds=result.compile_time)
   if _COMPARE.value and method != "ar":
@@ -194,13 +329,12 @@ def main(argv):
     print(json.dumps(report, indent=2))
     return
   for row in rows:
+    if _STREAM.value and "draft_stream" not in row:
+      continue  # already printed
     print(f"> {row['prompt']}")
     print(row.get("draft_stream") or row["text"])
     print()
-  s = result.summary
-  print(f"[{method}{' +adaptive' if _ADAPTIVE.value else ''}] {s['tokens']} tokens, {s['primary_calls']} primary "
-        f"calls ({s['tokens_per_primary_call']:.2f} tokens/call), acceptance {s['acceptance_rate']:.3f}, "
-        f"{s['tokens_per_second']:.1f} tokens/s")
+  print(_stats_line(method, _ADAPTIVE.value, result.summary))
   if "timing" in report:
     t = report["timing"]
     print(f"speedup over ar: {t['speedup_vs_ar']:.2f}x (median of {t['repeats']} interleaved runs on "
@@ -210,4 +344,4 @@ def main(argv):
 
 if __name__ == "__main__":
   flags.mark_flag_as_required("workdir")
-  app.run(main)
+  cli.run(main, "generate", reads_workdir=True)

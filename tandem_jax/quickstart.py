@@ -25,7 +25,7 @@ import os
 import statistics
 import time
 
-from absl import app, flags, logging
+from absl import flags
 
 _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory of the runs", allow_override=True)
 _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "tiny"], "cpu: SmolLM2-135M (minutes); tiny: a tiny random "
@@ -75,7 +75,7 @@ def pretrained_tandem(root: str, preset: str, steps: int | None) -> tuple[str, d
   say(f"[tandem] training the Tandem secondary ({rc.num_layers} layer(s) at the primary's width, draft vocabulary "
       f"{rc.draft_vocab_size}, {rc.steps} steps; resumes if interrupted)")
   path = os.path.join(root, "tandem")
-  summary = recipe.train(primary, path, rc, documents=documents, progress=say)
+  summary = recipe.train(primary, path, rc, documents=documents)
   v = summary["validation"]
   say(f"[tandem] done: validation agreement with the primary {v['agreement']:.3f} (draft-vocabulary coverage "
       f"{summary['draft_vocab_coverage']:.3f}); data {summary['data_seconds']:.0f} s, training "
@@ -108,6 +108,7 @@ def heldout_prompts(tokenizer, n: int, max_tokens: int | None = None) -> list[li
 def measure(tandem, prompts, max_new: int, block_len: int, repeats: int, eos_id=None) -> dict:
   """ar vs tandem_speed, batch 1, greedy: identical outputs, interleaved wall-clock medians per prompt."""
   from tandem_jax.decoding import generate
+  from tandem_jax.progress import Progress
   runs = {"ar": lambda p: generate("ar", [p], primary=tandem.primary, max_new_tokens=max_new, eos_id=eos_id),
           "tandem_speed": lambda p: generate("tandem_speed", [p], tandem=tandem, max_new_tokens=max_new,
                                              block_len=block_len, eos_id=eos_id)}
@@ -118,6 +119,7 @@ def measure(tandem, prompts, max_new: int, block_len: int, repeats: int, eos_id=
   tokens = {m: 0 for m in runs}
   calls, drafted, accepted = 0, 0, 0
   outputs = []
+  bar = Progress(repeats * len(prompts), "decode", unit="prompts")
   for rep in range(repeats):
     for p in prompts:
       outs = {}
@@ -135,6 +137,7 @@ def measure(tandem, prompts, max_new: int, block_len: int, repeats: int, eos_id=
                              "lossless")
       if rep == 0:
         outputs.append(outs["ar"][0])
+      bar.update(bar.done + 1)
   seconds = {m: sum(t) / repeats for m, t in times.items()}
   tps = {m: tokens[m] / repeats / seconds[m] for m in runs}
   per_prompt = {m: statistics.median(t) for m, t in times.items()}
@@ -147,10 +150,24 @@ def measure(tandem, prompts, max_new: int, block_len: int, repeats: int, eos_id=
               outputs=outputs)
 
 
+def check_flags() -> None:
+  """Bad flag values, refused before anything is fetched or trained."""
+  from tandem_jax.data.heldout import PROMPTS
+  for name, value, low in (("num_prompts", _PROMPTS.value, 1), ("max_new_tokens", _MAX_NEW.value, 1),
+                           ("block_len", _BLOCK.value, 1), ("repeats", _REPEATS.value, 1)):
+    if value < low:
+      raise ValueError(f"--{name} must be >= {low}, got {value}")
+  if _PROMPTS.value > len(PROMPTS):
+    raise ValueError(f"--num_prompts must be at most {len(PROMPTS)} (the held-out prompts), got {_PROMPTS.value}")
+  if _STEPS.value is not None and _STEPS.value < 1:
+    raise ValueError(f"--steps must be >= 1, got {_STEPS.value}")
+  if _FROM_SCRATCH.value and flags.FLAGS["preset"].present:
+    raise ValueError("--preset applies to the pretrained path, not --from_scratch")
+
+
 def main(argv):
   del argv
-  if not flags.FLAGS["verbosity"].present:
-    logging.set_verbosity(logging.WARNING)  # library INFO (orbax, absl) stays out of the way; --verbosity=0 shows it
+  check_flags()
   from tandem_jax.workdir import load_workdir
   root = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   t0 = time.time()
@@ -188,4 +205,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from tandem_jax import cli
+  cli.run(main, "quickstart")

@@ -43,6 +43,7 @@ from flax import nnx
 from tandem_jax.models.config import TandemConfig, TransformerConfig
 from tandem_jax.models.tandem import TandemLM
 from tandem_jax.models.transformer import Transformer
+from tandem_jax.progress import Progress
 
 KINDS = ("tandem", "standalone")
 DATA_DIR = "recipe_data"
@@ -221,13 +222,13 @@ def topic_prompts(tokenizer, n: int, length: int, seed: int) -> np.ndarray:
 
 
 def continue_with_primary(primary: Transformer, prompts: np.ndarray, gen_len: int, batch: int, eos_id,
-                          progress: Callable[[str], None] = print):
+                          progress: Callable[[str], None] | None = None):
   """The primary's greedy continuations: tokens [n, P + gen_len] and valid [n, P + gen_len] (False after EOS)."""
   from tandem_jax.decoding.api import generate
   n, p = prompts.shape
   tokens = np.zeros((n, p + gen_len), np.int32)
   valid = np.zeros((n, p + gen_len), bool)
-  t0 = time.time()
+  bar = Progress(n, "self-distillation data", unit="sequences", out=progress)
   for i in range(0, n, batch):
     rows = [[int(t) for t in row if t >= 0] for row in prompts[i:i + batch]]  # -1 pads ragged prompts
     rows += [rows[-1]] * (batch - len(rows))  # keep one compiled shape
@@ -236,7 +237,7 @@ def continue_with_primary(primary: Transformer, prompts: np.ndarray, gen_len: in
       seq = rows[j] + out[j]
       tokens[i + j, :len(seq)] = seq
       valid[i + j, :len(seq)] = True
-    progress(f"  self-distillation data: {min(i + batch, n)}/{n} continuations ({time.time() - t0:.0f} s)")
+    bar.update(min(i + batch, n))
   return tokens, valid
 
 
@@ -248,7 +249,7 @@ def choose_draft_vocab(tokens: np.ndarray, valid: np.ndarray, size: int, vocab: 
 
 
 def primary_features(primary: Transformer, tokens: np.ndarray, draft_ids: np.ndarray, layer_map, batch: int = 8,
-                     progress: Callable[[str], None] = print) -> dict:
+                     progress: Callable[[str], None] | None = None) -> dict:
   """One primary forward over every sequence: argmax labels [n, T] (full ids), log-probabilities over the draft
   vocabulary [n, T, N] (float16) and, with a ``layer_map`` (indices into x^(0..L)), hidden [L_S, n, T, D]."""
   ids = jnp.asarray(draft_ids, jnp.int32)
@@ -268,7 +269,7 @@ def primary_features(primary: Transformer, tokens: np.ndarray, draft_ids: np.nda
 
   n = tokens.shape[0]
   parts = []
-  t0 = time.time()
+  bar = Progress(n, "primary features", unit="sequences", out=progress)
   for i in range(0, n, batch):
     rows = tokens[i:i + batch]
     pad = batch - len(rows)
@@ -276,12 +277,12 @@ def primary_features(primary: Transformer, tokens: np.ndarray, draft_ids: np.nda
       rows = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)])
     out = jax.device_get(fn(state, jnp.asarray(rows)))
     parts.append({k: (v[:, :batch - pad] if k == "hidden" else v[:batch - pad]) for k, v in out.items()})
-    progress(f"  primary features: {min(i + batch, n)}/{n} sequences ({time.time() - t0:.0f} s)")
+    bar.update(min(i + batch, n))
   return {k: np.concatenate([p[k] for p in parts], axis=1 if k == "hidden" else 0) for k in parts[0]}
 
 
 def build_data(primary: Transformer, tokenizer, documents: Sequence[str], rc: RecipeConfig, layer_map,
-               data_dir: str, progress: Callable[[str], None] = print) -> dict:
+               data_dir: str, progress: Callable[[str], None] | None = None) -> dict:
   """The cached training data (computed once into ``data_dir`` and reused while ``rc.data_key()`` matches)."""
   meta_path = os.path.join(data_dir, "meta.json")
   key = dict(rc.data_key(), layer_map=None if layer_map is None else list(layer_map))
@@ -443,7 +444,7 @@ def stage_config(primary_config: TransformerConfig, rc: RecipeConfig, vocab_size
 
 
 def train(primary_workdir: str, workdir: str, rc: RecipeConfig, *, documents: Sequence[str] | None = None,
-          data_dir: str | None = None, progress: Callable[[str], None] = print) -> dict:
+          data_dir: str | None = None, progress: Callable[[str], None] | None = None) -> dict:
   """Builds (or reuses) the data and trains (or resumes) the drafter into ``workdir``. Returns a summary dict.
 
   ``data_dir`` (default ``<workdir>/recipe_data``): where the self-distillation data are cached; a standalone
@@ -466,11 +467,12 @@ def train(primary_workdir: str, workdir: str, rc: RecipeConfig, *, documents: Se
     json.dump(dataclasses.asdict(rc), fh, indent=2)
   os.replace(rc_path + ".tmp", rc_path)
 
+  say = progress or print
   summary_path = os.path.join(workdir, SUMMARY_FILE)
   if os.path.isfile(summary_path):  # written after the last step: the run is finished
     with open(summary_path) as fh:
       summary = json.load(fh)
-    progress(f"  finished run reused ({workdir})")
+    say(f"  finished run reused ({workdir})")
     return dict(summary, reused=True)
   loaded = load_workdir(primary_workdir)
   if loaded.stage != "primary":
@@ -505,8 +507,9 @@ def train(primary_workdir: str, workdir: str, rc: RecipeConfig, *, documents: Se
     start = int(mngr.latest_step())
     restored = checkpoint.restore(mngr, start, {"params": params, "frozen": rest, "opt_state": opt_state})
     params, opt_state = restored["params"], restored["opt_state"]
-    progress(f"  resumed at step {start}/{rc.steps}")
+    say(f"  resumed at step {start}/{rc.steps}")
   t1 = time.time()
+  bar = Progress(rc.steps, f"train {rc.kind}", start=start, out=progress)
   metrics: dict = {}
   for step in range(start, rc.steps):
     rng = np.random.default_rng([rc.seed, step])  # per step: a resumed run draws the batches of an unbroken one
@@ -516,9 +519,9 @@ def train(primary_workdir: str, workdir: str, rc: RecipeConfig, *, documents: Se
     done = step + 1
     if done % rc.log_every == 0 or done == rc.steps:
       m = jax.device_get(metrics)
-      rate = (done - start) / max(time.time() - t1, 1e-9)
-      progress(f"  step {done}/{rc.steps}: loss {float(m['loss']):.3f} agreement {float(m['agreement']):.3f} "
-               f"({rate:.2f} steps/s, ETA {(rc.steps - done) / max(rate, 1e-9):.0f} s)")
+      bar.update(done, loss=round(float(m["loss"]), 3), agreement=round(float(m["agreement"]), 3))
+    else:
+      bar.update(done)
     if done % rc.checkpoint_every == 0 or done == rc.steps:
       checkpoint.save(mngr, done, {"params": params, "frozen": rest, "opt_state": opt_state}, force=True)
       mngr.wait_until_finished()  # the next step donates these buffers
@@ -545,11 +548,12 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  from absl import app, flags
+  from absl import flags
   flags.DEFINE_string("primary", "~/tandem_runs/smollm2", "primary workdir (python -m tandem_jax.convert)")
   flags.DEFINE_string("workdir", None, "the drafter's workdir", required=True)
   flags.DEFINE_string("preset", "cpu", f"one of {sorted(PRESETS)}")
   flags.DEFINE_enum("kind", "tandem", list(KINDS), "tandem secondary or standalone drafter")
   flags.DEFINE_integer("steps", None, "training steps (default: the preset's)")
-  app.run(main)
+  from tandem_jax import cli
+  cli.run(main, "recipe")
 

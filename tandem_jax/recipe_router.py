@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import os
-import time
 from typing import Callable
 
 import jax
@@ -14,6 +13,7 @@ import numpy as np
 import optax
 from flax import nnx, traverse_util
 
+from tandem_jax.progress import Progress
 from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, target_index
 
 ROUTER_FILE = "router.npz"
@@ -31,7 +31,7 @@ def router_labels(q_btn, target_bt, teacher_btn):
 
 def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k: int = 4, hidden: int = 64,
                  lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
-                 progress: Callable[[str], None] = print) -> dict:
+                 progress: Callable[[str], None] | None = None) -> dict:
   """Trains the adaptive block-length router of a recipe Tandem on its cached data and saves it to
   ``<tandem_dir>/router.npz`` (reused when present). Labels come from the secondary's teacher-forced drafts at
   block length γ_max with random block phases (every within-block offset); features are the secondary's draft
@@ -89,14 +89,14 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
   else:
     r_params = r_state.to_pure_dict()
     opt_state = tx.init(r_params)
-    t0 = time.time()
+    bar = Progress(steps, "train router", out=progress)
     for i in range(steps):
       rng = np.random.default_rng([seed, 7, i])
       rows = rng.choice(train_rows, batch_size, replace=len(train_rows) < batch_size)
       b = batch_at(data, rows, target, "tandem", gamma_max, rng)
       r_params, opt_state, loss = step(r_params, opt_state, t_state, b)
       if (i + 1) % 100 == 0 or i + 1 == steps:
-        progress(f"  router step {i + 1}/{steps}: loss {float(loss):.3f} ({time.time() - t0:.0f} s)")
+        bar.update(i + 1, loss=round(float(loss), 3))
     np.savez(path + ".tmp.npz", **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(r_params, sep="/").items()})
     os.replace(path + ".tmp.npz", path)
   nnx.replace_by_pure_dict(r_state, r_params)

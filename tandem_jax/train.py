@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 import logging
 
-from absl import app, flags
+from absl import flags
 from ml_collections import config_flags
 
 _CONFIG = config_flags.DEFINE_config_file("config", None, "configs/<stage>.py:<preset>", lock_config=True,
@@ -26,9 +26,7 @@ def main(argv):
   import jax
   if _COORD.value:
     jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)
-  if jax.process_index() == 0:
-    logging.getLogger().setLevel(logging.INFO)
-  else:
+  if jax.process_index() != 0:
     logging.getLogger().setLevel(logging.WARNING)
   from tandem_jax.training import loop
   result = loop.train(_CONFIG.value, _WORKDIR.value)
@@ -38,4 +36,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from tandem_jax import cli
+  cli.run(main, "train")

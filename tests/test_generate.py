@@ -5,19 +5,21 @@ import json
 import pytest
 from absl import flags
 
+from tandem_jax import cli
 from tandem_jax import generate as gen_cli
 
 pytestmark = pytest.mark.slow  # uses the session's chain of trained tiny stages
 
 
-def _run(capsys, *args):
+def _run(capsys, *args, with_err=False):
   flags.FLAGS.unparse_flags()
   flags.FLAGS(["generate", *args])
   try:
     gen_cli.main([])
   finally:
     flags.FLAGS.unparse_flags()
-  return capsys.readouterr().out
+  captured = capsys.readouterr()
+  return (captured.out, captured.err) if with_err else captured.out
 
 
 def test_generate_json_every_method_equals_ar(tiny_chain, capsys):
@@ -58,10 +60,72 @@ def test_show_drafts_and_compare(tiny_chain, capsys, tmp_path):
   assert "speedup over ar" in text
 
 
+def _run_error(capsys, *args) -> str:
+  """Runs the CLI's main as `python -m tandem_jax.generate` does; returns the one line it prints (exit code 2)."""
+  flags.FLAGS.unparse_flags()
+  flags.FLAGS(["generate", *args])
+  try:
+    with pytest.raises(SystemExit) as e:
+      cli.wrap(gen_cli.main, "generate", reads_workdir=True)([])
+  finally:
+    flags.FLAGS.unparse_flags()
+  err = capsys.readouterr().err
+  assert e.value.code == 2 and err.count("\n") == 1 and err.startswith("error: "), err
+  return err
+
+
 def test_generate_errors(tiny_chain, capsys):
   wd = tiny_chain["primary"]["workdir"]
-  with pytest.raises(ValueError, match="needs"):
-    _run(capsys, f"--workdir={wd}", "--method=tandem_speed", "--prompt=x")
-  with pytest.raises(ValueError, match="router"):
-    _run(capsys, f"--workdir={tiny_chain['tandem']['workdir']}", "--method=tandem_speed", "--adaptive",
-         "--prompt=x")
+  tandem = tiny_chain["tandem"]["workdir"]
+  assert "needs ['tandem']" in _run_error(capsys, f"--workdir={wd}", "--method=tandem_speed", "--prompt=x")
+  assert "--adaptive needs a trained router" in _run_error(capsys, f"--workdir={tandem}", "--method=tandem_speed",
+                                                           "--adaptive", "--prompt=x")
+  assert "--drafter_workdir does not apply to --method=tandem_speed" in _run_error(
+      capsys, f"--workdir={tandem}", f"--drafter_workdir={wd}", "--prompt=x")
+  assert "--show_drafts does not apply to --method=ar" in _run_error(capsys, f"--workdir={wd}", "--method=ar",
+                                                                     "--show_drafts", "--prompt=x")
+  assert "--repeats applies only with --compare_ar" in _run_error(capsys, f"--workdir={tandem}", "--repeats=2",
+                                                                  "--prompt=x")
+  assert "--stream and --json" in _run_error(capsys, f"--workdir={tandem}", "--stream", "--json", "--prompt=x")
+  assert "--interactive reads the prompts from stdin" in _run_error(capsys, f"--workdir={tandem}", "--interactive",
+                                                                    "--prompt=x")
+  assert "give at least one --prompt" in _run_error(capsys, f"--workdir={tandem}")
+  assert "max_seq_len" in _run_error(capsys, f"--workdir={tandem}", "--prompt=x", "--max_new_tokens=100000")
+  assert "must be in [0, 1]" in _run_error(capsys, f"--workdir={tiny_chain['router']['workdir']}", "--adaptive",
+                                           "--threshold=2", "--prompt=x")
+
+
+def test_empty_prompt_says_it_generates_from_bos(tiny_chain, capsys):
+  out, err = _run(capsys, f"--workdir={tiny_chain['primary']['workdir']}", "--method=ar", "--prompt=",
+                  "--max_new_tokens=4", "--json", with_err=True)
+  assert len(json.loads(out)["outputs"][0]["token_ids"]) >= 1
+  assert "note: prompt 0 is empty: generating from BOS alone" in err
+
+
+def test_stream_prints_the_final_tokens(tiny_chain, capsys):
+  wd = tiny_chain["tandem"]["workdir"]
+  for method, extra in (("tandem_speed", ["--block_len=3"]), ("ar", []), ("tandem_speed", ["--temperature=1"])):
+    text = _run(capsys, f"--workdir={wd}", f"--method={method}", "--prompt=We the People", "--max_new_tokens=12",
+                "--stream", *extra)
+    final = json.loads(_run(capsys, f"--workdir={wd}", f"--method={method}", "--prompt=We the People",
+                            "--max_new_tokens=12", "--json", *extra))["outputs"][0]["text"]
+    streamed = text.split("> We the People\n", 1)[1].split("\n\n[")[0]
+    assert streamed == final, (method, streamed, final)
+  rows = _run(capsys, f"--workdir={wd}", "--prompt=We", "--prompt=The Congress", "--max_new_tokens=8", "--stream")
+  assert "[0] +" in rows and "[1] +" in rows
+
+
+def test_interactive_reads_stdin_until_eof(tiny_chain, capsys, monkeypatch):
+  import io
+  wd = tiny_chain["tandem"]["workdir"]
+  monkeypatch.setattr("sys.stdin", io.StringIO("We the People\n\nThe Congress shall\n"))
+  text = _run(capsys, f"--workdir={wd}", "--method=tandem_speed", "--interactive", "--max_new_tokens=8",
+              "--compare_ar", "--stream")
+  stats = [line for line in text.splitlines() if line.startswith("[tandem_speed]")]
+  assert len(stats) == 2, text  # one reply per non-empty line
+  assert all("tokens/call" in s and "speedup" in s and "OUTPUTS DIFFER" not in s for s in stats)
+  monkeypatch.setattr("sys.stdin", io.StringIO("We the People\n"))
+  plain = _run(capsys, f"--workdir={wd}", "--method=ar", "--interactive", "--max_new_tokens=8")
+  want = json.loads(_run(capsys, f"--workdir={wd}", "--method=ar", "--prompt=We the People", "--max_new_tokens=8",
+                         "--json"))["outputs"][0]["text"]
+  assert want in plain.splitlines()

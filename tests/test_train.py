@@ -2,7 +2,6 @@
 naming the step, workdir round trips, local text data."""
 
 import json
-import math
 import os
 import signal
 

@@ -5,10 +5,9 @@ import jax
 import numpy as np
 import pytest
 
-from configs import base
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.models import LLMToSLM, TandemLM, Transformer
-from tandem_jax.training import loop, stages
+from tandem_jax.training import stages
 
 pytestmark = pytest.mark.slow  # seven chained trainings: ~2.5 min of compiles on 2 free cores
 

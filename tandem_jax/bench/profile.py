@@ -24,11 +24,9 @@ import os
 import re
 import statistics
 import tempfile
-import time
 
 import jax
-import numpy as np
-from absl import app, flags, logging
+from absl import flags
 
 from tandem_jax.bench import quality, timing
 from tandem_jax.decoding import SamplingParams, api, generate
@@ -228,5 +226,6 @@ def main(argv):
 
 
 if __name__ == "__main__":
+  from tandem_jax import cli
   define_flags()
-  app.run(main)
+  cli.run(main, "profile", reads_workdir=True)

@@ -28,6 +28,7 @@ import numpy as np
 
 from tandem_jax.bench import timing
 from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.progress import Progress
 
 REPORT_FILE = "report_smollm2.md"
 RESULTS_FILE = "results_smollm2.json"
@@ -50,15 +51,15 @@ def train_all(bench, workdir: str) -> dict:
   rc = dataclasses.replace(recipe.PRESETS[bench.recipe_preset], **dict(bench.recipe))
   tandem_dir = os.path.join(workdir, "tandem")
   _say(f"[train] tandem: {rc}")
-  out["tandem"] = recipe.train(primary, tandem_dir, rc, documents=documents, progress=_say)
+  out["tandem"] = recipe.train(primary, tandem_dir, rc, documents=documents)
   _say("[train] standalone drafter: same recipe, data and steps")
   out["standalone"] = recipe.train(primary, os.path.join(workdir, "standalone"),
                                    dataclasses.replace(rc, kind="standalone"), documents=documents,
-                                   data_dir=os.path.join(tandem_dir, recipe.DATA_DIR), progress=_say)
+                                   data_dir=os.path.join(tandem_dir, recipe.DATA_DIR))
   t0 = time.perf_counter()
   r = bench.router
   router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
-                               hidden=int(r.hidden), progress=_say)
+                               hidden=int(r.hidden))
   out["router"] = dict(validation=router["validation"], seconds=time.perf_counter() - t0)
   out["router_model"] = router["router"]
   out["paths"] = dict(primary=primary, tandem=tandem_dir, standalone=os.path.join(workdir, "standalone"))
@@ -78,13 +79,16 @@ def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
   d = bench.decode
   k = max(int(g) for g in d.gammas)
   table2, table4 = {}, {}
+  bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
   for temp in d.temperatures:
     sampling = SamplingParams(temperature=float(temp))
     common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
     for b in d.batch_sizes:
       name = f"{'greedy' if temp == 0 else f'T{temp:g}'}_b{b}"
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
-      _say(f"[decode] table 2 {name}: {len(ps)} prompts, batch {b}, γ in {tuple(d.gammas)}")
+      logging.info("table 2 %s: %d prompts, batch %d, γ in %s", name, len(ps), b, tuple(d.gammas))
+      bar.update(bar.done, now=name)
+      bar.done += 1  # counted as started: the ETA uses the settings finished before it
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=models["primary"]), **common)}
       for g in d.gammas:
         cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=models["primary"],
@@ -119,6 +123,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
                   speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
                                                   np.median(res4["adaptive"]["times"])))
         table4[name] = t4
+  bar.update(bar.total)
   return dict(table2=table2, table4=table4)
 
 
@@ -236,8 +241,10 @@ def run(bench, workdir: str, command: str = "") -> dict:
   os.makedirs(workdir, exist_ok=True)
   phases, t_all = {}, time.perf_counter()
   t0 = time.perf_counter()
+  _say("[benchmark] phase train: primary, Tandem and standalone drafters, router (finished runs are reused)")
   trained = train_all(bench, workdir)
   phases["train"] = time.perf_counter() - t0
+  _say(f"[benchmark] phase quality: Table 1, lossless check (train took {phases['train']:.0f} s)")
 
   t0 = time.perf_counter()
   run_t, run_s = load_workdir(trained["paths"]["tandem"]), load_workdir(trained["paths"]["standalone"])
@@ -254,6 +261,7 @@ def run(bench, workdir: str, command: str = "") -> dict:
     raise AssertionError("speculative decoding differs from ar under greedy decoding: not lossless")
   phases["quality"] = time.perf_counter() - t0
 
+  _say("[benchmark] phase costs: per-call costs of primary and drafters")
   t0 = time.perf_counter()
   k = max(int(g) for g in d.gammas)
   cap = -(-(32 + -(-int(d.max_new_tokens) // 16) * 16 + max(k, int(bench.gamma_max)) + 2) // 16) * 16
@@ -266,6 +274,7 @@ def run(bench, workdir: str, command: str = "") -> dict:
                      "standalone": {1: timing.call_ms(models["standalone"], b, 1, **kw)}}
   phases["costs"] = time.perf_counter() - t0
 
+  _say("[benchmark] phase decode: Tables 2 and 4, timed decoding")
   t0 = time.perf_counter()
   before = machine()
   tables = decode_tables(bench, models, prompts, tune_prompts)

@@ -11,6 +11,7 @@ import numpy as np
 
 from tandem_jax.bench import chain, quality, report, timing
 from tandem_jax.decoding import SamplingParams
+from tandem_jax.progress import Progress
 
 
 def setting_name(temperature: float, batch: int) -> str:
@@ -39,6 +40,11 @@ def _best(cells: dict, method: str, gammas) -> int:
   return max(gammas, key=lambda g: cells[method][g]["speedup"])
 
 
+def say(msg: str) -> None:
+  print(msg, flush=True)
+  logging.info(msg)
+
+
 def tune_threshold(bench, cell_for, tune_prompts) -> dict:
   """Table 4's τ, chosen on held-out validation prompts (not the timed ones): the adaptive decoder is timed at
   every τ of ``decode.thresholds`` (τ is traced: one compiled program) and the fastest median wins.
@@ -55,13 +61,16 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
   d, k = bench.decode, int(bench.gamma_max)
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
+  bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
   for temp in d.temperatures:
     sampling = SamplingParams(temperature=float(temp))
     common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
     for b in d.batch_sizes:
       name = setting_name(temp, b)
+      bar.update(bar.done, now=name)
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
       logging.info("table 2 %s: %d prompts, batch %d", name, len(ps), b)
+      bar.done += 1  # counted as started: the ETA uses the settings finished before it
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)}
       for g in d.gammas:
         cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=primary, drafter=drafter),
@@ -106,6 +115,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
             f"tandem@{g3}": timing.decode_cell("tandem", ps, 1, g3, models=dict(tandem=tandem), **common)}
   res3 = timing.interleaved(cells3, int(d.repeats))
   table3 = {n: timing.summarize(res3[n], res3["primary"]["times"]) for n in cells3}
+  bar.update(bar.total)
   return dict(table2=table2, table3_speed=table3, table4=table4)
 
 
@@ -171,8 +181,10 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
   os.makedirs(workdir, exist_ok=True)
   phases, t_all = {}, time.perf_counter()
   t0 = time.perf_counter()
+  say("[benchmark] phase train: the models of configs/benchmark.py (finished stages are reused)")
   trained = chain.train_all(bench, workdir)
   phases["train"] = time.perf_counter() - t0
+  say(f"[benchmark] phase quality: Table 1 (train took {phases['train']:.0f} s)")
 
   t0 = time.perf_counter()
   loaded = quality.load_models(workdir)
@@ -180,6 +192,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
   q = quality.evaluate(bench, loaded, val_rows)
   phases["quality"] = time.perf_counter() - t0
 
+  say("[benchmark] phase costs: per-call costs")
   t0 = time.perf_counter()
   machine_before = machine()
   models = dict(primary=loaded["primary"].model, drafter=loaded["secondary_distil"].model,
@@ -194,6 +207,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
                             fill=int(d.prompt_len) + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
                             repeats=int(bench.cost.repeats))
   phases["costs"] = time.perf_counter() - t0
+  say("[benchmark] phase decode: Tables 2-4, timed decoding")
   t1 = time.perf_counter()
   tables = decode_tables(bench, models, prompts, tune_prompts)
   phases["decode"] = time.perf_counter() - t1

@@ -13,7 +13,7 @@ import json
 import statistics
 import time
 
-from absl import app, flags
+from absl import flags
 
 from tandem_jax.data import pipeline, sources, tokenizer
 
@@ -72,4 +72,5 @@ def main(argv):
 
 
 if __name__ == "__main__":
-  app.run(main)
+  from tandem_jax import cli
+  cli.run(main, "data_stats", workdir_flag=None)

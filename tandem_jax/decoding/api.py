@@ -2,13 +2,15 @@
 
 Each call compiles (once per method, shapes and static settings) a single jitted function: prefill, then one
 ``lax.while_loop``. Models enter as (graphdef, state) so weights are arguments, never baked-in constants.
+Streaming (``on_tokens``) is a static flag of that program: its loop sends the emitted buffer to the host after
+every iteration (an ordered ``jax.debug.callback``, see ``output.publish``); without it the program has no callback.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import time
-from typing import Any, Sequence
+from typing import Any, Callable, Sequence
 
 import jax
 import jax.numpy as jnp
@@ -16,7 +18,7 @@ import numpy as np
 from flax import nnx
 
 from tandem_jax import sharding as shd
-from tandem_jax.decoding import autoregressive, speculative
+from tandem_jax.decoding import autoregressive, output, speculative
 from tandem_jax.decoding.sampling import SamplingParams
 
 METHODS = ("ar", "speed", "tandem", "tandem_speed", "llm_to_slm")
@@ -46,9 +48,9 @@ def _bucket(n: int, quantum: int = 16) -> int:
 
 
 def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, *, k, params,
-            max_new, capacity, trace=False, variable_block=False):
+            max_new, capacity, trace=False, variable_block=False, stream=False):
   models = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
-  common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity)
+  common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity, stream=stream)
   if method == "ar":
     return autoregressive.decode_ar(models["primary"], prompt, plen, max_new_b, key, **common)
   if method == "llm_to_slm":
@@ -65,7 +67,7 @@ def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, 
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity",
-                                                "trace", "variable_block"))
+                                                "trace", "variable_block", "stream"))
 _compiled: dict[Any, Any] = {}
 
 
@@ -123,7 +125,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
              llm_to_slm=None, router=None, max_new_tokens: int | Sequence[int] = 32, block_len: int = 4,
              max_block_len: int | None = None, sampling: SamplingParams = SamplingParams(),
              eos_id: int | None = None, seed: int = 0, threshold: float = 0.8, mesh=None,
-             rules=shd.DEFAULT_RULES, trace: bool = False) -> DecodeResult:
+             rules=shd.DEFAULT_RULES, trace: bool = False,
+             on_tokens: Callable[[list[list[int]]], None] | None = None) -> DecodeResult:
   """Generates continuations of token-id prompts with one of METHODS.
 
   ``block_len`` (γ) is traced. With ``max_block_len`` K > γ (or a router) the program is compiled for every
@@ -131,6 +134,10 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   default) the program has one verify size, K + 1. With ``router`` (K = its cap) the block ends early when the
   predicted acceptance falls below ``threshold``.
   ``trace`` (speculative methods) adds ``stats["trace"]``: per block the drafts, accepted count and primary token.
+  ``on_tokens`` streams: it is called on the host during the run, after the prefill and after loop iterations, with
+  each row's newly emitted tokens (a list per row, possibly empty; calls with nothing new are skipped); per row the
+  concatenation of what it received is ``result.tokens[row]``. Every on_tokens shares one compiled streaming program;
+  streaming calls run one at a time in a process, and an exception raised by on_tokens is re-raised after the run.
   """
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
@@ -172,28 +179,44 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     prompt[i, :len(p)] = p
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
+  if on_tokens is not None and mesh is None:
+    devices = {d for x in jax.tree.leaves(states) if hasattr(x, "sharding") for d in x.sharding.device_set}
+    if len(devices) > 1:
+      raise ValueError(f"on_tokens with models on {len(devices)} devices needs their mesh (mesh=...): without one "
+                       f"the streaming callbacks are ordered, which JAX supports on one device only")
   args = (tuple(states), jnp.asarray(prompt), jnp.asarray(lens, jnp.int32), jnp.asarray(max_new_list, jnp.int32),
           jax.random.key(seed), jnp.int32(block_len), jnp.float32(threshold),
           jnp.int32(-1 if eos_id is None else eos_id))
   statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
                  capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
-                 variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"))
+                 variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"),
+                 stream=on_tokens is not None)
   if mesh is not None:
     batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
 
   def run():
     key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
-           statics["variable_block"], b, p_pad, id(mesh))
+           statics["variable_block"], b, p_pad, id(mesh), statics["stream"])
     t0 = time.perf_counter()
     if key not in _compiled:
       _compiled[key] = _decode_jit.lower(statics["method"], statics["graphdefs"], *args,
                                          **{n: statics[n] for n in ("k", "params", "max_new", "capacity",
-                                                                    "trace", "variable_block")}).compile()
+                                                                    "trace", "variable_block", "stream")}).compile()
     compile_time = time.perf_counter() - t0
-    t1 = time.perf_counter()
-    em, stats = jax.block_until_ready(_compiled[key](*args))
-    return em, stats, time.perf_counter() - t1, compile_time
+    if on_tokens is None:
+      t1 = time.perf_counter()
+      em, stats = jax.block_until_ready(_compiled[key](*args))
+      return em, stats, time.perf_counter() - t1, compile_time
+    with output.streaming(on_tokens, b) as stream:
+      t1 = time.perf_counter()
+      em, stats = jax.block_until_ready(_compiled[key](*args))
+      jax.effects_barrier()  # every callback of the run has reached the host
+      wall = time.perf_counter() - t1
+      stream(em.tokens, em.count)  # whatever the callbacks did not deliver (nothing, normally)
+    if stream.error is not None:
+      raise stream.error
+    return em, stats, wall, compile_time
 
   if mesh is not None:
     with jax.set_mesh(mesh), shd.use_rules(rules):

@@ -21,13 +21,17 @@ def last_logits(logits_btv: jax.Array, lengths_b: jax.Array) -> jax.Array:
 
 
 def ar_loop(step: Callable, cache: kvcache.KVCache, first_logits_bv, max_new_b, key, *, params: sampling.SamplingParams,
-            eos_id, max_new: int):
-  """Samples the first token from ``first_logits`` then steps ``step(tokens_b1, cache) -> (logits_bv, cache)``."""
+            eos_id, max_new: int, stream: bool = False):
+  """Samples the first token from ``first_logits`` then steps ``step(tokens_b1, cache) -> (logits_bv, cache)``.
+
+  With ``stream`` the emitted buffer is published to the host after every append (:func:`output.publish`)."""
   b = first_logits_bv.shape[0]
   key, sub = sampling.split(key, params)
   first, _ = sampling.sample_logits(sub, first_logits_bv, params)
   em = output.append(output.init(b, max_new + 1, max_new_b), first[:, None], jnp.ones((b,), jnp.int32), max_new_b,
                      eos_id)
+  if stream:
+    output.publish(em)
   calls = jnp.ones((b,), jnp.int32)  # the prefill produced the first token
 
   def cond(carry):
@@ -45,6 +49,8 @@ def ar_loop(step: Callable, cache: kvcache.KVCache, first_logits_bv, max_new_b, 
       nxt, _ = sampling.sample_logits(sub, logits, params)
     with jax.named_scope("append"):
       em = output.append(em, nxt[:, None], jnp.ones((b,), jnp.int32), max_new_b, eos_id)
+    if stream:
+      output.publish(em)
     return em, new_cache, nxt, key, calls + active.astype(jnp.int32), it + 1
 
   em, cache, _, _, calls, _ = jax.lax.while_loop(cond, body, (em, cache, first, key, calls, jnp.int32(0)))
@@ -53,7 +59,8 @@ def ar_loop(step: Callable, cache: kvcache.KVCache, first_logits_bv, max_new_b, 
   return em, stats
 
 
-def decode_ar(model, prompt_bt, prompt_len_b, max_new_b, key, *, params, eos_id, max_new: int, capacity: int):
+def decode_ar(model, prompt_bt, prompt_len_b, max_new_b, key, *, params, eos_id, max_new: int, capacity: int,
+              stream: bool = False):
   """The primary alone. ``model`` is a :class:`~tandem_jax.models.Transformer`."""
   cache = model.init_cache(prompt_bt.shape[0], capacity)
   logits, _, cache = model.prefill(prompt_bt, prompt_len_b, cache)
@@ -63,11 +70,11 @@ def decode_ar(model, prompt_bt, prompt_len_b, max_new_b, key, *, params, eos_id,
     return logits[:, 0], cache
 
   return ar_loop(step, cache, last_logits(logits, prompt_len_b), max_new_b, key, params=params, eos_id=eos_id,
-                 max_new=max_new)
+                 max_new=max_new, stream=stream)
 
 
 def decode_llm_to_slm(model, prompt_bt, prompt_len_b, max_new_b, key, *, params, eos_id, max_new: int,
-                      capacity: int):
+                      capacity: int, stream: bool = False):
   """The primary encodes the prompt once; the secondary then decodes alone (:class:`~tandem_jax.models.LLMToSLM`)."""
   cache = model.secondary.init_cache(prompt_bt.shape[0], capacity)
   logits, cache = model.prefill(prompt_bt, prompt_len_b, cache)
@@ -77,7 +84,7 @@ def decode_llm_to_slm(model, prompt_bt, prompt_len_b, max_new_b, key, *, params,
     return logits[:, 0], cache
 
   em, stats = ar_loop(step, cache, last_logits(logits, prompt_len_b), max_new_b, key, params=params, eos_id=eos_id,
-                      max_new=max_new)
+                      max_new=max_new, stream=stream)
   # The primary ran once (the prompt encoding); every token came from the secondary.
   stats = dict(stats, secondary_calls=stats["primary_calls"], primary_calls=jnp.ones_like(stats["primary_calls"]))
   return em, stats

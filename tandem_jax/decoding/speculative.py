@@ -100,12 +100,14 @@ def verify_sizes(max_block_len: int) -> list[int]:
 def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_new_b, key, block_len, *,
                        max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
                        capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False,
-                       variable_block: bool = False):
+                       variable_block: bool = False, stream: bool = False):
   """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling.
 
   ``variable_block`` (static; implied by ``router``) compiles the verify call for every size of
   :func:`verify_sizes` and runs the smallest that holds the block, so γ < K costs a (γ+1)-token verify; without it
   the primary always verifies K + 1 positions (one verify size: the program for γ = K).
+
+  With ``stream`` the emitted buffer is published to the host after every append (:func:`output.publish`).
 
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
@@ -118,6 +120,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   first, _ = sampling.sample_logits(sub, last_logits(logits, prompt_len_b), params)
   ones = jnp.ones((b,), jnp.int32)
   em = output.append(output.init(b, max_new + k + 1, max_new_b), first[:, None], ones, max_new_b, eos_id)
+  if stream:
+    output.publish(em)
   zeros = jnp.zeros((b,), jnp.int32)
   stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32))
   trace_buf = jnp.full((b, max_new if trace else 0, k + 3), -1, jnp.int32)
@@ -218,6 +222,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     new = jnp.where(jnp.arange(k + 1)[None] < accepted[:, None], jnp.pad(drafts, ((0, 0), (0, 1))), nxt[:, None])
     with jax.named_scope("append"):
       em = output.append(em, new, accepted + 1, max_new_b, eos_id)
+    if stream:
+      output.publish(em)
     a = active.astype(jnp.int32)
     stats = Stats(stats.primary_calls + a, stats.secondary_calls + a * calls, stats.drafted + a * n_draft,
                   stats.accepted + a * accepted,

@@ -162,6 +162,24 @@ class HFTokenizer:
   def id_to_piece(self, token_id: int) -> str:
     return self._tok.id_to_token(int(token_id))
 
+  def apply_chat_template(self, messages: Sequence[Mapping[str, str]], add_generation_prompt: bool = True) -> str:
+    """The prompt text of ``messages`` ([{"role": ..., "content": ...}]) under the tokenizer's chat template
+    (rendered with jinja2 in a sandbox, as Hugging Face does). Raises ValueError when there is no template."""
+    if not self.chat_template:
+      raise ValueError("this tokenizer has no chat template")
+    from jinja2.ext import loopcontrols
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+      raise ValueError(f"chat template: {message}")
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[loopcontrols])
+    env.globals["raise_exception"] = raise_exception
+    piece = lambda i: None if i is None else self._tok.id_to_token(int(i))  # noqa: E731
+    return env.from_string(self.chat_template).render(
+        messages=list(messages), add_generation_prompt=add_generation_prompt, bos_token=piece(self._bos_id) or "",
+        eos_token=piece(self._eos_id) or "")
+
   @property
   def fingerprint(self) -> str:
     """sha256 prefix of the pieces in id order (what :func:`check_same_tokenizer` compares)."""

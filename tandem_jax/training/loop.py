@@ -165,7 +165,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
       raise FloatingPointError(f"non-finite {vals} at step {step}")
     checkpoint.save(mngr, step, state, it, force=True)
 
-  writer = MetricWriter(workdir, tr.steps, start)
+  writer = MetricWriter(workdir, tr.steps, start, label=config.stage)
   preemption = Preemption()
   base_key = jax.random.key(tr.seed)
   pending, window, last_train, last_eval, stopped = None, [], {}, {}, False

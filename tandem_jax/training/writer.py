@@ -1,4 +1,4 @@
-"""Metrics out: ``metrics.jsonl`` and TensorBoard events in the workdir, and console progress (process 0 only)."""
+"""Metrics out: ``metrics.jsonl`` and TensorBoard events in the workdir, a progress line (process 0 only)."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import time
 
 import jax
 
+from tandem_jax.progress import Progress, hms
+
 
 class MetricWriter:
-  def __init__(self, workdir: str, total_steps: int, start_step: int = 0):
+  def __init__(self, workdir: str, total_steps: int, start_step: int = 0, label: str = "train"):
     self.enabled = jax.process_index() == 0
     self.total, self.start = total_steps, start_step
     self.t0, self.last_t, self.last_step = time.time(), time.time(), start_step
@@ -20,6 +22,7 @@ class MetricWriter:
       from tensorboardX import SummaryWriter
       self._tb = SummaryWriter(os.path.join(workdir, "tb"))
       self._jsonl = open(os.path.join(workdir, "metrics.jsonl"), "a")
+      self._bar = Progress(total_steps, label, start=start_step)
 
   def write(self, step: int, split: str, metrics: dict) -> None:
     if not self.enabled:
@@ -40,17 +43,13 @@ class MetricWriter:
     timing = {"steps_per_sec": rate}
     if self.enabled:
       shown = " ".join(f"{k}={v:.4g}" for k, v in sorted(metrics.items()))
-      logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self.total, shown, rate, _hms(eta))
+      logging.info("step %d/%d  %s  %.2f steps/s  ETA %s", step, self.total, shown, rate, hms(eta))
+      self._bar.update(step, **{k: metrics[k] for k in ("loss", "accuracy", "agreement") if k in metrics})
     return timing
 
   def close(self):
     if self.enabled:
+      self._bar.close()
       self._jsonl.close()
       self._tb.close()
 
-
-def _hms(seconds: float) -> str:
-  if seconds == float("inf"):
-    return "?"
-  s = int(seconds)
-  return f"{s // 3600}:{s % 3600 // 60:02d}:{s % 60:02d}"
