@@ -433,7 +433,8 @@ def main(argv):
   f = flags.FLAGS
   report = run(f.config, f.topology, decode_batch=f.decode_batch, prompt_len=f.prompt_len,
                max_new_tokens=f.max_new_tokens, block_len=f.block_len, groups=tuple(f.programs),
-               hbm_gib=f.hbm_gib, acceptance=f.acceptance, log=lambda fmt, *a: print(fmt % a, file=sys.stderr, flush=True),
+               hbm_gib=f.hbm_gib, acceptance=f.acceptance,
+               log=lambda fmt, *a: print(fmt % a, file=sys.stderr, flush=True),  # progress; stdout: the report
                decode_mesh_shape=[int(x) for x in f.decode_mesh_shape] or None)
   print(json.dumps(report, indent=1, default=float) if f.json else format_report(report))
   if report["failures"]:

@@ -25,6 +25,8 @@ import statistics
 import sys
 from typing import Any
 
+import numpy as np
+
 from absl import flags
 
 from tandem_jax import cli
@@ -49,6 +51,10 @@ _JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_overri
 _SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
 _COMPARE = flags.DEFINE_bool("compare_ar", False, "also time `ar` and print the speedup", allow_override=True)
 _REPEATS = flags.DEFINE_integer("repeats", 3, "timed repeats per method with --compare_ar (median reported)", allow_override=True)
+_POLICY = flags.DEFINE_enum("policy", "auto", ["auto", "fixed"], "block length of speed / tandem_speed: auto "
+                            "chooses γ in 0..--block_len every iteration from the measured per-call costs and the "
+                            "running acceptance (γ = 0: a plain primary step); fixed drafts --block_len",
+                            allow_override=True)
 _STREAM = flags.DEFINE_bool("stream", False, "print tokens as each block is accepted", allow_override=True)
 _INTERACTIVE = flags.DEFINE_bool("interactive", False, "read prompts from stdin (one per line, until EOF) with the "
                                  "models loaded and compiled once", allow_override=True)
@@ -65,6 +71,7 @@ APPLIES = {
     "threshold": lambda m: m in ("speed", "tandem_speed"),
     "show_drafts": lambda m: m in SPECULATIVE,
     "compare_ar": lambda m: m != "ar",
+    "policy": lambda m: m in ("speed", "tandem_speed"),
 }
 
 
@@ -246,6 +253,22 @@ def _stats_line(method: str, adaptive: bool, s: dict) -> str:
   return line
 
 
+def policy_lines(result) -> list[str]:
+  """The block lengths chosen per iteration (a histogram) and, where speculation was switched off, why."""
+  if "gamma_hist" not in result.stats:
+    return []
+  hist = result.stats["gamma_hist"].sum(0)
+  lines = ["block length γ per iteration: " + ", ".join(f"{g}: {int(n)}" for g, n in enumerate(hist) if n)]
+  if hist[0] and result.costs is not None:
+    t = result.costs
+    v = np.asarray(t.verify_ms)
+    lines.append(f"speculation off (γ = 0) in {int(hist[0])} of {int(hist.sum())} iterations: the running acceptance "
+                 f"estimate was below what a block needs to beat a plain primary step at the measured costs (primary "
+                 f"call {v[1]:.2f} ms for 1 token, {v[2]:.2f} ms for 2; drafter step {float(t.draft_ms):.2f} ms: "
+                 f"break-even α {t.break_even_alpha():.2f} for γ = 1)")
+  return lines
+
+
 def interactive(gen: Generator, method: str, kw: dict, lines=None) -> int:
   """Reads prompts (one per line) until EOF; prints each reply (streamed with --stream) and its stats.
 
@@ -268,7 +291,7 @@ def interactive(gen: Generator, method: str, kw: dict, lines=None) -> int:
     print(("" if _STREAM.value else gen.tokenizer.decode(result.tokens[0])), flush=True)
     stats = _stats_line(method, _ADAPTIVE.value, result.summary)
     if _COMPARE.value:
-      ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold")}
+      ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold", "policy")}
       ar = gen("ar", [prompt], chat=chat, **ar_kw)
       stats += (f"; ar {ar.summary['tokens_per_second']:.1f} tokens/s, speedup {ar.wall_time / result.wall_time:.2f}x"
                 f"{'' if ar.tokens == result.tokens or _TEMP.value > 0 else ' (OUTPUTS DIFFER)'}")
@@ -289,6 +312,10 @@ def main(argv):
   spec = method in SPECULATIVE
   if not spec:
     kw.pop("block_len")
+  if method in ("speed", "tandem_speed"):
+    kw["policy"] = _POLICY.value
+  if _ADAPTIVE.value and not flags.FLAGS["block_len"].present and gen.gamma_max:
+    kw["block_len"] = int(gen.gamma_max)  # the router's γ_max, unless --block_len says otherwise
   if _INTERACTIVE.value:
     interactive(gen, method, kw)
     return
@@ -305,7 +332,7 @@ def main(argv):
   report: dict[str, Any] = dict(method=method, adaptive=_ADAPTIVE.value, summary=result.summary,
                                 compile_seconds=result.compile_time)
   if _COMPARE.value and method != "ar":
-    ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold")}
+    ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold", "policy")}
     gen("ar", prompts, **ar_kw)  # compile
     times = {"ar": [], method: []}
     for _ in range(max(_REPEATS.value, 1)):  # interleaved
@@ -335,6 +362,8 @@ def main(argv):
     print(row.get("draft_stream") or row["text"])
     print()
   print(_stats_line(method, _ADAPTIVE.value, result.summary))
+  for line in policy_lines(result):
+    print(line)
   if "timing" in report:
     t = report["timing"]
     print(f"speedup over ar: {t['speedup_vs_ar']:.2f}x (median of {t['repeats']} interleaved runs on "

@@ -13,6 +13,22 @@ from tandem_jax.models.config import TransformerConfig  # noqa: E402
 jax.config.update("jax_default_matmul_precision", "highest")
 
 
+@pytest.fixture(autouse=True, scope="module")
+def _release_compiled_programs():
+  """Drops every compiled program after each test module.
+
+  Each compiled CPU program maps its code into the process (test_streaming alone leaves ~9,000 memory maps); the
+  whole suite in one process passed the kernel's limit (vm.max_map_count, 65,530 here) and XLA's compiler then died
+  with a segmentation fault in a later compile. Clearing JAX's caches and the decoder's own unmaps them."""
+  yield
+  import gc
+
+  from tandem_jax.decoding import api
+  api._compiled.clear()
+  jax.clear_caches()
+  gc.collect()
+
+
 def tiny_config(**overrides) -> TransformerConfig:
   base = dict(vocab_size=64, d_model=32, num_layers=2, num_heads=4, num_kv_heads=2, head_dim=8, d_ff=64,
               max_seq_len=128)

@@ -102,6 +102,8 @@ CASES = [
      "error: --block_len does not apply to --method=ar"),
     ("generate", ["--workdir=/w", "--method=tandem_speed", "--threshold=0.5", "--prompt=x"],
      "error: --threshold applies only with --adaptive"),
+    ("generate", ["--workdir=/w", "--method=tandem", "--policy=fixed", "--prompt=x"],
+     "error: --policy does not apply to --method=tandem"),
     ("generate", ["--workdir=/w", "--top_k=5", "--prompt=x"],
      "error: --top_k/--top_p apply only when sampling (--temperature > 0)"),
     ("generate", ["--workdir=/w", "--block_len=abc"], "error: flag --block_len=abc: "),

@@ -57,7 +57,10 @@ def test_show_drafts_and_compare(tiny_chain, capsys, tmp_path):
     assert all(b["primary_kind"] in ("bonus", "correction") for b in row["blocks"])
   text = _run(capsys, f"--workdir={wd}", "--method=tandem_speed", "--prompt=We", "--max_new_tokens=8",
               "--compare_ar", "--repeats=1")
-  assert "speedup over ar" in text
+  assert "speedup over ar" in text and "block length γ per iteration: " in text  # the auto policy's choices
+  fixed = _run(capsys, f"--workdir={wd}", "--method=tandem_speed", "--prompt=We", "--max_new_tokens=8",
+               "--policy=fixed", "--block_len=2")
+  assert "block length γ per iteration: 2: " in fixed
 
 
 def _run_error(capsys, *args) -> str:

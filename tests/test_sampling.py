@@ -8,7 +8,7 @@ from flax import nnx
 from jax.scipy.special import gammaincc
 
 from conftest import tiny_config
-from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.decoding import SamplingParams, costs, generate
 from tandem_jax.decoding.sampling import probs, speculative_accept
 from tandem_jax import recipe
 from tandem_jax.models.router import Router
@@ -112,7 +112,9 @@ def test_speculative_sampling_matches_primary_distribution(params):
   cases = [("speed", dict(primary=tandem.primary, drafter=drafter)), ("tandem_speed", dict(tandem=tandem))]
   if not params.top_k:  # the decoding variants, once (the acceptance step is the same code for every params)
     cases += [("tandem_speed", dict(tandem=tandem, router=router, threshold=0.5, max_block_len=3)),
-              ("speed", dict(primary=tandem.primary, drafter=drafter, max_block_len=4))]  # γ < K: switch
+              ("speed", dict(primary=tandem.primary, drafter=drafter, max_block_len=4)),  # γ < K: switch
+              # the auto policy with a table under which the first blocks' rejections switch speculation off
+              ("tandem_speed", dict(tandem=tandem, policy="auto", costs=costs.cost_table([1.0, 1.6, 1.6], 0.01)))]
   if not params.top_k:  # drafters with a draft vocabulary (tandem_jax.recipe): q is 0 off 10 of the 16 tokens
     ids = np.arange(0, vocab, 1)[[0, 1, 2, 4, 5, 7, 9, 11, 12, 14]]
     for kind in ("tandem", "standalone"):
@@ -124,6 +126,8 @@ def test_speculative_sampling_matches_primary_distribution(params):
     out = generate(method, prompts, max_new_tokens=3, block_len=2, sampling=params, seed=11, **kw)
     assert 0 < out.stats["accepted"].sum() < out.stats["drafted"].sum()
     assert chi2_pvalue(joint(out), want) > 1e-3, method
+    if kw.get("policy") == "auto":  # both plain primary steps and drafted blocks ran
+      assert out.stats["gamma_hist"][:, 0].sum() > 0 and out.stats["gamma_hist"][:, 1:].sum() > 0
     drafter = kw.get("drafter", kw.get("tandem").secondary if "tandem" in kw else None)
     if drafter is not None and drafter.cfg.draft_vocab_size:  # the tokens q cannot draft still come out, from p
       off = np.setdiff1d(np.arange(vocab), np.asarray(drafter.draft_ids[...]))

@@ -75,7 +75,8 @@ def ideal_speedup(alpha: float, gamma: int, c: float, verify: float) -> float:
   return float(tokens / (gamma * c + verify))
 
 
-def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
+def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None = None) -> dict:
+  """Tables 2 and 4. ``costs`` (the per-call table, by batch) gives the ``auto`` policy's cost tables."""
   d = bench.decode
   k = max(int(g) for g in d.gammas)
   table2, table4 = {}, {}
@@ -96,12 +97,19 @@ def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
                                                  **common)
         cells[f"tandem_speed@{g}"] = timing.decode_cell("tandem_speed", ps, b, g,
                                                         models=dict(tandem=models["tandem"]), **common)
+      table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], k) if costs else None
+      cells["auto"] = timing.decode_cell("tandem_speed", ps, b, k, models=dict(tandem=models["tandem"]),
+                                         policy="auto", costs=table, **common)
       res = timing.interleaved(cells, int(d.repeats))
       row = {"ar": timing.summarize(res["ar"]), "prompts": len(ps), "batch": b, "temperature": float(temp)}
       for m in ("speed", "tandem_speed"):
         row[m] = {int(g): timing.summarize(res[f"{m}@{g}"], res["ar"]["times"]) for g in d.gammas}
       row["best_gamma"] = {m: max(d.gammas, key=lambda g, m=m: row[m][int(g)]["speedup"]) for m in
                            ("speed", "tandem_speed")}
+      row["auto"] = dict(timing.summarize(res["auto"], res["ar"]["times"]),
+                         gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
+                         vs_best_fixed=float(np.median(res[f"tandem_speed@{row['best_gamma']['tandem_speed']}"]
+                                                       ["times"]) / np.median(res["auto"]["times"])))
       table2[name] = row
       if b == 1:
         g = int(row["best_gamma"]["tandem_speed"])
@@ -116,6 +124,13 @@ def decode_tables(bench, models: dict, prompts, tune_prompts) -> dict:
         tune = timing.interleaved({t: adaptive(t, tune_prompts) for t in taus}, 1)
         tau = min(taus, key=lambda t: float(np.median(tune[t]["times"])))
         cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
+        if costs:  # the router inside the auto policy: γ per iteration from the costs, the router's stop within it
+          t4table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], kmax) if kmax <= k else None
+          if t4table is not None:
+            cells4["adaptive_auto"] = timing.decode_cell("tandem_speed", ps, b, kmax,
+                                                         models=dict(tandem=models["tandem"]),
+                                                         router=models["router"], threshold=tau, policy="auto",
+                                                         costs=t4table, **dict(common, k=kmax))
         res4 = timing.interleaved(cells4, int(d.repeats))
         t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
         t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
@@ -215,13 +230,22 @@ def markdown(r: dict) -> str:
       lines.append(f"| {g} | {_f(s['speedup'], '{:.2f}x')} | {_f(t['speedup'], '{:.2f}x')} | "
                    f"{_f(s['tokens_per_primary_call'], '{:.2f}')} | {_f(t['tokens_per_primary_call'], '{:.2f}')} | "
                    f"{_f(s.get('alpha'))} | {_f(t.get('alpha'))} |")
+    if "auto" in row:
+      a = row["auto"]
+      hist = ", ".join(f"{g}: {n}" for g, n in enumerate(a["gamma_hist"]) if n)
+      lines.append(f"| auto (≤ {len(a['gamma_hist']) - 1}) | | {_f(a['speedup'], '{:.2f}x')} | | "
+                   f"{_f(a['tokens_per_primary_call'], '{:.2f}')} | | {_f(a.get('alpha'))} |")
+      lines += ["", f"auto: tandem_speed with γ chosen per iteration from the per-call costs above (γ per iteration: "
+                f"{hist}); {_f(a['vs_best_fixed'], '{:.2f}x')} the best fixed γ"]
     lines.append("")
   lines += ["## Table 4: adaptive γ and Leviathan's ideal", ""]
   for name, t4 in r["table4"].items():
     lines.append(f"{name}: adaptive (router, K = {t4['gamma_max']}, τ = {t4['threshold']}) "
                  f"{_f(t4['adaptive'].get('speedup'), '{:.2f}x')} over ar, fixed γ = {t4['fixed_gamma']} "
                  f"{_f(t4['fixed'].get('speedup'), '{:.2f}x')}; adaptive / fixed "
-                 f"{_f(t4['speedup_adaptive_vs_fixed'], '{:.2f}')}  ")
+                 f"{_f(t4['speedup_adaptive_vs_fixed'], '{:.2f}')}"
+                 + (f"; router inside the auto policy {_f(t4['adaptive_auto'].get('speedup'), '{:.2f}x')}"
+                    if "adaptive_auto" in t4 else "") + "  ")
   lines += ["", "| setting | method | γ | α | c | verify cost (steps) | ideal | ideal (verify = 1) | realized | "
             "realized / ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, rows in r["leviathan"].items():
@@ -277,7 +301,7 @@ def run(bench, workdir: str, command: str = "") -> dict:
   _say("[benchmark] phase decode: Tables 2 and 4, timed decoding")
   t0 = time.perf_counter()
   before = machine()
-  tables = decode_tables(bench, models, prompts, tune_prompts)
+  tables = decode_tables(bench, models, prompts, tune_prompts, costs)
   phases["decode"] = time.perf_counter() - t0
   phases["total"] = time.perf_counter() - t_all
   training = {n: v for n, v in trained.items() if n != "paths"}

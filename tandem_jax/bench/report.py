@@ -97,6 +97,13 @@ def markdown(r: dict, plots: list[str]) -> str:
                f"{s['tokens_per_primary_call']:.2f} | {_f(s['alpha'])} | {t['speedup']:.3f} "
                f"({_spread(t['speedup_per_round'], 1, '{:.2f}')}) | {t['tokens_per_primary_call']:.2f} | "
                f"{_f(t['alpha'])} |")
+    if "auto" in row:
+      a = row["auto"]
+      hist = ", ".join(f"{g}: {n}" for g, n in enumerate(a["gamma_hist"]) if n)
+      L += [f"| auto (≤ {a['gamma_max']}) | | | | {a['speedup']:.3f} ({_spread(a['speedup_per_round'], 1, '{:.2f}')}) "
+            f"| {a['tokens_per_primary_call']:.2f} | |", "",
+            f"auto: tandem_speed with γ chosen per iteration from the per-call costs (γ per iteration: {hist}); "
+            f"{a['vs_best_fixed']:.2f}x the best fixed γ."]
     L.append("")
 
   L += ["## Table 3: standalone Tandem against the mid-size model", "",

@@ -57,7 +57,9 @@ def tune_threshold(bench, cell_for, tune_prompts) -> dict:
   return dict(chosen=min(taus, key=lambda t: med[t]), seconds=med, prompts=len(tune_prompts))
 
 
-def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
+def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict | None = None) -> dict:
+  """Tables 2-4. ``costs`` (the per-call table by batch) gives Table 2's ``auto`` cell its cost table (the
+  standalone secondary's step stands for the Tandem secondary's: the toy presets give both the same shape)."""
   d, k = bench.decode, int(bench.gamma_max)
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
@@ -77,12 +79,21 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None) -> dict:
                                                  **common)
         cells[f"tandem_speed@{g}"] = timing.decode_cell("tandem_speed", ps, b, g, models=dict(tandem=tandem),
                                                         **common)
+      if costs:
+        table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k)
+        cells["auto"] = timing.decode_cell("tandem_speed", ps, b, k, models=dict(tandem=tandem), policy="auto",
+                                           costs=table, **common)
       res = timing.interleaved(cells, int(d.repeats))
       ar_times = res["ar"]["times"]
       row = {"ar": timing.summarize(res["ar"]), "prompts": len(ps), "batch": b, "temperature": float(temp)}
       for m in ("speed", "tandem_speed"):
         row[m] = {g: timing.summarize(res[f"{m}@{g}"], ar_times) for g in d.gammas}
       row["best_gamma"] = {m: _best(row, m, d.gammas) for m in ("speed", "tandem_speed")}
+      if "auto" in res:
+        best = res[f"tandem_speed@{row['best_gamma']['tandem_speed']}"]["times"]
+        row["auto"] = dict(timing.summarize(res["auto"], ar_times), gamma_max=k,
+                           gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
+                           vs_best_fixed=float(np.median(best) / np.median(res["auto"]["times"])))
       table2[name] = row
       if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
         g = row["best_gamma"]["tandem_speed"]
@@ -209,7 +220,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
   phases["costs"] = time.perf_counter() - t0
   say("[benchmark] phase decode: Tables 2-4, timed decoding")
   t1 = time.perf_counter()
-  tables = decode_tables(bench, models, prompts, tune_prompts)
+  tables = decode_tables(bench, models, prompts, tune_prompts, costs)
   phases["decode"] = time.perf_counter() - t1
   machine_after = machine()
 

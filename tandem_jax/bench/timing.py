@@ -4,18 +4,14 @@ per-call microbenchmark of the models (the cost ratio c and the block-verify cos
 
 from __future__ import annotations
 
-import functools
 import logging
-import statistics
 import time
 from typing import Callable
 
-import jax
-import jax.numpy as jnp
 import numpy as np
-from flax import nnx
 
 from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.decoding.costs import call_ms, spread  # noqa: F401 - the benchmark's per-call table
 
 
 def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int]]:
@@ -69,10 +65,6 @@ def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str
   return out
 
 
-def spread(xs) -> dict:
-  return dict(min=float(min(xs)), median=float(statistics.median(xs)), max=float(max(xs)))
-
-
 def alpha_mle(run: dict) -> float:
   """Per-draft acceptance α from a fixed-γ run: accepted / (accepted + rejections), a block being a rejection when
   it accepted fewer drafts than it drafted (each draft position is a Bernoulli(α) trial until the first reject)."""
@@ -108,8 +100,11 @@ def summarize(cell: dict, ar_times: list[float] | None = None) -> dict:
 
 
 def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: dict, sampling: SamplingParams,
-                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8) -> Callable[..., dict]:
+                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8, policy: str = "fixed",
+                costs=None) -> Callable[..., dict]:
   kw = dict(models, max_new_tokens=max_new, sampling=sampling, seed=seed, eos_id=None)
+  if policy != "fixed":  # γ chosen per iteration up to ``gamma`` from the cost table (decoding.costs)
+    kw.update(policy=policy, costs=costs)
   if gamma is not None:
     # Every γ <= K runs one program per method compiled for K (γ = K its own, with one verify size): a γ < K
     # block verifies γ + 1 tokens (speculative.verify_sizes), so one compile serves the whole γ sweep. The adaptive
@@ -123,7 +118,7 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
       return run_batches(method, prompts[:batch], batch, **kw)
     run = run_batches(method, prompts, batch, **kw)
     run["rows"] = len(prompts)  # the prefill counted once per row in primary_calls
-    if gamma is not None and router is None and "block_hist" in run:
+    if gamma is not None and router is None and policy == "fixed" and "block_hist" in run:
       run["full_blocks"] = int(np.asarray(run["block_hist"])[int(gamma) + 1:].sum())
     return run
 
@@ -131,40 +126,11 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 
 
 # -- per-call costs ---------------------------------------------------------------------------------------------
-@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
-def _extend_loop(graphdef, state, cache, tokens_bk, n: int):
-  """``n`` cached calls on k tokens per row at a fixed cache fill; each call's output feeds the next (no DCE).
-
-  Every position's logits feed the next tokens, as a verify call needs them all: reading only the last position
-  let XLA slice the output layer down to one row and under-count a k-token call.
-  A max over the vocabulary is the cheapest full read (an argmax costs more than a small drafter's step on CPU).
-  """
-  model = nnx.merge(graphdef, state)
-  fill = cache.lengths
-
-  def body(_, carry):
-    cache, tok = carry
-    logits, _, cache = model.extend(tok, cache)
-    nxt = (jnp.max(logits, -1) > 0).astype(jnp.int32)  # [B, k]
-    return cache.with_lengths(fill), nxt
-
-  _, tok = jax.lax.fori_loop(0, n, body, (cache, tokens_bk))
-  return tok
-
-
-def call_ms(model, batch: int, k: int, *, capacity: int, fill: int, calls: int, repeats: int) -> dict:
-  """Milliseconds per cached ``extend`` call of k tokens per row (median, min, max over repeats)."""
-  graphdef, state = nnx.split(model)
-  cache = model.init_cache(batch, capacity)
-  cache = cache.with_lengths(jnp.full((batch,), fill, jnp.int32))
-  tokens = jnp.ones((batch, k), jnp.int32)
-  jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))  # compile + warm-up
-  times = []
-  for _ in range(repeats):
-    t0 = time.perf_counter()
-    jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))
-    times.append((time.perf_counter() - t0) / calls * 1e3)
-  return spread(times)
+def cost_table(primary_ms: dict, drafter_ms: dict, k: int):
+  """The decode loop's :class:`~tandem_jax.decoding.costs.CostTable` from this module's per-call table (medians):
+  ``primary_ms`` {size: spread} for sizes 1..k+1, ``drafter_ms`` {1: spread}."""
+  from tandem_jax.decoding.costs import cost_table as make
+  return make([primary_ms[s]["median"] for s in range(1, k + 2)], drafter_ms[1]["median"])
 
 
 def call_costs(models: dict, batches, k_max: int, *, capacity: int, fill: int, calls: int, repeats: int) -> dict:

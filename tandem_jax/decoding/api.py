@@ -19,6 +19,7 @@ from flax import nnx
 
 from tandem_jax import sharding as shd
 from tandem_jax.decoding import autoregressive, output, speculative
+from tandem_jax.decoding import costs as costs_lib
 from tandem_jax.decoding.sampling import SamplingParams
 
 METHODS = ("ar", "speed", "tandem", "tandem_speed", "llm_to_slm")
@@ -30,6 +31,7 @@ class DecodeResult:
   stats: dict[str, np.ndarray]     # per-row counters (see Stats in speculative.py)
   wall_time: float                 # seconds for the compiled call (compilation excluded)
   compile_time: float              # seconds spent compiling in this call (0 when cached)
+  costs: costs_lib.CostTable | None = None  # the cost table the "auto" policy read
 
   @property
   def summary(self) -> dict[str, float]:
@@ -47,8 +49,8 @@ def _bucket(n: int, quantum: int = 16) -> int:
   return -(-n // quantum) * quantum
 
 
-def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, *, k, params,
-            max_new, capacity, trace=False, variable_block=False, stream=False):
+def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, cost_table=None, *,
+            k, params, max_new, capacity, trace=False, variable_block=False, stream=False, policy="fixed"):
   models = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity, stream=stream)
   if method == "ar":
@@ -63,11 +65,12 @@ def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, 
   return speculative.decode_speculative(primary, drafter, prompt, plen, max_new_b, key, block_len,
                                         max_block_len=k, accept_all=(method == "tandem"),
                                         router=models.get("router"), threshold=threshold, trace=trace,
-                                        variable_block=variable_block, **common)
+                                        variable_block=variable_block, policy=policy, cost_table=cost_table,
+                                        **common)
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity",
-                                                "trace", "variable_block", "stream"))
+                                                "trace", "variable_block", "stream", "policy"))
 _compiled: dict[Any, Any] = {}
 
 
@@ -113,6 +116,21 @@ def lower(method: str, models: dict, *, batch_size: int, prompt_len: int, max_ne
     return fn()
 
 
+def _check_router(router, models) -> None:
+  """A router reads the drafter's top-k output embeddings: refuse one trained for another drafter's width."""
+  drafter = models["tandem"].secondary if "tandem" in models else models.get("drafter")
+  if drafter is None:
+    return
+  width, size = drafter.cfg.d_model, drafter.cfg.output_size
+  want = 1 + router.top_k + router.top_k * width
+  if router.hidden.in_features != want:
+    have = (router.hidden.in_features - 1 - router.top_k) // router.top_k
+    raise ValueError(f"the router reads drafter embeddings of width {have}, this drafter's are {width}: a router "
+                     "works with the drafter it was trained on (its tandem's secondary)")
+  if router.top_k > size:
+    raise ValueError(f"the router reads the top {router.top_k} drafts but the drafter has {size} outputs")
+
+
 def _main_and_drafter_cfgs(models):
   if "tandem" in models:
     return models["tandem"].primary.cfg, models["tandem"].secondary.cfg
@@ -126,7 +144,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
              max_block_len: int | None = None, sampling: SamplingParams = SamplingParams(),
              eos_id: int | None = None, seed: int = 0, threshold: float = 0.8, mesh=None,
              rules=shd.DEFAULT_RULES, trace: bool = False,
-             on_tokens: Callable[[list[list[int]]], None] | None = None) -> DecodeResult:
+             on_tokens: Callable[[list[list[int]]], None] | None = None, policy: str = "fixed",
+             costs: costs_lib.CostTable | None = None) -> DecodeResult:
   """Generates continuations of token-id prompts with one of METHODS.
 
   ``block_len`` (γ) is traced. With ``max_block_len`` K > γ (or a router) the program is compiled for every
@@ -134,6 +153,10 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   default) the program has one verify size, K + 1. With ``router`` (K = its cap) the block ends early when the
   predicted acceptance falls below ``threshold``.
   ``trace`` (speculative methods) adds ``stats["trace"]``: per block the drafts, accepted count and primary token.
+  ``policy`` (``speed``, ``tandem_speed``): "fixed" drafts ``block_len`` per block; "auto" chooses γ in
+  0..block_len every iteration from running acceptance estimates and ``costs`` (a
+  :class:`~tandem_jax.decoding.costs.CostTable` for K = max_block_len; measured once per process by
+  :func:`~tandem_jax.decoding.costs.calibrate` when not given); ``stats["gamma_hist"]`` counts the choices.
   ``on_tokens`` streams: it is called on the host during the run, after the prefill and after loop iterations, with
   each row's newly emitted tokens (a list per row, possibly empty; calls with nothing new are skipped); per row the
   concatenation of what it received is ``result.tokens[row]``. Every on_tokens shares one compiled streaming program;
@@ -153,6 +176,12 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     raise ValueError(f"block_len {block_len} exceeds max_block_len {k}")
   if not 0.0 <= threshold <= 1.0:
     raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+  if policy not in ("fixed", "auto"):
+    raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
+  if policy == "auto" and method not in ("speed", "tandem_speed"):
+    raise ValueError(f"policy 'auto' applies to 'speed' and 'tandem_speed', not {method!r}")
+  if router is not None:
+    _check_router(router, models)
   if not prompts:
     raise ValueError("no prompts given")
   lens = [len(p) for p in prompts]
@@ -177,6 +206,16 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   prompt = np.zeros((b, p_pad), np.int32)
   for i, p in enumerate(prompts):
     prompt[i, :len(p)] = p
+  if policy == "auto":
+    if costs is None:
+      draft_model = models["tandem"].secondary if "tandem" in models else models["drafter"]
+      primary_model = models["tandem"].primary if "tandem" in models else models["primary"]
+      costs = costs_lib.calibrate(primary_model, draft_model, b, k, capacity)
+    if costs.max_block_len != k:
+      raise ValueError(f"the cost table covers blocks up to {costs.max_block_len} drafts, the program {k}: "
+                       "calibrate it for this max_block_len")
+  else:
+    costs = None
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
   if on_tokens is not None and mesh is None:
@@ -186,23 +225,24 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                        f"the streaming callbacks are ordered, which JAX supports on one device only")
   args = (tuple(states), jnp.asarray(prompt), jnp.asarray(lens, jnp.int32), jnp.asarray(max_new_list, jnp.int32),
           jax.random.key(seed), jnp.int32(block_len), jnp.float32(threshold),
-          jnp.int32(-1 if eos_id is None else eos_id))
+          jnp.int32(-1 if eos_id is None else eos_id), costs)
   statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
                  capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
                  variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"),
-                 stream=on_tokens is not None)
+                 stream=on_tokens is not None, policy=policy)
   if mesh is not None:
     batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
 
   def run():
     key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
-           statics["variable_block"], b, p_pad, id(mesh), statics["stream"])
+           statics["variable_block"], b, p_pad, id(mesh), statics["stream"], policy)  # tests read [-2]: stream
     t0 = time.perf_counter()
     if key not in _compiled:
       _compiled[key] = _decode_jit.lower(statics["method"], statics["graphdefs"], *args,
                                          **{n: statics[n] for n in ("k", "params", "max_new", "capacity",
-                                                                    "trace", "variable_block", "stream")}).compile()
+                                                                    "trace", "variable_block", "stream",
+                                                                    "policy")}).compile()
     compile_time = time.perf_counter() - t0
     if on_tokens is None:
       t1 = time.perf_counter()
@@ -226,4 +266,4 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   tokens_np, count = np.asarray(em.tokens), np.asarray(em.count)
   return DecodeResult(tokens=[tokens_np[i, :count[i]].tolist() for i in range(b)],
                       stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
-                      compile_time=compile_time)
+                      compile_time=compile_time, costs=costs)

@@ -11,7 +11,12 @@ has processed; the pending token t at position n was sampled from the primary bu
    (standalone Tandem, §1.5) instead accepts every draft and takes the primary's free token;
 4. the primary's cache is rolled back to n + 1 + n_acc; the drafter is told (Tandem commits the primary's hidden
    states of the accepted positions into the secondary's projected slot).
-Rows that finished stop advancing; the loop ends when every row is done.
+Rows that finished stop advancing and drafting; the loop ends when every row is done.
+
+Block length policy: ``fixed`` drafts γ = ``block_len`` every iteration (the router may stop earlier); ``auto``
+chooses γ in 0..block_len each iteration from running per-row acceptance estimates and a cost table
+(:mod:`tandem_jax.decoding.costs`), γ = 0 being a plain primary step (the drafter still reads the pending token,
+so its state stays in sync).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tandem_jax.decoding import costs as costs_lib
 from tandem_jax.decoding import output, sampling
 from tandem_jax.decoding.autoregressive import last_logits
 
@@ -88,19 +94,22 @@ class Stats(NamedTuple):
   drafted: jax.Array          # [B] drafts proposed
   accepted: jax.Array         # [B] drafts accepted
   block_hist: jax.Array       # [B, K+2] count of iterations that emitted j tokens (j = accepted + 1)
+  gamma_hist: jax.Array       # [B, K+1] count of iterations whose block length (drafts allowed) was γ
+  drafter_steps: jax.Array    # [B] drafter calls the batch ran while the row was active (wasted ones included)
 
 
-def verify_sizes(max_block_len: int) -> list[int]:
+def verify_sizes(max_block_len: int, with_plain_step: bool = False) -> list[int]:
   """Block sizes a variable-length program compiles its verify call for: every size up to 9 (where a verify's cost
-  still grows with its length on CPU), then K + 1."""
+  still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0, the ``auto`` policy)."""
   k = int(max_block_len)
-  return sorted({*range(2, min(k + 1, 9) + 1), k + 1})
+  return sorted({*range(1 if with_plain_step else 2, min(k + 1, 9) + 1), k + 1})
 
 
 def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_new_b, key, block_len, *,
                        max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
                        capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False,
-                       variable_block: bool = False, stream: bool = False):
+                       variable_block: bool = False, stream: bool = False, policy: str = "fixed",
+                       cost_table: costs_lib.CostTable | None = None):
   """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling.
 
   ``variable_block`` (static; implied by ``router``) compiles the verify call for every size of
@@ -109,9 +118,17 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
 
   With ``stream`` the emitted buffer is published to the host after every append (:func:`output.publish`).
 
+  ``policy`` (static): "fixed" or "auto" (needs ``cost_table``, traced: γ chosen per iteration up to ``block_len``,
+  see the module docstring; implies the variable-size verify, with a 1-token call for γ = 0).
+
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
   """
+  if policy not in ("fixed", "auto"):
+    raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
+  if policy == "auto" and cost_table is None:
+    raise ValueError("policy 'auto' needs a cost table (tandem_jax.decoding.costs.calibrate)")
+  auto = policy == "auto"
   b, k, vocab = prompt_bt.shape[0], max_block_len, primary.cfg.vocab_size
   cache_l = primary.init_cache(b, capacity)
   logits, hidden, cache_l = primary.prefill(prompt_bt, prompt_len_b, cache_l, return_hidden=drafter.needs_hidden)
@@ -123,13 +140,15 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   if stream:
     output.publish(em)
   zeros = jnp.zeros((b,), jnp.int32)
-  stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32))
+  stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32), jnp.zeros((b, k + 1), jnp.int32), zeros)
+  counts = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))  # decayed accepted / rejection counts
   trace_buf = jnp.full((b, max_new if trace else 0, k + 3), -1, jnp.int32)
   prev = jnp.take_along_axis(prompt_bt, (prompt_len_b - 1)[:, None], 1)[:, 0]
   block_len = jnp.clip(jnp.asarray(block_len, jnp.int32), 1, k)
 
-  def draft(dstate, prev, pending, n, key):
-    """Up to K drafts per row; rows stop at block_len or when the router predicts a rejection.
+  def draft(dstate, prev, pending, n, key, gamma, active):
+    """Up to ``gamma`` (<= K) drafts per active row; rows stop there or when the router predicts a rejection.
+    Finished rows (``active`` False) do not draft, so they never keep the drafting loop running.
 
     The first draft is peeled out of the loop so that every loop iteration is exactly one drafter step (no
     ``lax.cond`` around the step, which would make XLA copy the drafter's cache)."""
@@ -146,7 +165,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       if q is not None:  # greedy acceptance needs only the drafts
         q = q.at[:, g].set(qg)
       n_draft = n_draft + drafting.astype(jnp.int32)
-      keep = drafting & (g + 1 < block_len)
+      keep = drafting & (g + 1 < gamma)
       if router is not None:
         keep = keep & (router.accept_prob(logits, drafter.embed, params.greedy) >= threshold)
       return d, key, keep, n_draft, drafts, q
@@ -154,7 +173,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     with jax.named_scope("draft"):
       logits, dstate = drafter.begin(dstate, prev, pending, n)
     q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
-    d, key, keep, n_draft, drafts, q = record(0, logits, key, jnp.ones((b,), bool), zeros,
+    d, key, keep, n_draft, drafts, q = record(0, logits, key, active & (gamma > 0), zeros,
                                               jnp.zeros((b, k), jnp.int32), q)
 
     def cond(c):
@@ -170,13 +189,13 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       return g + 1, d, dstate, key, keep, n_draft, drafts, q, calls
 
     init = (jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones)
-    _, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
-    return dstate, n_draft, drafts, q, calls
+    steps, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
+    return dstate, n_draft, drafts, q, calls, steps
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
   # positions; acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
-  sizes = verify_sizes(k)
-  variable = (router is not None or variable_block) and len(sizes) > 1
+  sizes = verify_sizes(k, with_plain_step=auto)
+  variable = (router is not None or variable_block or auto) and len(sizes) > 1
 
   def verify_call(size):
     def call(block, cache_l):
@@ -193,11 +212,15 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     return jnp.any(~em.done) & (it < max_new)
 
   def body(c):
-    em, cache_l, dstate, prev, pending, stats, trace_buf, key, it = c
+    em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it = c
     active = ~em.done
     n = cache_l.lengths
     key, k_draft, k_accept = sampling.split(key, params, 3)
-    dstate, n_draft, drafts, q, calls = draft(dstate, prev, pending, n, k_draft)
+    if auto:
+      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts), active, cost_table, k, cap=block_len)
+    else:
+      gamma = block_len
+    dstate, n_draft, drafts, q, calls, steps = draft(dstate, prev, pending, n, k_draft, gamma, active)
     block = jnp.concatenate([pending[:, None], drafts], 1)
     with jax.named_scope("verify"):
       if not variable:
@@ -227,7 +250,11 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     a = active.astype(jnp.int32)
     stats = Stats(stats.primary_calls + a, stats.secondary_calls + a * calls, stats.drafted + a * n_draft,
                   stats.accepted + a * accepted,
-                  stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32))
+                  stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32),
+                  stats.gamma_hist + a[:, None] * jax.nn.one_hot(gamma, k + 1, dtype=jnp.int32),
+                  stats.drafter_steps + a * steps)
+    if auto:
+      counts = costs_lib.update_counts(accepted, accepted < n_draft, n_draft, active, *counts)
     new_prev = jnp.where(accepted > 0, jnp.take_along_axis(drafts, jnp.maximum(accepted - 1, 0)[:, None], 1)[:, 0],
                          pending)
     prev = jnp.where(active, new_prev, prev)
@@ -235,10 +262,10 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     if trace:
       row = jnp.concatenate([drafts, n_draft[:, None], accepted[:, None], nxt[:, None]], 1)
       trace_buf = trace_buf.at[:, it].set(jnp.where(active[:, None], row, -1))
-    return em, cache_l, dstate, prev, pending, stats, trace_buf, key, it + 1
+    return em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it + 1
 
-  carry = (em, cache_l, dstate, prev, first, stats, trace_buf, key, jnp.int32(0))
-  em, *_, stats, trace_buf, _, _ = jax.lax.while_loop(cond, body, carry)
+  carry = (em, cache_l, dstate, prev, first, stats, counts, trace_buf, key, jnp.int32(0))
+  em, *_, stats, _, trace_buf, _, _ = jax.lax.while_loop(cond, body, carry)
   out = stats._asdict()
   if trace:
     out["trace"] = trace_buf

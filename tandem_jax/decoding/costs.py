@@ -1,0 +1,147 @@
+"""What a decode step costs, and the block length that pays: the cost table the ``auto`` policy reads.
+
+:func:`call_ms` times a model's cached ``extend`` call of k tokens per row (a compiled loop of calls at a fixed cache
+fill; the benchmark's per-call table uses it too). :func:`calibrate` measures, once per (models, batch, K, capacity)
+in a process, the primary's call for every verify size 1..K+1 and one drafter step: a :class:`CostTable`.
+
+:func:`choose_gamma` is what the decode loop does with it each iteration (traced, inside ``lax.while_loop``): with
+per-row acceptance estimates α_r, a block of γ drafts yields Σ_r (1 - α_r^{γ+1}) / (1 - α_r) tokens for the active
+rows (Leviathan et al., Thm 3.8, per row) and costs max(γ, 1) drafter steps + one verify call of γ + 1 tokens (the
+drafter always reads the pending token, so γ = 0, a plain primary step, keeps its state in sync); the γ with the
+most tokens per millisecond wins.
+"""
+
+from __future__ import annotations
+
+import functools
+import statistics
+import time
+from typing import NamedTuple
+
+import jax
+import jax.numpy as jnp
+import numpy as np
+from flax import nnx
+
+# Running acceptance estimate per row: α = (A + PRIOR_ACCEPT) / (A + R + PRIOR_ACCEPT + PRIOR_REJECT), where A and R
+# count accepted drafts and rejection events (a block that stopped short of its drafts), both decayed by DECAY each
+# iteration. Without drafts the estimate drifts back to the prior (0.5), so a row whose speculation was switched off
+# is probed again after a few iterations.
+PRIOR_ACCEPT, PRIOR_REJECT, DECAY = 1.0, 1.0, 0.8
+
+
+class CostTable(NamedTuple):
+  verify_ms: jax.Array  # [K+2] float32: ms of one primary call of s tokens per row at index s (index 0 unused)
+  draft_ms: jax.Array   # [] float32: ms of one drafter step
+
+  @property
+  def max_block_len(self) -> int:
+    return int(np.shape(self.verify_ms)[0]) - 2
+
+  def break_even_alpha(self) -> float:
+    """The acceptance below which one draft (γ = 1) yields fewer tokens per ms than a plain primary step."""
+    v = np.asarray(self.verify_ms, np.float64)
+    c = float(self.draft_ms)
+    return float((c + v[2]) / (c + v[1]) - 1.0)
+
+  def as_dict(self) -> dict:
+    return dict(verify_ms=[float(x) for x in np.asarray(self.verify_ms)[1:]], draft_ms=float(self.draft_ms))
+
+
+def cost_table(verify_ms, draft_ms: float) -> CostTable:
+  """A table from plain numbers: ``verify_ms`` [K+1] (sizes 1..K+1) or {size: ms}; ``draft_ms`` one drafter step."""
+  if isinstance(verify_ms, dict):
+    verify_ms = [float(verify_ms[s]) for s in sorted(verify_ms)]
+  v = np.asarray([0.0] + [float(x) for x in verify_ms], np.float32)
+  if len(v) < 3 or np.any(v[1:] <= 0) or draft_ms < 0:
+    raise ValueError(f"a cost table needs positive verify costs for sizes 1..K+1 (K >= 1) and a drafter cost >= 0, "
+                     f"got verify_ms={list(verify_ms)}, draft_ms={draft_ms}")
+  return CostTable(jnp.asarray(v), jnp.float32(draft_ms))
+
+
+@functools.partial(jax.jit, static_argnames=("graphdef", "n"))
+def _extend_loop(graphdef, state, cache, tokens_bk, n: int):
+  """``n`` cached calls on k tokens per row at a fixed cache fill; each call's output feeds the next (no DCE).
+
+  Every position's logits feed the next tokens, as a verify call needs them all: reading only the last position
+  let XLA slice the output layer down to one row and under-count a k-token call.
+  A max over the vocabulary is the cheapest full read (an argmax costs more than a small drafter's step on CPU).
+  """
+  model = nnx.merge(graphdef, state)
+  fill = cache.lengths
+
+  def body(_, carry):
+    cache, tok = carry
+    logits, _, cache = model.extend(tok, cache)
+    nxt = (jnp.max(logits, -1) > 0).astype(jnp.int32)  # [B, k]
+    return cache.with_lengths(fill), nxt
+
+  _, tok = jax.lax.fori_loop(0, n, body, (cache, tokens_bk))
+  return tok
+
+
+def spread(xs) -> dict:
+  return dict(min=float(min(xs)), median=float(statistics.median(xs)), max=float(max(xs)))
+
+
+def call_ms(model, batch: int, k: int, *, capacity: int, fill: int, calls: int, repeats: int) -> dict:
+  """Milliseconds per cached ``extend`` call of k tokens per row (median, min, max over repeats)."""
+  graphdef, state = nnx.split(model)
+  cache = model.init_cache(batch, capacity)
+  cache = cache.with_lengths(jnp.full((batch,), fill, jnp.int32))
+  tokens = jnp.ones((batch, k), jnp.int32)
+  jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))  # compile + warm-up
+  times = []
+  for _ in range(repeats):
+    t0 = time.perf_counter()
+    jax.block_until_ready(_extend_loop(graphdef, state, cache, tokens, calls))
+    times.append((time.perf_counter() - t0) / calls * 1e3)
+  return spread(times)
+
+
+_calibrated: dict = {}
+
+
+def calibrate(primary, drafter_model, batch: int, max_block_len: int, capacity: int, *, calls: int = 8,
+              repeats: int = 3) -> CostTable:
+  """The cost table of these models at this batch size, measured once per process (medians; a few seconds of
+  compiles and calls). ``drafter_model``: the standalone drafter, or a Tandem's secondary."""
+  key = (id(primary), id(drafter_model), batch, max_block_len, capacity)
+  if key not in _calibrated:
+    fill = capacity // 2
+    kw = dict(capacity=capacity, fill=fill, calls=calls, repeats=repeats)
+    verify = [call_ms(primary, batch, s, **kw)["median"] for s in range(1, max_block_len + 2)]
+    _calibrated[key] = cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
+  return _calibrated[key]
+
+
+def expected_tokens(alpha_b: jax.Array, max_block_len: int) -> jax.Array:
+  """[B, K+1]: expected tokens of a block of γ = 0..K drafts per row, Σ_{i<=γ} α^i."""
+  powers = alpha_b[:, None] ** jnp.arange(max_block_len + 1, dtype=jnp.float32)[None]
+  return jnp.cumsum(powers, axis=-1)
+
+
+def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_block_len: int,
+                 cap=None) -> jax.Array:
+  """The γ in 0..min(K, cap) with the most expected tokens per ms over the active rows (int32 scalar)."""
+  k = max_block_len
+  tokens = jnp.sum(jnp.where(active_b[:, None], expected_tokens(alpha_b, k), 0.0), axis=0)  # [K+1]
+  g = jnp.arange(k + 1, dtype=jnp.int32)
+  cost = jnp.maximum(g, 1).astype(jnp.float32) * table.draft_ms + table.verify_ms[1:k + 2]
+  rate = tokens / cost
+  if cap is not None:
+    rate = jnp.where(g <= cap, rate, -jnp.inf)
+  return jnp.argmax(rate).astype(jnp.int32)
+
+
+def update_counts(accepted_b, rejected_b, n_draft_b, active_b, accept_count_b, reject_count_b):
+  """Decayed counts after one iteration: accepted drafts and rejection events of the rows that drafted."""
+  drafted = active_b & (n_draft_b > 0)
+  a = DECAY * accept_count_b + jnp.where(drafted, accepted_b, 0).astype(jnp.float32)
+  r = DECAY * reject_count_b + jnp.where(drafted & rejected_b, 1.0, 0.0)
+  return a, r
+
+
+def estimate(accept_count_b, reject_count_b) -> jax.Array:
+  """[B] running acceptance estimates α from the decayed counts and the prior."""
+  return (accept_count_b + PRIOR_ACCEPT) / (accept_count_b + reject_count_b + PRIOR_ACCEPT + PRIOR_REJECT)

@@ -1,0 +1,115 @@
+"""Block-length policy (tandem_jax.decoding.costs, speculative.decode_speculative(policy="auto")): the cost model,
+γ = 0 switched on and off inside one sequence without losing a token, finished rows that stop drafting."""
+
+import jax.numpy as jnp
+import numpy as np
+import pytest
+from flax import nnx
+
+from tandem_jax.decoding import costs, generate
+from tandem_jax.models.router import Router
+from test_decoding import _build, _prompts
+
+
+@pytest.fixture(scope="module")
+def models():
+  return _build()
+
+
+def test_expected_tokens_and_choice_follow_leviathan():
+  alpha = jnp.asarray([0.0, 0.5, 0.9], jnp.float32)
+  e = np.asarray(costs.expected_tokens(alpha, 3))
+  want = np.asarray([[(1 - a ** (g + 1)) / (1 - a) for g in range(4)] for a in (0.0, 0.5, 0.9)])
+  np.testing.assert_allclose(e, want, rtol=1e-6)
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0)  # verify sizes 1..4, K = 3
+  on = jnp.ones((1,), bool)
+  pick = lambda a, cap=None: int(costs.choose_gamma(jnp.asarray([a], jnp.float32), on, table, 3, cap))  # noqa
+  assert pick(0.0) == 0 and pick(0.95) == 3 and pick(0.95, cap=2) == 2
+  # γ = 1 beats γ = 0 exactly above the break-even acceptance (c + v2) / (c + v1) - 1 = 12 / 11 - 1
+  be = table.break_even_alpha()
+  assert be == pytest.approx(1 / 11, rel=1e-6)
+  assert pick(be - 0.02) == 0 and pick(be + 0.02) >= 1
+  # rows that finished do not count: one active row with α = 0 decides for the batch
+  both = jnp.asarray([0.0, 0.95], jnp.float32)
+  assert int(costs.choose_gamma(both, jnp.asarray([True, False]), table, 3)) == 0
+  assert int(costs.choose_gamma(both, jnp.asarray([True, True]), table, 3)) >= 1
+  with pytest.raises(ValueError, match="positive verify costs"):
+    costs.cost_table([10.0], 1.0)
+
+
+def test_estimate_decays_to_the_prior_without_drafts():
+  a, r = jnp.zeros(2), jnp.zeros(2)
+  for _ in range(5):  # row 0: every draft rejected at once; row 1: 3 of 3 accepted
+    a, r = costs.update_counts(jnp.asarray([0, 3]), jnp.asarray([True, False]), jnp.asarray([3, 3]),
+                               jnp.asarray([True, True]), a, r)
+  est = np.asarray(costs.estimate(a, r))
+  assert est[0] < 0.25 and est[1] > 0.85
+  for _ in range(40):  # speculation off (no drafts): both drift back to the prior 0.5
+    a, r = costs.update_counts(jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.int32),
+                               jnp.asarray([True, True]), a, r)
+  np.testing.assert_allclose(np.asarray(costs.estimate(a, r)), 0.5, atol=0.01)
+
+
+# A table where a plain primary step is cheap next to any block: drafting pays only at a high acceptance estimate,
+# so the loop switches speculation off after rejections and back on when the estimate returns to its prior.
+SWITCHING = costs.cost_table([1.0] + [1.5] * 8, 0.01)  # verify sizes 1..9 (K = 8)
+
+
+@pytest.mark.parametrize("b", [1, 4])
+def test_auto_policy_is_lossless_and_switches_within_a_sequence(models, b):
+  tandem, drafter, router = models
+  rng = np.random.default_rng(10 + b)
+  switched = False
+  for case in range(3):
+    prompts = _prompts(rng, b)
+    max_new = rng.integers(8, 33, b).tolist()
+    eos = int(rng.integers(0, 64)) if case == 2 else None
+    want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos).tokens
+    kw = dict(max_new_tokens=max_new, eos_id=eos, block_len=8, policy="auto", costs=SWITCHING)
+    for method, models_kw in (("tandem_speed", dict(tandem=tandem)),
+                              ("speed", dict(primary=tandem.primary, drafter=drafter)),
+                              ("tandem_speed", dict(tandem=tandem, router=router, threshold=0.5))):
+      out = generate(method, prompts, **models_kw, **kw)
+      assert out.tokens == want, (case, method)
+      hist = out.stats["gamma_hist"]
+      assert hist.shape == (b, 9) and (hist.sum(1) == out.stats["primary_calls"] - 1).all()
+      switched |= bool(((hist[:, 0] > 0) & (hist[:, 1:].sum(1) > 0)).any())
+  assert switched  # some row had plain primary steps and speculative blocks in one sequence
+
+
+def test_auto_policy_calibrates_when_no_table_is_given(models):
+  tandem, _, _ = models
+  prompts = [[1, 2, 3], [4, 5]]
+  want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=12).tokens
+  out = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=12, block_len=3, policy="auto")
+  assert out.tokens == want
+  table = next(t for k, t in costs._calibrated.items() if k[0] == id(tandem.primary) and k[2] == 2)
+  assert table.max_block_len == 3 and float(table.draft_ms) > 0 and (np.asarray(table.verify_ms)[1:] > 0).all()
+  with pytest.raises(ValueError, match="covers blocks up to 8"):
+    generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=4, block_len=3, policy="auto", costs=SWITCHING)
+  with pytest.raises(ValueError, match="policy 'auto' applies"):
+    generate("ar", prompts, primary=tandem.primary, policy="auto")
+
+
+def test_finished_rows_spend_no_drafter_steps(models):
+  """Row 0 finishes after one token; with a router that ends blocks early, the batch's drafter steps are those of
+  row 1 alone (a finished row used to keep drafting to γ_max every iteration)."""
+  tandem, _, router = models
+  kw = dict(tandem=tandem, router=router, threshold=0.6, block_len=8)  # τ at which this random router stops some
+  long_prompt = [7, 3, 9, 1]
+  alone = generate("tandem_speed", [long_prompt], max_new_tokens=[24], **kw)
+  both = generate("tandem_speed", [[2, 5], long_prompt], max_new_tokens=[1, 24], **kw)
+  assert both.tokens[1] == alone.tokens[0]
+  assert int(both.stats["drafter_steps"][1]) == int(alone.stats["drafter_steps"][0])
+  assert int(both.stats["drafter_steps"][0]) == 0  # finished at the prefill: never active in the loop
+  assert int(alone.stats["drafter_steps"][0]) < 8 * int(alone.stats["primary_calls"][0] - 1)  # the router stopped
+
+
+def test_router_for_another_drafter_is_refused_before_tracing(models):
+  tandem, drafter, router = models  # router: trained width = the tandem secondary's (32); drafter's is 48
+  with pytest.raises(ValueError, match="drafter embeddings of width 32, this drafter's are 48"):
+    generate("speed", [[1, 2]], primary=tandem.primary, drafter=drafter, router=router, max_new_tokens=4)
+  with nnx.use_eager_sharding(False):
+    wide = Router(32, top_k=80, hidden=8, rngs=nnx.Rngs(0))
+  with pytest.raises(ValueError, match="top 80 drafts but the drafter has 64 outputs"):
+    generate("tandem_speed", [[1, 2]], tandem=tandem, router=wide, max_new_tokens=4)
