@@ -41,8 +41,13 @@ class Progress:
     self.last_shown = -float("inf")
     self.done, self.fields = self.start, {}
     self._width = 0
+    self._first: tuple[float, int] | None = None  # (time, done) at the first update: the rate is measured from it
 
   def rate(self) -> float:
+    """Units per second since the first update (which often includes compiling), else since the start."""
+    if self._first is not None and self.done > self._first[1]:
+      t, d = self._first
+      return (self.done - d) / max(time.time() - t, 1e-9)
     return (self.done - self.start) / max(time.time() - self.t0, 1e-9)
 
   def eta(self) -> float:
@@ -57,6 +62,8 @@ class Progress:
             f"elapsed {hms(time.time() - self.t0)}  ETA {hms(self.eta())}")
 
   def update(self, done: int, **fields) -> None:
+    if self._first is None:
+      self._first = (time.time(), int(done))
     self.done = int(done)
     self.fields.update(fields)
     now = time.time()
