@@ -241,6 +241,8 @@ def check_flags(method: str) -> None:
     raise cli.UserError("--top_k/--top_p apply only when sampling (--temperature > 0)")
   if _STREAM.value and _JSON.value:
     raise cli.UserError("--stream and --json exclude each other (--json prints one document at the end)")
+  if f["chat_template"].present and not _INTERACTIVE.value:
+    raise cli.UserError("--chat_template applies only with --interactive")
   if _INTERACTIVE.value and (_PROMPT.value or _PROMPTS_FILE.value or _JSON.value):
     raise cli.UserError("--interactive reads the prompts from stdin: drop --prompt/--prompts_file/--json")
 

@@ -104,6 +104,8 @@ CASES = [
      "error: --threshold applies only with --adaptive"),
     ("generate", ["--workdir=/w", "--method=tandem", "--policy=fixed", "--prompt=x"],
      "error: --policy does not apply to --method=tandem"),
+    ("generate", ["--workdir=/w", "--nochat_template", "--prompt=x"],
+     "error: --chat_template applies only with --interactive"),
     ("generate", ["--workdir=/w", "--top_k=5", "--prompt=x"],
      "error: --top_k/--top_p apply only when sampling (--temperature > 0)"),
     ("generate", ["--workdir=/w", "--block_len=abc"], "error: flag --block_len=abc: "),
