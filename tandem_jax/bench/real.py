@@ -27,6 +27,7 @@ import time
 import numpy as np
 
 from tandem_jax.bench import timing
+from tandem_jax.bench.run import say as _say
 from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.progress import Progress
 
@@ -34,9 +35,6 @@ REPORT_FILE = "report_smollm2.md"
 RESULTS_FILE = "results_smollm2.json"
 
 
-def _say(msg: str) -> None:
-  print(msg, flush=True)
-  logging.info(msg)
 
 
 def train_all(bench, workdir: str) -> dict:
@@ -81,6 +79,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
   k = max(int(g) for g in d.gammas)
   table2, table4 = {}, {}
   bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
+  started = 0
   for temp in d.temperatures:
     sampling = SamplingParams(temperature=float(temp))
     common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
@@ -88,8 +87,8 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
       name = f"{'greedy' if temp == 0 else f'T{temp:g}'}_b{b}"
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
       logging.info("table 2 %s: %d prompts, batch %d, γ in %s", name, len(ps), b, tuple(d.gammas))
-      bar.update(bar.done, now=name)
-      bar.done += 1  # counted as started: the ETA uses the settings finished before it
+      bar.update(started, now=name)  # settings finished so far; the ETA comes from them
+      started += 1
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=models["primary"]), **common)}
       for g in d.gammas:
         cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=models["primary"],
@@ -106,10 +105,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
         row[m] = {int(g): timing.summarize(res[f"{m}@{g}"], res["ar"]["times"]) for g in d.gammas}
       row["best_gamma"] = {m: max(d.gammas, key=lambda g, m=m: row[m][int(g)]["speedup"]) for m in
                            ("speed", "tandem_speed")}
-      row["auto"] = dict(timing.summarize(res["auto"], res["ar"]["times"]),
-                         gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
-                         vs_best_fixed=float(np.median(res[f"tandem_speed@{row['best_gamma']['tandem_speed']}"]
-                                                       ["times"]) / np.median(res["auto"]["times"])))
+      row["auto"] = timing.auto_row(res, res["ar"]["times"], f"tandem_speed@{row['best_gamma']['tandem_speed']}", k)
       table2[name] = row
       if b == 1:
         g = int(row["best_gamma"]["tandem_speed"])
@@ -233,7 +229,7 @@ def markdown(r: dict) -> str:
     if "auto" in row:
       a = row["auto"]
       hist = ", ".join(f"{g}: {n}" for g, n in enumerate(a["gamma_hist"]) if n)
-      lines.append(f"| auto (≤ {len(a['gamma_hist']) - 1}) | | {_f(a['speedup'], '{:.2f}x')} | | "
+      lines.append(f"| auto (≤ {a['gamma_max']}) | | {_f(a['speedup'], '{:.2f}x')} | | "
                    f"{_f(a['tokens_per_primary_call'], '{:.2f}')} | | {_f(a.get('alpha'))} |")
       lines += ["", f"auto: tandem_speed with γ chosen per iteration from the per-call costs above (γ per iteration: "
                 f"{hist}); {_f(a['vs_best_fixed'], '{:.2f}x')} the best fixed γ"]

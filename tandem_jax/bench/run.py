@@ -64,15 +64,16 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
   bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
+  started = 0
   for temp in d.temperatures:
     sampling = SamplingParams(temperature=float(temp))
     common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
     for b in d.batch_sizes:
       name = setting_name(temp, b)
-      bar.update(bar.done, now=name)
+      bar.update(started, now=name)  # settings finished so far; the ETA comes from them
+      started += 1
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
       logging.info("table 2 %s: %d prompts, batch %d", name, len(ps), b)
-      bar.done += 1  # counted as started: the ETA uses the settings finished before it
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)}
       for g in d.gammas:
         cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=primary, drafter=drafter),
@@ -90,10 +91,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
         row[m] = {g: timing.summarize(res[f"{m}@{g}"], ar_times) for g in d.gammas}
       row["best_gamma"] = {m: _best(row, m, d.gammas) for m in ("speed", "tandem_speed")}
       if "auto" in res:
-        best = res[f"tandem_speed@{row['best_gamma']['tandem_speed']}"]["times"]
-        row["auto"] = dict(timing.summarize(res["auto"], ar_times), gamma_max=k,
-                           gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
-                           vs_best_fixed=float(np.median(best) / np.median(res["auto"]["times"])))
+        row["auto"] = timing.auto_row(res, ar_times, f"tandem_speed@{row['best_gamma']['tandem_speed']}", k)
       table2[name] = row
       if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
         g = row["best_gamma"]["tandem_speed"]

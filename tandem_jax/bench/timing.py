@@ -126,6 +126,13 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 
 
 # -- per-call costs ---------------------------------------------------------------------------------------------
+def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) -> dict:
+  """Table 2's ``auto`` cell: its summary, the γ chosen per iteration and its ratio to the best fixed γ's cell."""
+  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max,
+              gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
+              vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])))
+
+
 def cost_table(primary_ms: dict, drafter_ms: dict, k: int):
   """The decode loop's :class:`~tandem_jax.decoding.costs.CostTable` from this module's per-call table (medians):
   ``primary_ms`` {size: spread} for sizes 1..k+1, ``drafter_ms`` {1: spread}."""

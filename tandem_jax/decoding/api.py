@@ -116,11 +116,8 @@ def lower(method: str, models: dict, *, batch_size: int, prompt_len: int, max_ne
     return fn()
 
 
-def _check_router(router, models) -> None:
+def _check_router(router, drafter) -> None:
   """A router reads the drafter's top-k output embeddings: refuse one trained for another drafter's width."""
-  drafter = models["tandem"].secondary if "tandem" in models else models.get("drafter")
-  if drafter is None:
-    return
   width, size = drafter.cfg.d_model, drafter.cfg.output_size
   want = 1 + router.top_k + router.top_k * width
   if router.hidden.in_features != want:
@@ -131,12 +128,12 @@ def _check_router(router, models) -> None:
     raise ValueError(f"the router reads the top {router.top_k} drafts but the drafter has {size} outputs")
 
 
-def _main_and_drafter_cfgs(models):
-  if "tandem" in models:
-    return models["tandem"].primary.cfg, models["tandem"].secondary.cfg
-  if "llm_to_slm" in models:
-    return models["llm_to_slm"].primary.cfg, models["llm_to_slm"].secondary.cfg
-  return models["primary"].cfg, (models["drafter"].cfg if "drafter" in models else None)
+def _main_and_drafter(models):
+  """(primary, drafter or secondary or None): the two transformers a method runs."""
+  for composite in ("tandem", "llm_to_slm"):
+    if composite in models:
+      return models[composite].primary, models[composite].secondary
+  return models["primary"], models.get("drafter")
 
 
 def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, drafter=None, tandem=None,
@@ -165,7 +162,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if method not in METHODS:
     raise ValueError(f"method must be one of {METHODS}, got {method!r}")
   models = _models_for(method, primary, drafter, tandem, llm_to_slm, router)
-  main_cfg, draft_cfg = _main_and_drafter_cfgs(models)
+  main_model, draft_model = _main_and_drafter(models)
+  main_cfg, draft_cfg = main_model.cfg, (draft_model.cfg if draft_model is not None else None)
   if draft_cfg is not None and draft_cfg.vocab_size != main_cfg.vocab_size:
     raise ValueError(f"primary vocab_size {main_cfg.vocab_size} != drafter/secondary vocab_size "
                      f"{draft_cfg.vocab_size}: speculative decoding needs one vocabulary")
@@ -181,7 +179,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" and method not in ("speed", "tandem_speed"):
     raise ValueError(f"policy 'auto' applies to 'speed' and 'tandem_speed', not {method!r}")
   if router is not None:
-    _check_router(router, models)
+    _check_router(router, draft_model)
   if not prompts:
     raise ValueError("no prompts given")
   lens = [len(p) for p in prompts]
@@ -208,9 +206,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     prompt[i, :len(p)] = p
   if policy == "auto":
     if costs is None:
-      draft_model = models["tandem"].secondary if "tandem" in models else models["drafter"]
-      primary_model = models["tandem"].primary if "tandem" in models else models["primary"]
-      costs = costs_lib.calibrate(primary_model, draft_model, b, k, capacity)
+      costs = costs_lib.calibrate(main_model, draft_model, b, k, capacity)
     if costs.max_block_len != k:
       raise ValueError(f"the cost table covers blocks up to {costs.max_block_len} drafts, the program {k}: "
                        "calibrate it for this max_block_len")
