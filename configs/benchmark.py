@@ -1,4 +1,4 @@
-"""The benchmark (issue 5): which models to train, for how long, and how to time their decoding.
+"""The benchmark: which models to train, for how long, and how to time their decoding.
 
   python -m tandem_jax.benchmark --workdir=/tmp/bench --config=configs/benchmark.py:cpu
   python -m tandem_jax.benchmark --workdir=/tmp/bench_smoke --config=configs/benchmark.py:smoke

@@ -41,7 +41,7 @@ def compile_one(stage: str, preset: str, acceptance: str) -> dict:
 
 def summary_table(reports: dict) -> str:
   """One row per (preset, stage): train-step HBM, fit, estimates; decode programs' HBM; projected speedup."""
-  from tandem_jax import tpu_projection as tp
+  from tandem_jax import tpu_estimates as tp
   gib = lambda b: f"{b / tp.GIB:.2f}"  # noqa: E731
   lines = [f"_{tp.LABEL}_", "",
            "| preset | topology | stage | train HBM GiB/chip | fits | est. ms/step | est. MFU | tokens/s (est.) | "

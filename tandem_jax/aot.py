@@ -19,6 +19,9 @@ unrolled layers at depths (1, 1), (2, 1) and (1, 2) (primary, secondary), extrap
 
 Every number is an XLA cost-model estimate from a deviceless compile, not a TPU measurement. A program that does
 not fit the chip's HBM makes the command fail (exit code 2) with a message naming the shortfall.
+
+This module compiles and reports; the abstract meshes, models and caches it compiles against come from
+:mod:`tandem_jax.topology`, the chip facts, HBM fit, time and speedup estimates from :mod:`tandem_jax.tpu_estimates`.
 """
 
 from __future__ import annotations
@@ -39,16 +42,17 @@ os.environ.setdefault("ALLOW_MULTIPLE_LIBTPU_LOAD", "1")
 import jax  # noqa: E402
 import jax.numpy as jnp
 from flax import nnx
-from jax.sharding import NamedSharding, PartitionSpec as P
 
-from tandem_jax import cache as kvcache
 from tandem_jax import sharding
-from tandem_jax import tpu_projection as tp
+from tandem_jax import tpu_estimates as tp
+from tandem_jax.decoding import api
+from tandem_jax.models import bundle as bundle_lib
 from tandem_jax.models.router import Router
 from tandem_jax.models.tandem import TandemLM
+from tandem_jax.topology import (abstract_array, abstract_cache, abstract_module, depth_variant, topology_mesh,
+                                 with_placeholder_inits)
 from tandem_jax.training import program as program_lib
-from tandem_jax.training import stages
-from tandem_jax.training.validate import resolved_mesh_shape, validate
+from tandem_jax.training.validate import validate
 
 DECODE_PROGRAMS = ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")
 CALL_PROGRAMS = ("primary_step", "primary_block", "secondary_step", "tandem_commit")
@@ -66,84 +70,6 @@ class DoesNotFit(SystemExit):
     return "\n".join(self.messages)
 
 
-# -- meshes and abstract models ---------------------------------------------------------------------------------------
-def topology_mesh(topology: str, mesh_cfg):
-  """A mesh over the devices of a named TPU topology (no TPU needed): ``config.mesh`` with its -1 filled."""
-  try:
-    from jax.experimental import topologies
-    topo = topologies.get_topology_desc(topology_name=topology, platform="tpu")
-  except Exception as e:  # noqa: BLE001 - libtpu absent or a topology name it does not know
-    raise RuntimeError(f"cannot build TPU topology {topology!r}: {e}. Install the tpu extra "
-                       f"(pip install -e '.[tpu]') and use a name such as v5e:2x2, v5e:4x4, v5e:16x16") from None
-  shape = resolved_mesh_shape(mesh_cfg, len(topo.devices))
-  axes = tuple(mesh_cfg.axes)
-  try:
-    return topologies.make_mesh(topo, shape, axes)
-  except NotImplementedError:
-    # e.g. (1, 64, 4) on a 16x16 torus: an axis must split a physical axis.
-    from jax.experimental import mesh_utils
-    devices = mesh_utils.create_device_mesh(shape, topo.devices, allow_split_physical_axes=True)
-    return jax.sharding.Mesh(devices, axes, axis_types=(jax.sharding.AxisType.Auto,) * len(axes))
-
-
-def abstract_module(constructor, mesh, rules):
-  """``constructor(rngs)`` as an abstract module whose ShapeDtypeStructs carry their mesh shardings."""
-  with nnx.use_eager_sharding(False):
-    abstract = nnx.eval_shape(lambda: constructor(nnx.Rngs(0)))
-  graphdef, state = nnx.split(abstract)
-  shardings = sharding.param_shardings(state, rules, mesh)
-  state = jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state, shardings)
-  return nnx.merge(graphdef, state)
-
-
-def _fit(mesh, shape, spec: P) -> NamedSharding:
-  """``spec`` with the mesh axes that do not divide their dimension dropped."""
-  out = []
-  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
-    names = (axes,) if isinstance(axes, str) else tuple(axes or ())
-    size = 1
-    for a in names:
-      size *= mesh.shape[a]
-    out.append(axes if names and dim % size == 0 else None)
-  return NamedSharding(mesh, P(*out))
-
-
-def _logical(mesh, rules, shape, logical) -> NamedSharding:
-  spec = sharding.logical_to_mesh(P(*logical), rules, mesh).spec
-  return _fit(mesh, shape, spec)
-
-
-def abstract_cache(cfg, batch: int, capacity: int, mesh, rules) -> kvcache.KVCache:
-  shape = (batch, capacity, cfg.num_kv_heads, cfg.head_dim)
-  sh = _logical(mesh, rules, shape, ("batch", None, "act_heads", None))
-  from tandem_jax.models.config import dtype_of
-  buf = jax.ShapeDtypeStruct(shape, dtype_of(cfg.dtype), sharding=sh)
-  lengths = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_logical(mesh, rules, (batch,), ("batch",)))
-  if cfg.scan_layers:  # one [L, B, S, K, H] buffer, the layer axis unsharded
-    lshape = (cfg.num_layers, *shape)
-    stacked = jax.ShapeDtypeStruct(lshape, dtype_of(cfg.dtype),
-                                   sharding=_logical(mesh, rules, lshape, (None, "batch", None, "act_heads", None)))
-    return kvcache.KVCache(k=stacked, v=stacked, lengths=lengths)
-  return kvcache.KVCache(k=(buf,) * cfg.num_layers, v=(buf,) * cfg.num_layers, lengths=lengths)
-
-
-def _with_placeholder_inits(config):
-  """Weights are abstract here, so a stage that continues from trained workdirs needs none to compile."""
-  config = config.copy_and_resolve_references()
-  with config.unlocked():
-    for field in config.init:
-      config.init[field] = config.init[field] or "<abstract: not read by tandem_jax.aot>"
-  return config
-
-
-def _bucket(n: int, quantum: int = 16) -> int:
-  return -(-n // quantum) * quantum  # as tandem_jax.decoding.api sizes its buffers
-
-
-def decode_capacity(prompt_len: int, max_new_tokens: int, max_block_len: int) -> int:
-  return _bucket(_bucket(prompt_len) + _bucket(max_new_tokens) + max_block_len + 2)
-
-
 # -- compiling and measuring ------------------------------------------------------------------------------------------
 _COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
 
@@ -152,20 +78,6 @@ def _cost_of(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   return {k: float(cost[k]) for k in _COST_KEYS if cost.get(k) is not None}
-
-
-def depth_variant(config, primary_layers: int, secondary_layers: int):
-  """``config`` with unrolled layers at the given depths.
-
-  Layer map "last": every secondary layer reads the primary's last state, so every primary layer is computed, as in
-  a scanned program (XLA can drop unread trailing layers of an unrolled primary, not iterations of a scan).
-  """
-  c = config.copy_and_resolve_references()
-  with c.unlocked():
-    for model, depth in ((c.primary, primary_layers), (c.secondary, secondary_layers)):
-      model.num_layers, model.scan_layers = depth, False
-    c.tandem.layer_map = "last"
-  return c
 
 
 def extrapolated_cost(lower_at) -> dict:
@@ -232,14 +144,12 @@ def _call_lowered(module, method_fn, args, mesh, rules, donate=()):
 def lower_calls(tandem, *, batch, capacity, max_block_len, mesh, rules) -> dict:
   """The four per-call programs of Tandem + SPEED decoding (see the module docstring)."""
   pcfg, scfg = tandem.primary.cfg, tandem.secondary.cfg
-  tok = lambda t: jax.ShapeDtypeStruct((batch, t), jnp.int32,  # noqa: E731
-                                       sharding=_logical(mesh, rules, (batch, t), ("batch", None)))
+  tok = lambda t: abstract_array((batch, t), jnp.int32, ("batch", None), mesh, rules)  # noqa: E731
   k1 = max_block_len + 1
   pcache, scache = (abstract_cache(c, batch, capacity, mesh, rules) for c in (pcfg, scfg))
-  hidden_shape = (pcfg.num_layers + 1, batch, k1, pcfg.d_model)
-  hidden = jax.ShapeDtypeStruct(hidden_shape, jnp.dtype(pcfg.dtype),
-                                sharding=_logical(mesh, rules, hidden_shape, (None, "batch", None, "act_embed")))
-  rows = jax.ShapeDtypeStruct((batch,), jnp.int32, sharding=_logical(mesh, rules, (batch,), ("batch",)))
+  hidden = abstract_array((pcfg.num_layers + 1, batch, k1, pcfg.d_model), jnp.dtype(pcfg.dtype),
+                          (None, "batch", None, "act_embed"), mesh, rules)
+  rows = abstract_array((batch,), jnp.int32, ("batch",), mesh, rules)
   return {
       "primary_step": _call_lowered(tandem.primary, lambda m, t, c: m.extend(t, c)[::2], (tok(1), pcache),
                                     mesh, rules, donate=(1,)),
@@ -255,7 +165,6 @@ def lower_calls(tandem, *, batch, capacity, max_block_len, mesh, rules) -> dict:
 def lower_decode(tandem, router, *, batch, prompt_len, max_new_tokens, max_block_len, mesh, rules,
                  names=DECODE_PROGRAMS):
   """The whole generate programs named in ``names`` (from DECODE_PROGRAMS), lowered lazily in that order."""
-  from tandem_jax.decoding import api
   kw = dict(batch_size=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens, max_block_len=max_block_len,
             mesh=mesh, rules=rules)
   programs = {"decode_ar": ("ar", {"primary": tandem.primary}),
@@ -285,25 +194,21 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
   chip = tp.chip_of(topology, hbm_gib)
   mesh = topology_mesh(topology, config.mesh)
   n = mesh.devices.size
-  validate(_with_placeholder_inits(config), num_devices=n, check_workdirs=False)
-  rules = program_lib.rules_of(config)
+  validate(with_placeholder_inits(config), num_devices=n, check_workdirs=False)
+  rules = sharding.rules_of(config)
   dmesh = mesh
   if decode_mesh_shape:
     # Decoding may use another layout than training (e.g. model-parallel instead of FSDP, which would
     # all-gather every weight on every decode call).
     dmesh = topology_mesh(topology, types.SimpleNamespace(shape=tuple(decode_mesh_shape), axes=config.mesh.axes))
   shape = dict(dmesh.shape)
-  batch_rule = dict(rules).get("batch")
-  batch_axes = (batch_rule,) if isinstance(batch_rule, str) else tuple(batch_rule or ())
-  shards = 1
-  for a in batch_axes:
-    shards *= shape.get(a, 1)
+  shards = sharding.batch_shards(rules, shape)
   batch = decode_batch or shards
   if batch % shards:
     raise ValueError(f"--decode_batch {batch} must be a multiple of the {shards} batch shards of the decode mesh "
                      f"{shape}")
-  capacity = decode_capacity(prompt_len, max_new_tokens, block_len)
-  pcfg, scfg, tcfg = stages.model_configs(config)
+  capacity = api.buffer_sizes(prompt_len, max_new_tokens, block_len)[2]
+  pcfg, scfg, tcfg = bundle_lib.model_configs(config)
   if capacity > min(pcfg.max_seq_len, scfg.max_seq_len):
     raise ValueError(f"--prompt_len {prompt_len} + --max_new_tokens {max_new_tokens} (+ block slack, padded to "
                      f"{capacity}) exceeds the models' max_seq_len {min(pcfg.max_seq_len, scfg.max_seq_len)}")
@@ -347,7 +252,7 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
 
     def call_at(name):
       def lower_at(lp, ls):
-        p, s_, t = stages.model_configs(depth_variant(config, lp, ls))
+        p, s_, t = bundle_lib.model_configs(depth_variant(config, lp, ls))
         small = abstract_module(lambda r: TandemLM(p, s_, t, r), dmesh, rules)
         return lower_calls(small, **call_kw)[name], pcfg.num_layers, scfg.num_layers
       return lower_at
@@ -363,15 +268,7 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                                  c=progs["secondary_step"]["seconds"] / step,
                                  block_over_step=progs["primary_block"]["seconds"] / step)
       if alpha is not None:
-        a, where = alpha
-        report["projection"] = dict(
-            label="projection from XLA's cost model (deviceless compile) and the given acceptance rate, "
-                  "not a TPU measurement",
-            acceptance=a, acceptance_source=where,
-            rows=tp.project_speedup(a, range(1, block_len + 1), primary_step_s=step,
-                                    primary_block_s=progs["primary_block"]["seconds"], max_block_len=block_len,
-                                    secondary_step_s=progs["secondary_step"]["seconds"],
-                                    commit_s=progs["tandem_commit"]["seconds"]))
+        report["projection"] = tp.projection(progs, *alpha, max_block_len=block_len)
   report["failures"] = [r["error"] for r in report["programs"].values() if not r["fits"]]
   return report
 
@@ -414,14 +311,7 @@ def format_report(report: dict) -> str:
                   f"block call of {report['decode']['max_block_len'] + 1} tokens = {pt['block_over_step']:.2f}x "
                   f"a step; secondary step / primary step c = {pt['c']:.3f}."]
   if "projection" in report:
-    pr = report["projection"]
-    lines += ["", f"Projected Tandem + SPEED speedup ({pr['label']}; α = {pr['acceptance']:.3f} from "
-                  f"{pr['acceptance_source']}):", "",
-              "| γ | E[tokens/call] | Leviathan (1-α^{γ+1})/((1-α)(γc+1)) | block call ms | ms/token | "
-              "projected speedup vs AR |", "|---|---|---|---|---|---|"]
-    for row in pr["rows"]:
-      lines.append(f"| {row['gamma']} | {row['expected_tokens']:.2f} | {row['leviathan_speedup']:.2f}x | "
-                   f"{row['block_call_ms']:.3f} | {row['ms_per_token']:.3f} | {row['projected_speedup']:.2f}x |")
+    lines += tp.projection_lines(report["projection"])
   for f in report["failures"]:
     lines += ["", f"DOES NOT FIT: {f}"]
   return "\n".join(lines)

@@ -1,4 +1,4 @@
-"""The benchmark of issue 5: every model trained (or reused), the paper's claims measured side by side.
+"""The benchmark: every model trained (or reused), the paper's claims measured side by side.
 
   python -m tandem_jax.benchmark --workdir=/tmp/bench [--config=configs/benchmark.py:cpu] [--json]
 

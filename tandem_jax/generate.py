@@ -334,12 +334,11 @@ def main(argv):
   report: dict[str, Any] = dict(method=method, adaptive=_ADAPTIVE.value, summary=result.summary,
                                 compile_seconds=result.compile_time)
   if _COMPARE.value and method != "ar":
+    from tandem_jax.bench.timing import interleaved
     ar_kw = {k: v for k, v in kw.items() if k not in ("block_len", "threshold", "policy")}
-    gen("ar", prompts, **ar_kw)  # compile
-    times = {"ar": [], method: []}
-    for _ in range(max(_REPEATS.value, 1)):  # interleaved
-      times["ar"].append(gen("ar", prompts, **ar_kw).wall_time)
-      times[method].append(gen(method, prompts, adaptive=_ADAPTIVE.value, **kw).wall_time)
+    cells = {"ar": lambda warmup=False: {"wall": gen("ar", prompts, **ar_kw).wall_time},
+             method: lambda warmup=False: {"wall": gen(method, prompts, adaptive=_ADAPTIVE.value, **kw).wall_time}}
+    times = {m: c["times"] for m, c in interleaved(cells, max(_REPEATS.value, 1)).items()}
     med = {m: statistics.median(t) for m, t in times.items()}
     report["timing"] = dict(median_seconds=med, speedup_vs_ar=med["ar"] / med[method], repeats=len(times["ar"]),
                             min_seconds={m: min(t) for m, t in times.items()},

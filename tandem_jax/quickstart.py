@@ -27,19 +27,23 @@ import time
 
 from absl import flags
 
-_WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory of the runs", allow_override=True)
-_PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "tiny"], "cpu: SmolLM2-135M (minutes); tiny: a tiny random "
-                            "primary (seconds, for tests)", allow_override=True)
-_FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "train primary, secondary and tandem on the embedded "
-                                  "corpus instead of using the pretrained primary", allow_override=True)
-_GGUF_DIR = flags.DEFINE_string("gguf_dir", "~/.cache/tandem_jax/smollm2", "where the SmolLM2 GGUF file is kept",
-                                allow_override=True)
-_STEPS = flags.DEFINE_integer("steps", None, "training steps (default: the preset's)", allow_override=True)
-_PROMPTS = flags.DEFINE_integer("num_prompts", 12, "held-out prompts to decode (one at a time)", allow_override=True)
-_MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt", allow_override=True)
-_BLOCK = flags.DEFINE_integer("block_len", 2, "γ for Tandem + SPEED", allow_override=True)
-_REPEATS = flags.DEFINE_integer("repeats", 2, "interleaved timing repeats", allow_override=True)
-_JSON = flags.DEFINE_bool("json", False, "print the summary as JSON", allow_override=True)
+
+def define_flags():
+  """The command's flags, defined only when it runs as a script: importing this module (``tandem_jax.bench.real``
+  does) must not define or override global flags that ``tandem_jax.generate`` also defines."""
+  global _WORKDIR, _PRESET, _FROM_SCRATCH, _GGUF_DIR, _STEPS, _PROMPTS, _MAX_NEW, _BLOCK, _REPEATS, _JSON
+  _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory of the runs")
+  _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "tiny"], "cpu: SmolLM2-135M (minutes); tiny: a tiny random "
+                              "primary (seconds, for tests)")
+  _FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "train primary, secondary and tandem on the embedded "
+                                    "corpus instead of using the pretrained primary")
+  _GGUF_DIR = flags.DEFINE_string("gguf_dir", "~/.cache/tandem_jax/smollm2", "where the SmolLM2 GGUF file is kept")
+  _STEPS = flags.DEFINE_integer("steps", None, "training steps (default: the preset's)")
+  _PROMPTS = flags.DEFINE_integer("num_prompts", 12, "held-out prompts to decode (one at a time)")
+  _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens generated per prompt")
+  _BLOCK = flags.DEFINE_integer("block_len", 2, "γ for Tandem + SPEED")
+  _REPEATS = flags.DEFINE_integer("repeats", 2, "interleaved timing repeats")
+  _JSON = flags.DEFINE_bool("json", False, "print the summary as JSON")
 
 
 def say(msg: str) -> None:
@@ -168,6 +172,7 @@ def check_flags() -> None:
 def main(argv):
   del argv
   check_flags()
+  from tandem_jax.decoding.api import max_prompt_len
   from tandem_jax.workdir import load_workdir
   root = os.path.abspath(os.path.expanduser(_WORKDIR.value))
   t0 = time.time()
@@ -177,8 +182,7 @@ def main(argv):
     tandem_dir, train_summary = pretrained_tandem(root, _PRESET.value, _STEPS.value)
   loaded = load_workdir(tandem_dir)
   tok = loaded.tokenizer
-  # generate pads the prompt and the budget to multiples of 16 and adds γ + 2 slots: the longest prompt that fits
-  room = (loaded.model.primary.cfg.max_seq_len - -(-_MAX_NEW.value // 16) * 16 - _BLOCK.value - 2) // 16 * 16
+  room = max_prompt_len(loaded.model.primary.cfg.max_seq_len, _MAX_NEW.value, _BLOCK.value)
   prompts = heldout_prompts(tok, _PROMPTS.value, max_tokens=min(room, 64))
   say(f"[decode] {len(prompts)} held-out prompts x {_MAX_NEW.value} tokens, batch 1, greedy: ar vs tandem_speed "
       f"(γ = {_BLOCK.value}), {_REPEATS.value} interleaved repeats")
@@ -206,4 +210,5 @@ def main(argv):
 
 if __name__ == "__main__":
   from tandem_jax import cli
+  define_flags()
   cli.run(main, "quickstart")

@@ -12,10 +12,11 @@ The recipe, each part a field of :class:`RecipeConfig`:
 - **a draft vocabulary** (EAGLE-3, FR-Spec): the drafter's logits cover the ``draft_vocab_size`` most frequent tokens
   of its training data; a draft index maps back to its token id (``Transformer.draft_ids``). Verification is the
   primary's, unchanged: greedy output is identical and sampling stays exact (q is 0 off the draft vocabulary).
-- **self-distillation data** (Medusa, EAGLE): prompts from the corpus, continued greedily by the primary; then one
-  primary forward over every sequence caches what training needs: the primary's argmax at every position (the
-  label: what greedy verification accepts), its log-probabilities over the draft vocabulary (Tandem-Distil's soft
-  target) and, for Tandem, the hidden states the secondary's layers read. Training never runs the primary again.
+- **self-distillation data** (Medusa, EAGLE): prompts from the corpus and topic prompts, continued greedily by the
+  primary; the same compiled pass (a teacher-forced prefill of the prompt, then cached greedy steps) keeps what
+  training needs at every position: the primary's argmax (the label: what greedy verification accepts), its top-k
+  log-probabilities (Tandem-Distil's soft target) and, for Tandem, the hidden states the secondary's layers read.
+  Training never runs the primary again.
 - **loss**: λ · CE(primary argmax) + (1 - λ) · CE(primary distribution renormalised over the draft vocabulary),
   at block length γ with a random block phase per row (every within-block offset is trained).
 
@@ -60,15 +61,16 @@ class RecipeConfig:
   draft_vocab_size: int = 4096       # 0: the full vocabulary
   block_len: int = 4                 # γ of the training mask (Tandem)
   # self-distillation data
-  num_sequences: int = 640           # prompts continued by the primary (a tenth held out for validation)
+  num_sequences: int = 1920          # prompts continued by the primary (a tenth held out for validation)
   topic_fraction: float = 0.5        # share of topic prompts (topic_prompts); the rest are corpus windows
   num_corpus_sequences: int = 0      # + corpus windows of prompt_len + gen_len tokens, read teacher-forced
+  teacher_top_k: int = 32            # the primary's distribution is kept as its top-k log-probabilities
   prompt_len: int = 32
   gen_len: int = 96                  # greedy continuation per prompt
   gen_batch: int = 64
   val_fraction: float = 0.1
   # training
-  steps: int = 800
+  steps: int = 1600
   batch_size: int = 8
   lr: float = 1e-3
   warmup_steps: int = 50
@@ -82,7 +84,8 @@ class RecipeConfig:
       raise ValueError(f"RecipeConfig.kind must be one of {KINDS}, got {self.kind!r}")
     if self.init_layers not in ("first", "random"):
       raise ValueError(f"RecipeConfig.init_layers must be 'first' or 'random', got {self.init_layers!r}")
-    for name in ("num_layers", "block_len", "num_sequences", "prompt_len", "gen_len", "gen_batch", "steps",
+    for name in ("num_layers", "block_len", "num_sequences", "prompt_len", "gen_len", "gen_batch", "teacher_top_k",
+                 "steps",
                  "batch_size", "checkpoint_every", "log_every"):
       if int(getattr(self, name)) < 1:
         raise ValueError(f"RecipeConfig.{name} must be >= 1, got {getattr(self, name)!r}")
@@ -102,14 +105,14 @@ class RecipeConfig:
     """The fields the cached data depend on."""
     return {k: getattr(self, k) for k in ("num_sequences", "topic_fraction", "num_corpus_sequences", "prompt_len",
                                           "gen_len",
-                                          "draft_vocab_size", "seed")}
+                                          "draft_vocab_size", "teacher_top_k", "seed")}
 
 
 PRESETS = {
     # seconds, on a tiny primary (tests)
     "tiny": RecipeConfig(num_sequences=16, prompt_len=8, gen_len=8, gen_batch=8, steps=4, batch_size=4,
                          warmup_steps=1, checkpoint_every=2, log_every=2, draft_vocab_size=64, val_fraction=0.25),
-    # SmolLM2-135M on 2 CPU cores: ~13 minutes (data ~4, training ~8)
+    # SmolLM2-135M on 2 CPU cores: ~14 minutes (data ~7: 217k tokens in one pass per batch; training ~6)
     "cpu": RecipeConfig(),
 }
 
@@ -119,7 +122,7 @@ def tiny_primary(path: str) -> tuple[str, list[str]]:
   """A tiny random primary (configs/base.py ``tiny``, with the tiny preset's SentencePiece tokenizer, cached in
   ``<path>_tokenizer``) written as an imported-model workdir at ``path`` (once). Returns (path, training documents)."""
   from configs import base
-  from tandem_jax.training import data as data_mod
+  from tandem_jax.training import inputs as data_mod
   from tandem_jax.training.chain import finished_step
   from tandem_jax.workdir import write_workdir
 
@@ -221,24 +224,93 @@ def topic_prompts(tokenizer, n: int, length: int, seed: int) -> np.ndarray:
   return out
 
 
-def continue_with_primary(primary: Transformer, prompts: np.ndarray, gen_len: int, batch: int, eos_id,
-                          progress: Callable[[str], None] | None = None):
-  """The primary's greedy continuations: tokens [n, P + gen_len] and valid [n, P + gen_len] (False after EOS)."""
-  from tandem_jax.decoding.api import generate
+def exact_top_k(x, k: int, chunk: int = 32):
+  """``jax.lax.top_k`` over the last axis, exact, in two stages: the k chunks of ``chunk`` entries with the largest
+  maxima hold the k largest entries, so a top-k over chunk maxima, then over those chunks' entries. Inside a
+  compiled loop on CPU, lax.top_k over a 49,152-entry vocabulary cost ~210 ms per step for 16 rows; this ~2.4 ms."""
+  v = x.shape[-1]
+  if v <= k * chunk:
+    return jax.lax.top_k(x, k)
+  pad = (-v) % chunk
+  xp = jnp.pad(x, [(0, 0)] * (x.ndim - 1) + [(0, pad)], constant_values=-jnp.inf)
+  c = xp.reshape(x.shape[:-1] + (-1, chunk))
+  _, top_c = jax.lax.top_k(jnp.max(c, -1), k)                   # [..., k] chunk indices
+  cand = jnp.take_along_axis(c, top_c[..., None], -2)            # [..., k, chunk]
+  vals, pos = jax.lax.top_k(cand.reshape(x.shape[:-1] + (-1,)), k)
+  return vals, jnp.take_along_axis(top_c, pos // chunk, -1) * chunk + pos % chunk
+
+
+def self_distill(primary: Transformer, prompts: np.ndarray, gen_len: int, batch: int, eos_id, layer_map,
+                 top_k: int, progress: Callable[[str], None] | None = None) -> dict:
+  """The primary's greedy continuations and everything training needs from it, in one pass per batch.
+
+  ``prompts`` [n, P] (-1 pads ragged prompts). Each batch runs one compiled program: a teacher-forced pass over
+  the prompts, then ``gen_len`` cached greedy steps; every position (prompt and continuation) yields the primary's
+  argmax (the label), its ``top_k`` log-probabilities and token ids (the soft target) and, with a ``layer_map``,
+  the hidden states the secondary reads (float16). No second forward over the finished sequences.
+  Returns tokens/valid [n, P + gen_len] (valid: through the first EOS), labels, top_logp, top_ids [n, T, k] and
+  hidden [L_S, n, T, D]."""
   n, p = prompts.shape
-  tokens = np.zeros((n, p + gen_len), np.int32)
-  valid = np.zeros((n, p + gen_len), bool)
+  t = p + gen_len
+  layers = tuple(layer_map) if layer_map is not None else ()
+  graphdef, state = nnx.split(primary)
+  k = min(top_k, primary.cfg.vocab_size)
+
+  def features(logits, hidden):
+    logp = jax.nn.log_softmax(logits.astype(jnp.float32), -1)
+    vals, ids = exact_top_k(logp, k)
+    out = {"labels": ids[..., 0].astype(jnp.int32), "top_logp": vals.astype(jnp.float16),
+           "top_ids": ids.astype(jnp.int32)}
+    if layers:
+      out["hidden"] = jnp.stack([hidden[m] for m in layers]).astype(jnp.float16)
+    return out
+
+  @jax.jit
+  def run(state, prompt_bt, plen_b):
+    model = nnx.merge(graphdef, state)
+    b = prompt_bt.shape[0]
+    cache = model.init_cache(b, t)
+    logits, hidden, cache = model.prefill(prompt_bt, plen_b, cache, return_hidden=bool(layers))
+    first = features(logits, hidden)
+    tok0 = jnp.take_along_axis(first["labels"], (plen_b - 1)[:, None], 1)[:, 0]
+
+    def body(carry, _):
+      cache, tok = carry
+      logits, hidden, cache = model.extend(tok[:, None], cache, return_hidden=bool(layers), last_logits=True)
+      f = features(logits, hidden)
+      return (cache, f["labels"][:, 0]), (tok, f)
+
+    _, (toks, gen) = jax.lax.scan(body, (cache, tok0), None, length=gen_len)
+    return first, toks, gen
+
+  out = {"tokens": np.zeros((n, t), np.int32), "valid": np.zeros((n, t), bool),
+         "labels": np.zeros((n, t), np.int32), "top_logp": np.zeros((n, t, k), np.float16),
+         "top_ids": np.zeros((n, t, k), np.int32)}
+  if layers:
+    out["hidden"] = np.zeros((len(layers), n, t, primary.cfg.d_model), np.float16)
   bar = Progress(n, "self-distillation data", unit="sequences", out=progress)
   for i in range(0, n, batch):
-    rows = [[int(t) for t in row if t >= 0] for row in prompts[i:i + batch]]  # -1 pads ragged prompts
-    rows += [rows[-1]] * (batch - len(rows))  # keep one compiled shape
-    out = generate("ar", rows, primary=primary, max_new_tokens=gen_len, eos_id=eos_id).tokens
-    for j in range(min(batch, n - i)):
-      seq = rows[j] + out[j]
-      tokens[i + j, :len(seq)] = seq
-      valid[i + j, :len(seq)] = True
+    rows = prompts[i:i + batch]
+    m = len(rows)
+    if m < batch:  # keep one compiled shape
+      rows = np.concatenate([rows, np.repeat(rows[-1:], batch - m, 0)])
+    plen = (rows >= 0).sum(1).astype(np.int32)
+    first, toks, gen = jax.device_get(run(state, jnp.asarray(np.maximum(rows, 0)), jnp.asarray(plen)))
+    for j in range(m):
+      r, q = i + j, int(plen[j])
+      seq = np.concatenate([rows[j, :q], toks[:, j]])
+      stop = np.flatnonzero(seq[q:] == eos_id) if eos_id is not None else []
+      end = q + (int(stop[0]) + 1 if len(stop) else gen_len)
+      out["tokens"][r, :q + gen_len] = seq
+      out["valid"][r, :end] = True
+      for name in ("labels", "top_logp", "top_ids"):
+        out[name][r, :q] = first[name][j, :q]
+        out[name][r, q:q + gen_len] = gen[name][:, j, 0]
+      if layers:
+        out["hidden"][:, r, :q] = first["hidden"][:, j, :q]
+        out["hidden"][:, r, q:q + gen_len] = gen["hidden"][:, :, j, 0].transpose(1, 0, 2)
     bar.update(min(i + batch, n))
-  return tokens, valid
+  return out
 
 
 def choose_draft_vocab(tokens: np.ndarray, valid: np.ndarray, size: int, vocab: int) -> np.ndarray:
@@ -248,37 +320,35 @@ def choose_draft_vocab(tokens: np.ndarray, valid: np.ndarray, size: int, vocab: 
   return np.sort(order[:size]).astype(np.int32)
 
 
-def primary_features(primary: Transformer, tokens: np.ndarray, draft_ids: np.ndarray, layer_map, batch: int = 8,
-                     progress: Callable[[str], None] | None = None) -> dict:
-  """One primary forward over every sequence: argmax labels [n, T] (full ids), log-probabilities over the draft
-  vocabulary [n, T, N] (float16) and, with a ``layer_map`` (indices into x^(0..L)), hidden [L_S, n, T, D]."""
-  ids = jnp.asarray(draft_ids, jnp.int32)
+def corpus_features(primary: Transformer, tokens: np.ndarray, layer_map, top_k: int, batch: int = 8,
+                    progress: Callable[[str], None] | None = None) -> dict:
+  """Teacher-forced primary outputs over token windows (no generation): labels, top_logp, top_ids, hidden."""
   layers = tuple(layer_map) if layer_map is not None else ()
   graphdef, state = nnx.split(primary)
+  k = min(top_k, primary.cfg.vocab_size)
 
   @jax.jit
   def fn(state, tok):
-    model = nnx.merge(graphdef, state)
-    logits, hidden = model.forward(tok, return_hidden=bool(layers))
-    logp = jax.nn.log_softmax(logits, -1)
-    out = {"labels": jnp.argmax(logits, -1).astype(jnp.int32),
-           "teacher": jnp.take(logp, ids, axis=-1).astype(jnp.float16)}
+    logits, hidden = nnx.merge(graphdef, state).forward(tok, return_hidden=bool(layers))
+    vals, ids = exact_top_k(jax.nn.log_softmax(logits, -1), k)
+    out = {"labels": ids[..., 0].astype(jnp.int32), "top_logp": vals.astype(jnp.float16),
+           "top_ids": ids.astype(jnp.int32)}
     if layers:
-      out["hidden"] = jnp.stack([hidden[m] for m in layers])
+      out["hidden"] = jnp.stack([hidden[m] for m in layers]).astype(jnp.float16)
     return out
 
   n = tokens.shape[0]
   parts = []
-  bar = Progress(n, "primary features", unit="sequences", out=progress)
+  bar = Progress(n, "corpus features", unit="sequences", out=progress)
   for i in range(0, n, batch):
     rows = tokens[i:i + batch]
     pad = batch - len(rows)
     if pad:
       rows = np.concatenate([rows, np.repeat(rows[-1:], pad, 0)])
     out = jax.device_get(fn(state, jnp.asarray(rows)))
-    parts.append({k: (v[:, :batch - pad] if k == "hidden" else v[:batch - pad]) for k, v in out.items()})
+    parts.append({k_: (v[:, :batch - pad] if k_ == "hidden" else v[:batch - pad]) for k_, v in out.items()})
     bar.update(min(i + batch, n))
-  return {k: np.concatenate([p[k] for p in parts], axis=1 if k == "hidden" else 0) for k in parts[0]}
+  return {k_: np.concatenate([p[k_] for p in parts], axis=1 if k_ == "hidden" else 0) for k_ in parts[0]}
 
 
 def build_data(primary: Transformer, tokenizer, documents: Sequence[str], rc: RecipeConfig, layer_map,
@@ -297,17 +367,20 @@ def build_data(primary: Transformer, tokenizer, documents: Sequence[str], rc: Re
   prompts = np.concatenate([corpus_prompts(tokenizer, documents, rc.num_sequences - n_topic, rc.prompt_len, rc.seed),
                             topic_prompts(tokenizer, n_topic, rc.prompt_len, rc.seed)])
   prompts = prompts[np.random.default_rng([rc.seed, 2]).permutation(len(prompts))]  # both kinds in both splits
-  tokens, valid = continue_with_primary(primary, prompts, rc.gen_len, rc.gen_batch, tokenizer.eos_id, progress)
+  data = self_distill(primary, prompts, rc.gen_len, rc.gen_batch, tokenizer.eos_id, layer_map, rc.teacher_top_k,
+                      progress)
   if rc.num_corpus_sequences:  # corpus windows the primary reads teacher-forced: labels and states, no generation
-    windows = corpus_prompts(tokenizer, documents, rc.num_corpus_sequences, tokens.shape[1], rc.seed + 1)
-    order = np.random.default_rng([rc.seed, 3]).permutation(len(tokens) + len(windows))
-    tokens = np.concatenate([tokens, windows])[order]
-    valid = np.concatenate([valid, np.ones(windows.shape, bool)])[order]
+    windows = corpus_prompts(tokenizer, documents, rc.num_corpus_sequences, data["tokens"].shape[1], rc.seed + 1)
+    extra = dict(tokens=windows, valid=np.ones(windows.shape, bool),
+                 **corpus_features(primary, windows, layer_map, rc.teacher_top_k, progress=progress))
+    order = np.random.default_rng([rc.seed, 3]).permutation(len(data["tokens"]) + len(windows))
+    data = {k: (np.concatenate([v, extra[k]], 1)[:, order] if k == "hidden" else np.concatenate([v, extra[k]])[order])
+            for k, v in data.items()}
   vocab = primary.cfg.vocab_size
-  draft_ids = (choose_draft_vocab(tokens, valid, rc.draft_vocab_size, vocab) if rc.draft_vocab_size
+  draft_ids = (choose_draft_vocab(data["tokens"], data["valid"], rc.draft_vocab_size, vocab) if rc.draft_vocab_size
                else np.arange(vocab, dtype=np.int32))
-  data = dict(tokens=tokens, valid=valid, draft_ids=draft_ids,
-              **primary_features(primary, tokens, draft_ids, layer_map, progress=progress))
+  data["draft_ids"] = draft_ids
+  data["top_ids"] = target_index(data.pop("top_ids"), draft_ids, vocab)  # draft-vocabulary index, -1 off it
   os.makedirs(data_dir, exist_ok=True)
   for k, v in data.items():
     np.save(os.path.join(data_dir, k + ".npy"), v)
@@ -330,21 +403,33 @@ def target_index(labels: np.ndarray, draft_ids: np.ndarray, vocab: int) -> np.nd
   return inv[labels]
 
 
-def recipe_loss(logits_btn, target_bt, teacher_btn, mask_bt, distil_lambda: float):
+def teacher_terms(logq_btn, top_idx_btk, top_logp_btk):
+  """Soft cross-entropy and TV distance against the primary's sparse distribution (its top-k log-probabilities
+  ``top_logp`` at draft-vocabulary indices ``top_idx``, -1 where a top-k token is off the draft vocabulary).
+
+  Returns (soft_ce [B, T]: CE against p renormalised over its top-k tokens in the draft vocabulary,
+  tv [B, T]: TV(p, q) over the whole vocabulary, q being 0 off the draft vocabulary; p's mass outside its top-k
+  counts as disagreement, so the figure is an upper bound when the tail is not negligible)."""
+  p = jnp.exp(top_logp_btk.astype(jnp.float32)) * (top_idx_btk >= 0)
+  q_at = jnp.exp(jnp.take_along_axis(logq_btn, jnp.maximum(top_idx_btk, 0), -1))
+  soft = -jnp.sum(p * jnp.take_along_axis(logq_btn, jnp.maximum(top_idx_btk, 0), -1), -1) / jnp.maximum(
+      jnp.sum(p, -1), 1e-9)
+  q_in = jnp.sum(q_at * (top_idx_btk >= 0), -1)
+  tv = 0.5 * (jnp.sum(jnp.abs(p - q_at * (top_idx_btk >= 0)), -1) + (1.0 - q_in) + (1.0 - jnp.sum(p, -1)))
+  return soft, tv
+
+
+def recipe_loss(logits_btn, target_bt, top_idx_btk, top_logp_btk, mask_bt, distil_lambda: float):
   """(loss, metrics): λ · CE of the primary's argmax (masked where it is outside the draft vocabulary) + (1 - λ) ·
-  CE against the primary's distribution renormalised over the draft vocabulary; means over ``mask``."""
+  CE against the primary's distribution (its top-k, renormalised over the draft vocabulary); means over ``mask``."""
   logq = jax.nn.log_softmax(logits_btn.astype(jnp.float32), -1)
   in_vocab = (target_bt >= 0).astype(jnp.float32) * mask_bt
   ce = -jnp.take_along_axis(logq, jnp.maximum(target_bt, 0)[..., None], -1)[..., 0]
-  p = jax.nn.softmax(teacher_btn.astype(jnp.float32), -1)
-  soft = -jnp.sum(p * logq, -1)
+  soft, tv = teacher_terms(logq, top_idx_btk, top_logp_btk)
   denom = jnp.maximum(jnp.sum(mask_bt), 1.0)
   ce_mean = jnp.sum(ce * in_vocab) / jnp.maximum(jnp.sum(in_vocab), 1.0)
   soft_mean = jnp.sum(soft * mask_bt) / denom
   agree = jnp.sum((jnp.argmax(logq, -1) == target_bt) * mask_bt) / denom
-  # TV(p, q) over the whole vocabulary: q is 0 off the draft vocabulary, where p has the mass 1 - sum(p_draft)
-  p_full = jnp.exp(teacher_btn.astype(jnp.float32))
-  tv = 0.5 * (jnp.sum(jnp.abs(p_full - jnp.exp(logq)), -1) + jnp.maximum(1.0 - jnp.sum(p_full, -1), 0.0))
   loss = distil_lambda * ce_mean + (1.0 - distil_lambda) * soft_mean
   return loss, {"loss": loss, "ce": ce_mean, "soft_ce": soft_mean, "agreement": agree,
                 "tv": jnp.sum(tv * mask_bt) / denom}
@@ -375,10 +460,10 @@ def batch_at(data: dict, rows: np.ndarray, target: np.ndarray, kind: str, block_
   tok = data["tokens"][rows]
   t = tok.shape[1] - 1
   mask = (data["valid"][rows][:, 1:] & data["valid"][rows][:, :-1]).astype(np.float32)
-  out = {"tokens": tok[:, :t], "target": target[rows][:, :t], "teacher": data["teacher"][rows][:, :t],
-         "mask": mask}
+  out = {"tokens": tok[:, :t], "target": target[rows][:, :t], "top_idx": data["top_ids"][rows][:, :t],
+         "top_logp": data["top_logp"][rows][:, :t], "mask": mask}
   if kind == "tandem":
-    out["hidden"] = data["hidden"][:, rows, :t]
+    out["hidden"] = data["hidden"][:, rows, :t].astype(np.float32)
     phase = rng.integers(0, block_len, len(rows)) if rng is not None else np.zeros(len(rows))
     out["offset"] = phase.astype(np.int32)
   return out
@@ -393,8 +478,8 @@ class _Trainer:
 
     def loss_of(params, rest, batch):
       model = nnx.merge(self.graphdef, params, rest)
-      return recipe_loss(_logits(model, kind, batch, block_len), batch["target"], batch["teacher"],
-                         batch["mask"], lam)
+      return recipe_loss(_logits(model, kind, batch, block_len), batch["target"], batch["top_idx"],
+                         batch["top_logp"], batch["mask"], lam)
 
     def step(params, opt_state, rest, batch):
       (_, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(params, rest, batch)
@@ -450,7 +535,7 @@ def train(primary_workdir: str, workdir: str, rc: RecipeConfig, *, documents: Se
   ``data_dir`` (default ``<workdir>/recipe_data``): where the self-distillation data are cached; a standalone
   drafter given a Tandem run's data dir trains on the same sequences (equal training data)."""
   from tandem_jax.interop.hf_tokenizer import save_tokenizer
-  from tandem_jax.training import checkpoint
+  from tandem_jax import checkpoint
   from tandem_jax.workdir import load_workdir, save_config
 
   workdir = os.path.abspath(os.path.expanduser(workdir))

@@ -14,17 +14,17 @@ import optax
 from flax import nnx, traverse_util
 
 from tandem_jax.progress import Progress
-from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, target_index
+from tandem_jax.recipe import (DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, target_index,
+                               teacher_terms)
 
 ROUTER_FILE = "router.npz"
 
 
-def router_labels(q_btn, target_bt, teacher_btn):
+def router_labels(q_btn, target_bt, top_idx_btk, top_logp_btk):
   """[B, T, 2] rejection labels (router.HEADS): TV(p, q) over the whole vocabulary (q is 0 off the draft
-  vocabulary; p's mass there comes from the cached log-probabilities) and 1[argmax q != the primary's argmax]."""
-  q = jax.nn.softmax(q_btn.astype(jnp.float32), -1)
-  p = jnp.exp(teacher_btn.astype(jnp.float32))
-  tv = 0.5 * (jnp.sum(jnp.abs(p - q), -1) + jnp.maximum(1.0 - jnp.sum(p, -1), 0.0))
+  vocabulary; p from the cached top-k log-probabilities, :func:`recipe.teacher_terms`) and 1[argmax q != the
+  primary's argmax]."""
+  _, tv = teacher_terms(jax.nn.log_softmax(q_btn.astype(jnp.float32), -1), top_idx_btk, top_logp_btk)
   mismatch = (jnp.argmax(q_btn, -1) != target_bt).astype(jnp.float32)
   return jnp.stack([tv, mismatch], -1)
 
@@ -58,7 +58,7 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
     tandem_ = nnx.merge(t_def, t_state)
     q = jax.lax.stop_gradient(tandem_.secondary_forward(batch["tokens"], gamma_max, batch["hidden"],
                                                         block_offset_b=batch["offset"]))
-    y = router_labels(q, batch["target"], batch["teacher"])
+    y = router_labels(q, batch["target"], batch["top_idx"], batch["top_logp"])
     v = q.shape[-1]
     r_logits = nnx.merge(r_def, r_params)(q.reshape(-1, v), tandem_.secondary.output_embedding())
     w = batch["mask"].reshape(-1)

@@ -20,7 +20,8 @@ Rules = tuple[tuple[str, Any], ...]
 
 # Logical names used by the models. Parameters: vocab, embed, heads, kv_heads, mlp, norm, primary_embed, proj_hidden,
 # layers (leading axis of stacked layers when scan_layers).
-# Activations: batch, length, act_embed, act_heads, act_mlp, act_vocab.
+# Activations: batch, length, act_embed, act_heads, act_mlp, act_vocab. KV cache (tandem_jax.cache): cache_batch,
+# cache_sequence, cache_heads, cache_kv.
 DEFAULT_RULES: Rules = (
     ("batch", ("data", "fsdp")),
     ("length", None),
@@ -37,6 +38,10 @@ DEFAULT_RULES: Rules = (
     ("proj_hidden", "model"),
     ("norm", None),
     ("layers", None),  # the stacked-layer axis of scan_layers models: every device holds its share of every layer
+    ("cache_batch", ("data", "fsdp")),
+    ("cache_sequence", None),
+    ("cache_heads", "model"),
+    ("cache_kv", None),
 )
 
 
@@ -52,18 +57,44 @@ def make_mesh(shape: Sequence[int], axis_names: Sequence[str], devices=None) -> 
   return Mesh(np.asarray(devices).reshape(shape), axis_names, axis_types=(AxisType.Auto,) * len(shape))
 
 
+def resolve_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
+  """``mesh_cfg.shape`` with its -1 (at most one) filled so that the mesh holds ``num_devices`` devices.
+
+  Raises ValueError naming ``config.mesh.shape`` when the shape cannot hold exactly that many devices."""
+  shape, axes = [int(s) for s in mesh_cfg.shape], tuple(mesh_cfg.axes)
+
+  def check(ok: bool, message: str):
+    if not ok:
+      raise ValueError(f"config.mesh.shape: {message}")
+
+  check(len(shape) == len(axes), f"{tuple(shape)} and config.mesh.axes {axes} differ in length")
+  check(shape.count(-1) <= 1, f"at most one -1 is allowed, got {tuple(shape)}")
+  check(all(s == -1 or s >= 1 for s in shape), f"sizes must be positive or -1, got {tuple(shape)}")
+  known = math.prod(s for s in shape if s != -1)
+  if -1 in shape:
+    check(num_devices % known == 0, f"{tuple(shape)}: {num_devices} devices are not divisible by {known}")
+    shape[shape.index(-1)] = num_devices // known
+  check(math.prod(shape) == num_devices,
+        f"{tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are available")
+  return tuple(shape)
+
+
 def mesh_from_config(mesh_cfg, devices=None) -> Mesh:
   """``mesh_cfg.shape`` may contain one -1, filled with the remaining device count."""
   devices = list(jax.devices()) if devices is None else list(devices)
-  shape = list(mesh_cfg.shape)
-  if shape.count(-1) > 1:
-    raise ValueError(f"config.mesh.shape may contain at most one -1, got {shape}")
-  if -1 in shape:
-    known = math.prod(s for s in shape if s != -1)
-    if len(devices) % known:
-      raise ValueError(f"config.mesh.shape {shape}: {len(devices)} devices are not divisible by {known}")
-    shape[shape.index(-1)] = len(devices) // known
-  return make_mesh(shape, mesh_cfg.axes, devices)
+  return make_mesh(resolve_mesh_shape(mesh_cfg, len(devices)), mesh_cfg.axes, devices)
+
+
+def batch_shards(rules: Rules, mesh_shape: dict[str, int]) -> int:
+  """How many ways a batch is split: the product of the mesh axes (name -> size) the 'batch' rule maps to."""
+  target = dict(rules).get("batch")
+  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
+  return math.prod(mesh_shape.get(a, 1) for a in axes)
+
+
+def rules_of(config) -> Rules:
+  """The logical -> mesh rules of a config (``config.mesh.rules``; lists from config.json back to tuples)."""
+  return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
 
 
 def _mesh_axes(logical: Sequence[str | None], rules: Rules, mesh_axis_names) -> P:
@@ -81,6 +112,21 @@ def _mesh_axes(logical: Sequence[str | None], rules: Rules, mesh_axis_names) -> 
   return P(*out)
 
 
+def fit_spec(shape: Sequence[int], spec: P, mesh_shape: dict[str, int]) -> P:
+  """``spec`` with the mesh axes that do not divide their dimension dropped (that dimension left unsharded)."""
+  fixed = []
+  for dim, axes in zip(shape, tuple(spec) + (None,) * (len(shape) - len(spec))):
+    size = math.prod(mesh_shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
+    fixed.append(axes if axes and dim % size == 0 else None)
+  return P(*fixed)
+
+
+def logical_sharding(shape: Sequence[int], logical: Sequence[str | None], rules: Rules, mesh: Mesh) -> NamedSharding:
+  """The NamedSharding of an array of ``shape`` whose axes have the logical names ``logical``, fitted to ``shape``."""
+  spec = _mesh_axes(tuple(logical), rules, mesh.axis_names)
+  return NamedSharding(mesh, fit_spec(shape, spec, dict(mesh.shape)))
+
+
 def logical_to_mesh(pspec_tree, rules: Rules, mesh: Mesh):
   """Maps a tree of logical PartitionSpecs to NamedShardings on ``mesh`` (mesh axes absent from it are dropped)."""
   return jax.tree.map(lambda spec: NamedSharding(mesh, _mesh_axes(tuple(spec), rules, mesh.axis_names)),
@@ -90,6 +136,13 @@ def logical_to_mesh(pspec_tree, rules: Rules, mesh: Mesh):
 def param_shardings(abstract_state, rules: Rules, mesh: Mesh):
   """NamedShardings for an nnx.State whose Params carry ``out_sharding`` logical names."""
   return logical_to_mesh(nnx.get_partition_spec(abstract_state), rules, mesh)
+
+
+def sharded_abstract(abstract_state, rules: Rules, mesh: Mesh) -> dict:
+  """An abstract nnx.State as a pure dict of ShapeDtypeStructs, each carrying its parameter's mesh sharding."""
+  shardings = param_shardings(abstract_state, rules, mesh).to_pure_dict()
+  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s),
+                      abstract_state.to_pure_dict(), shardings)
 
 
 def logical_names(abstract_state):
@@ -114,11 +167,7 @@ def constrain(x: jax.Array, logical: Sequence[str | None]) -> jax.Array:
     return x
   spec = _mesh_axes(tuple(logical), tuple(rules), mesh.axis_names)
   # Leave dimensions the mesh does not divide unconstrained rather than failing.
-  fixed = []
-  for dim, axes in zip(x.shape, spec):
-    size = math.prod(mesh.shape[a] for a in ((axes,) if isinstance(axes, str) else (axes or ())))
-    fixed.append(axes if size and dim % size == 0 else None)
-  return jax.lax.with_sharding_constraint(x, P(*fixed))
+  return jax.lax.with_sharding_constraint(x, fit_spec(x.shape, spec, dict(mesh.shape)))
 
 
 def create_sharded(constructor, mesh: Mesh | None = None, rules: Rules = DEFAULT_RULES, seed: int = 0):

@@ -22,10 +22,11 @@ import jax
 import ml_collections
 from flax import nnx
 
-from tandem_jax import sharding
+from tandem_jax import checkpoint, sharding
 from tandem_jax.data import Tokenizer
-from tandem_jax.interop.hf_tokenizer import load_tokenizer, save_tokenizer, tokenizer_path
-from tandem_jax.training import checkpoint, program, stages
+from tandem_jax.data.tokenizer import tokenizer_path
+from tandem_jax.interop.hf_tokenizer import load_tokenizer, save_tokenizer
+from tandem_jax.models import bundle as bundle_lib
 
 CONFIG_FILE = "config.json"
 TOKENIZER_FILE = "tokenizer.model"
@@ -124,23 +125,17 @@ def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh 
   if step not in steps:
     raise FileNotFoundError(f"workdir {workdir!r} has no checkpoint at step {step}; it has {sorted(steps)}")
   mesh = mesh or default_mesh(config)
-  rules = program.rules_of(config)
-  graphdef, trainable, frozen = program.abstract_bundle(config)
+  rules = sharding.rules_of(config)
+  graphdef, trainable, frozen = bundle_lib.abstract_bundle(config)
   abstract = {
-      "params": _abstract(trainable, rules, mesh),
-      "frozen": _abstract(frozen, rules, mesh),
+      "params": sharding.sharded_abstract(trainable, rules, mesh),
+      "frozen": sharding.sharded_abstract(frozen, rules, mesh),
   }
   restored = checkpoint.restore(mngr, step, abstract, with_optimizer=False)
   mngr.close()
-  bundle = stages.merge_bundle(graphdef, restored["params"], restored["frozen"])
-  return Loaded(config=config, stage=config.stage, model=stages.public_model(config.stage, bundle),
+  bundle = bundle_lib.merge_bundle(graphdef, restored["params"], restored["frozen"])
+  return Loaded(config=config, stage=config.stage, model=bundle_lib.public_model(config.stage, bundle),
                 tokenizer=load_tokenizer(workdir), step=step, workdir=workdir)
-
-
-def _abstract(state: nnx.State, rules, mesh):
-  shardings = sharding.param_shardings(state, rules, mesh).to_pure_dict()
-  return jax.tree.map(lambda x, s: jax.ShapeDtypeStruct(x.shape, x.dtype, sharding=s), state.to_pure_dict(),
-                      shardings)
 
 
 # -- writing (imported weights) ----------------------------------------------------------------------------------
@@ -156,12 +151,12 @@ def write_workdir(workdir: str, config: ml_collections.ConfigDict, model: nnx.Mo
   """
   workdir = os.path.abspath(os.path.expanduser(workdir))
   stage = config.stage
-  stages.spec(stage)
+  bundle_lib.spec(stage)
   if stage == "secondary_distil":
     raise ValueError("write_workdir: use stage 'secondary' for an imported secondary (secondary_distil needs a "
                      "teacher inside its checkpoint)")
-  _, want_tr, want_fr = program.abstract_bundle(config)
-  graphdef, params, frozen = stages.split_bundle(stage, model)
+  _, want_tr, want_fr = bundle_lib.abstract_bundle(config)
+  graphdef, params, frozen = bundle_lib.split_bundle(stage, model)
   for name, want, have in (("trainable", want_tr.to_pure_dict(), params), ("frozen", want_fr.to_pure_dict(), frozen)):
     w = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), want)
     h = jax.tree.map(lambda x: (tuple(x.shape), str(x.dtype)), have)

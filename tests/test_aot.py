@@ -1,4 +1,4 @@
-"""Deviceless TPU compile (libtpu; skipped without it) and the projection arithmetic (always)."""
+"""Deviceless TPU compile (libtpu; skipped without it) and the estimates' arithmetic (always)."""
 
 import json
 import os
@@ -7,21 +7,13 @@ import sys
 
 import pytest
 
-from tandem_jax import tpu_projection as tp
+from tandem_jax import tpu_estimates as tp
+from tandem_jax.decoding.costs import expected_block_tokens
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
 # -- pure arithmetic ---------------------------------------------------------------------------------------------------
-def test_leviathan_formula_matches_paper_table1():
-  # Leviathan et al. Table 1 (c = 0): α=0.8, γ=5 -> 3.69x; α=0.6, γ=2 -> 1.96x; α=0.9, γ=10 -> 6.86x.
-  assert tp.leviathan_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.01)
-  assert tp.leviathan_speedup(0.6, 2, 0.0) == pytest.approx(1.96, abs=0.01)
-  assert tp.leviathan_speedup(0.9, 10, 0.0) == pytest.approx(6.86, abs=0.01)
-  assert tp.expected_tokens(1.0, 4) == 5.0
-  assert tp.leviathan_speedup(0.75, 3, 0.1) == pytest.approx((1 - 0.75 ** 4) / 0.25 / 1.3)
-
-
 def test_projection_uses_compiled_costs():
   rows = tp.project_speedup(0.8, [1, 4], primary_step_s=1.0, primary_block_s=1.0, max_block_len=4,
                             secondary_step_s=0.0, commit_s=0.0)
@@ -31,7 +23,7 @@ def test_projection_uses_compiled_costs():
                             secondary_step_s=0.1, commit_s=0.05)
   block = 1.0 + 0.5 * 2.0  # interpolated (γ+1 = 3 tokens between the 1- and 5-token calls)
   assert rows[0]["block_call_ms"] == pytest.approx(block * 1e3)
-  assert rows[0]["projected_speedup"] == pytest.approx(tp.expected_tokens(0.8, 2) / (2 * 0.1 + block + 0.05))
+  assert rows[0]["projected_speedup"] == pytest.approx(expected_block_tokens(0.8, 2) / (2 * 0.1 + block + 0.05))
 
 
 def test_acceptance_from_number_or_results_json(tmp_path):

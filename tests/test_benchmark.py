@@ -1,5 +1,5 @@
 """The benchmark end to end on its smoke preset (tiny models, a few steps): results.json's keys, the report's
-tables, reuse of finished stages; and the small pure helpers (Leviathan's formula, α from blocks, prompts)."""
+tables, reuse of finished stages; and the small pure helpers (α from blocks, prompts)."""
 
 import json
 import os
@@ -33,20 +33,26 @@ def smoke(tmp_path_factory):
 @pytest.mark.slow
 def test_smoke_results_and_report(smoke):
   workdir, printed = smoke
-  for k in HEADLINE:
-    assert k in printed and k in printed["targets"]
   with open(os.path.join(workdir, "results.json")) as fh:
     r = json.load(fh)
   for k in HEADLINE + ("table1", "table2", "table3_quality", "table3_speed", "table4", "leviathan", "costs",
                        "targets", "machine", "phases_seconds", "cost_ratio_c", "best_gamma"):
     assert k in r, k
+  for k in HEADLINE:  # what --json prints is results.json's, and each target is judged on its own value
+    assert printed[k] == pytest.approx(r[k], nan_ok=True), k
+    target = r["targets"][k]
+    assert target["value"] == pytest.approx(r[k], nan_ok=True) and target["met"] == (r[k] >= target["target"]), k
   assert set(r["table1"]) >= {"secondary", "secondary_long", "secondary_distil", "tandem", "tandem_distil"}
   assert "accuracy_gain_points_equal_steps" in r
   row = r["table2"]["greedy_b1"]
   assert set(row["speed"]) == set(row["tandem_speed"]) == {"1", "2"}
   cell = row["tandem_speed"]["2"]
   assert cell["tokens"] == row["ar"]["tokens"] > 0  # no EOS stop: every method emits the same tokens
-  assert cell["seconds"]["min"] <= cell["seconds"]["median"] <= cell["seconds"]["max"]
+  # the speedup is the ratio of the median wall times, and the headline reads the best γ's cell
+  assert cell["speedup"] == pytest.approx(row["ar"]["seconds"]["median"] / cell["seconds"]["median"])
+  best = row["tandem_speed"][str(r["best_gamma"]["tandem_speed"])]
+  assert r["speedup_tandem_speed_vs_ar"] == pytest.approx(best["speedup"])
+  assert 0.0 <= cell["acceptance_rate"] <= 1.0 and cell["accepted"] <= cell["drafted"]
   t4 = r["table4"]["greedy_b1"]
   assert {"fixed", "adaptive", "ar", "speedup_adaptive_vs_fixed", "speedup_adaptive_paper_tau_vs_fixed"} <= set(t4)
   # τ chosen on held-out prompts: the fastest of the searched values, and those prompts are not the timed ones.
@@ -74,13 +80,6 @@ def test_rerun_reuses_every_stage(smoke):
   report = chain.train_all(bench, workdir)
   assert set(report) == set(bench_cfg.STAGES)
   assert all(r["reused"] for r in report.values())
-
-
-def test_leviathan_formula():
-  assert timing.leviathan(0.0, 3, 0.0) == pytest.approx(1.0)
-  assert timing.leviathan(0.8, 5, 0.0) == pytest.approx((1 - 0.8 ** 6) / 0.2)  # 3.69 (their Table 1)
-  assert timing.leviathan(0.8, 2, 0.1) == pytest.approx((1 - 0.8 ** 3) / 0.2 / 1.2)
-  assert timing.leviathan(1.0, 4, 0.05) == pytest.approx(5 / 1.2)
 
 
 def test_alpha_from_blocks():

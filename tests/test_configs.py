@@ -5,7 +5,7 @@ from absl import flags
 from ml_collections import config_flags
 
 from configs import base
-from tandem_jax.training import stages
+from tandem_jax.models import bundle
 from tandem_jax.training.validate import ConfigError, validate
 
 
@@ -14,7 +14,7 @@ from tandem_jax.training.validate import ConfigError, validate
 def test_every_stage_and_preset_constructs(stage, preset):
   c = base.get_config(stage, preset)
   assert c.stage == stage and c.primary.vocab_size == c.data.vocab_size == c.secondary.vocab_size
-  p, s, _ = stages.model_configs(c)
+  p, s, _ = bundle.model_configs(c)
   if preset != "tiny":
     assert s.num_params < p.num_params / 2
   if stage in ("primary", "secondary"):
@@ -23,7 +23,7 @@ def test_every_stage_and_preset_constructs(stage, preset):
 
 def test_cpu_preset_sizes():
   c = base.get_config("tandem", "cpu")
-  p, s, _ = stages.model_configs(c)
+  p, s, _ = bundle.model_configs(c)
   assert 3e6 < p.num_params < 10e6 and s.num_params < p.num_params / 2
   body = lambda m: m.num_params - m.vocab_size * m.d_model
   assert body(p) >= 6 * body(s)  # measured ~10x cheaper per decoded token on this CPU (ENVIRONMENT.md)
@@ -47,7 +47,7 @@ def _parse(argv):
 def test_command_line_overrides():
   path = base.__file__.replace("base.py", "tandem.py")
   c = _parse(["prog", f"--config={path}:tiny", "--config.train.steps=7", "--config.tandem.layer_map=0,1"])
-  assert c.train.steps == 7 and stages.parse_layer_map(c.tandem.layer_map) == (0, 1)
+  assert c.train.steps == 7 and bundle.parse_layer_map(c.tandem.layer_map) == (0, 1)
   with pytest.raises(Exception, match="nosuchfield"):
     _parse(["prog", f"--config={path}:tiny", "--config.train.nosuchfield=1"])
 

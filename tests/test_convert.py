@@ -309,7 +309,8 @@ def _gguf_with_raw_tensor(tmp_path, hf_cfg, state, gname, raw, qtype):
 @pytest.mark.parametrize("overrides, match", [
     (dict(architectures=["GPT2LMHeadModel"]), "GPT2LMHeadModel"),
     (dict(architectures=["MistralForCausalLM"]), "LlamaForCausalLM"),
-    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "llama3"),
+    (dict(rope_scaling={"rope_type": "dynamic", "factor": 8.0}), "dynamic"),
+    (dict(rope_scaling={"rope_type": "llama3", "factor": 8.0}), "low_freq_factor"),
     (dict(attention_bias=True), "attention_bias"),
     (dict(hidden_act="gelu"), "silu"),
     (dict(mlp_bias=True), "mlp_bias"),
@@ -341,13 +342,13 @@ def test_shape_mismatch_is_named():
 
 def test_gguf_unsupported_architecture_is_named(tmp_path):
   gguf = pytest.importorskip("gguf")
-  w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "gemma2")
+  w = gguf.GGUFWriter(str(tmp_path / "g.gguf"), "phi3")
   w.add_tensor("token_embd.weight", np.zeros((4, 8), np.float32))
   w.write_header_to_file()
   w.write_kv_data_to_file()
   w.write_tensors_to_file()
   w.close()
-  with pytest.raises(ValueError, match="gemma2"):
+  with pytest.raises(ValueError, match="phi3"):
     convert.load_gguf(tmp_path / "g.gguf")
 
 

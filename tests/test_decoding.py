@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from tandem_jax import sharding
-from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.decoding import SamplingParams, api, generate
 from tandem_jax.models import LLMToSLM, TandemConfig, TandemLM, Transformer
 from tandem_jax.models.router import Router
 from tandem_jax.models.tandem import decode_block_offset
@@ -220,6 +220,23 @@ def test_sharded_decoding_equals_single_device():
     got = generate(method, prompts, tandem=sharded, primary=sharded.primary, max_new_tokens=10, block_len=3,
                    mesh=mesh)
     assert got.tokens == want.tokens, method
+  # A mesh made again over the same devices is the same mesh (programs are keyed by its value, not by the object,
+  # whose id a later, different mesh may take): its call runs the program compiled above.
+  size, equal = len(api._compiled), sharding.make_mesh((2, 4), ("data", "model"))
+  again = generate("tandem_speed", prompts, tandem=sharded, max_new_tokens=10, block_len=3, mesh=equal)
+  assert len(api._compiled) == size and again.tokens == got.tokens
+
+
+def test_compiled_programs_are_bounded_and_keyed_by_mesh_value():
+  programs, compiled = api._Programs(maxsize=2), []
+  for key in ("a", "b", "a", "c"):  # "a" used again, so "b" is the least recently used when "c" comes
+    programs.get_or_compile(key, lambda key=key: compiled.append(key) or key.upper())
+  assert compiled == ["a", "b", "c"] and dict(programs) == {"a": "A", "c": "C"}
+  mesh = sharding.make_mesh((2, 4), ("data", "model"))
+  assert api.mesh_key(mesh) == api.mesh_key(sharding.make_mesh((2, 4), ("data", "model")))
+  assert api.mesh_key(mesh) != api.mesh_key(sharding.make_mesh((4, 2), ("data", "model")))
+  assert api.mesh_key(mesh) != api.mesh_key(sharding.make_mesh((2, 4), ("data", "model"),
+                                                                devices=jax.devices()[::-1]))
 
 
 def test_bad_inputs_fail_before_compiling(models):

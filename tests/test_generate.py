@@ -1,5 +1,6 @@
 """`python -m tandem_jax.generate` on trained tiny workdirs: text in, text out, every method, lossless."""
 
+import dataclasses
 import json
 
 import pytest
@@ -7,6 +8,7 @@ from absl import flags
 
 from tandem_jax import cli
 from tandem_jax import generate as gen_cli
+from tandem_jax import workdir as workdir_lib
 
 pytestmark = pytest.mark.slow  # uses the session's chain of trained tiny stages
 
@@ -22,7 +24,7 @@ def _run(capsys, *args, with_err=False):
   return (captured.out, captured.err) if with_err else captured.out
 
 
-def test_generate_json_every_method_equals_ar(tiny_chain, capsys):
+def test_generate_json_every_method_equals_ar(tiny_chain, capsys, monkeypatch):
   wd = {s: r["workdir"] for s, r in tiny_chain.items()}
   prompts = ["--prompt=We the People", "--prompt=The Congress shall", "--prompt=A"]
   common = ["--max_new_tokens=12", "--json"] + prompts
@@ -37,8 +39,17 @@ def test_generate_json_every_method_equals_ar(tiny_chain, capsys):
     assert out["outputs"][0]["text"] and out["summary"]["primary_calls"] >= 3
     assert set(out["outputs"][0]["stats"]) >= {"primary_calls", "secondary_calls", "drafted", "accepted"}
   # the router workdir alone carries its tandem, threshold and γ_max
+  router_cfg = workdir_lib.load_config(wd["router"]).router
+  loaded = gen_cli.load(wd["router"])
+  assert (loaded.threshold, loaded.gamma_max) == (router_cfg.threshold, router_cfg.gamma_max)
   out = json.loads(_run(capsys, f"--workdir={wd['router']}", "--method=tandem_speed", "--adaptive", *common))
   assert [o["token_ids"] for o in out["outputs"]] == want
+  # without --block_len, γ_max is the cap the program is compiled for (K + 2 bins of emitted tokens per block)
+  monkeypatch.setattr(gen_cli, "load", lambda *_: dataclasses.replace(loaded, gamma_max=2))
+  out = json.loads(_run(capsys, f"--workdir={wd['router']}", "--method=tandem_speed", "--adaptive", *common))
+  assert [o["token_ids"] for o in out["outputs"]] == want
+  assert all(len(o["stats"]["block_hist"]) == 2 + 2 for o in out["outputs"])
+  monkeypatch.undo()
   out = json.loads(_run(capsys, f"--workdir={wd['llm_to_slm']}", "--method=llm_to_slm", *common))
   assert len(out["outputs"]) == 3
 

@@ -16,6 +16,21 @@ def models():
   return _build()
 
 
+def test_leviathan_formula_matches_paper_table1():
+  # Leviathan et al. Table 1 (c = 0): α=0.8, γ=5 -> 3.69x; α=0.6, γ=2 -> 1.96x; α=0.9, γ=10 -> 6.86x.
+  assert costs.leviathan_speedup(0.8, 5, 0.0) == pytest.approx(3.69, abs=0.01)
+  assert costs.leviathan_speedup(0.6, 2, 0.0) == pytest.approx(1.96, abs=0.01)
+  assert costs.leviathan_speedup(0.9, 10, 0.0) == pytest.approx(6.86, abs=0.01)
+  assert costs.leviathan_speedup(0.0, 3, 0.0) == pytest.approx(1.0)
+  assert costs.leviathan_speedup(0.75, 3, 0.1) == pytest.approx((1 - 0.75 ** 4) / 0.25 / 1.3)
+  assert costs.leviathan_speedup(1.0, 4, 0.05) == pytest.approx(5 / 1.2)
+  assert costs.leviathan_speedup(0.8, 2, 0.1, verify=2.0) == pytest.approx((1 - 0.8 ** 3) / 0.2 / 2.2)
+  assert costs.expected_block_tokens(1.0, 4) == 5.0 and np.isnan(costs.leviathan_speedup(float("nan"), 2, 0.1))
+  # the traced per-row table agrees with the scalar formula
+  np.testing.assert_allclose(np.asarray(costs.expected_tokens(jnp.asarray([0.7]), 4))[0],
+                             [costs.expected_block_tokens(0.7, g) for g in range(5)], rtol=1e-6)
+
+
 def test_expected_tokens_and_choice_follow_leviathan():
   alpha = jnp.asarray([0.0, 0.5, 0.9], jnp.float32)
   e = np.asarray(costs.expected_tokens(alpha, 3))

@@ -96,3 +96,42 @@ def test_recipe_drafters_are_lossless(primary_dir, trained):
                   block_len=gamma, max_block_len=3)
     assert ts.tokens == ar.tokens and sp.tokens == ar.tokens, gamma
   assert ts.stats["accepted"].sum() > 0  # the drafts are not all rejected
+
+
+def test_exact_top_k_equals_lax_top_k():
+  rng = np.random.default_rng(0)
+  for shape, k, chunk in (((3, 5000), 32, 32), ((2, 4, 49152), 32, 32), ((5, 1000), 7, 16), ((2, 300), 32, 32)):
+    x = rng.normal(size=shape).astype(np.float32)
+    vals, ids = recipe.exact_top_k(x, k, chunk)
+    ref_vals, ref_ids = jax.lax.top_k(x, k)
+    np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
+    np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
+
+
+def test_self_distill_equals_generate_and_a_full_forward(primary_dir):
+  """One pass per batch (prefill + cached greedy steps) gives the tokens `generate("ar")` gives and, at every
+  valid position, the labels, top-k log-probabilities and hidden states of one full forward over the result."""
+  primary = load_workdir(primary_dir[0]).model
+  v = primary.cfg.vocab_size
+  rng = np.random.default_rng(1)
+  prompts = np.full((5, 9), -1, np.int32)
+  for r in range(5):  # ragged, -1 padded, as topic_prompts makes them
+    n = int(rng.integers(2, 10))
+    prompts[r, :n] = rng.integers(3, v, n)
+  rows = [[int(t) for t in p if t >= 0] for p in prompts]
+  eos = generate("ar", rows[:1], primary=primary, max_new_tokens=8, eos_id=None).tokens[0][3]  # fires in row 0
+  out = recipe.self_distill(primary, prompts, 8, 3, eos, (0, primary.cfg.num_layers), 8)
+  ar = generate("ar", rows, primary=primary, max_new_tokens=8, eos_id=eos).tokens
+  assert len(ar[0]) <= 4  # an EOS ended row 0 early
+  logits, hidden = jax.jit(lambda t: primary.forward(t, return_hidden=True))(out["tokens"])
+  logp = jax.nn.log_softmax(logits, -1)
+  ref_vals, ref_ids = jax.lax.top_k(logp, 8)
+  for r, row in enumerate(rows):
+    n = len(row) + len(ar[r])
+    np.testing.assert_array_equal(out["tokens"][r, :n], row + ar[r])
+    assert out["valid"][r, :n].all() and not out["valid"][r, n:].any()
+    np.testing.assert_array_equal(out["labels"][r, :n], np.argmax(np.asarray(logits[r, :n]), -1))
+    np.testing.assert_array_equal(out["top_ids"][r, :n], np.asarray(ref_ids[r, :n]))
+    np.testing.assert_allclose(out["top_logp"][r, :n], np.asarray(ref_vals[r, :n]), rtol=2e-3, atol=2e-3)
+    for j, m in enumerate((0, primary.cfg.num_layers)):
+      np.testing.assert_allclose(out["hidden"][j, r, :n], np.asarray(hidden[m, r, :n]), rtol=2e-3, atol=2e-3)

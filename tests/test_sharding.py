@@ -5,6 +5,7 @@ import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
+from jax.sharding import NamedSharding, PartitionSpec as P
 
 from conftest import tiny_config
 from tandem_jax import sharding
@@ -61,6 +62,24 @@ def test_sharded_cached_extend_equals_single_device():
     got, _, cache = step(model, tokens, model.init_cache(4, 16))
   np.testing.assert_allclose(got, want, atol=2e-5)
   np.testing.assert_array_equal(cache.lengths, 12)
+
+
+def test_kv_cache_is_sharded_where_it_is_created_by_the_rules():
+  from configs import base
+  from tandem_jax import cache as kvcache
+  from tandem_jax.topology import abstract_cache
+  mesh = sharding.make_mesh((2, 4), ("data", "model"))
+  rules = sharding.rules_of(base.get_config("tandem", "tiny"))  # config.mesh.rules: the one table
+  cfg = tiny_config(num_kv_heads=4)
+  with jax.set_mesh(mesh), sharding.use_rules(rules):
+    cache = jax.jit(lambda: kvcache.init_cache(cfg.num_layers, 4, 16, cfg.num_kv_heads, cfg.head_dim))()
+  buffer = NamedSharding(mesh, P("data", None, "model", None))  # cache_batch, cache_sequence, cache_heads, cache_kv
+  assert cache.k[0].sharding.is_equivalent_to(buffer, 4) and cache.v[-1].sharding.is_equivalent_to(buffer, 4)
+  assert cache.lengths.sharding.is_equivalent_to(NamedSharding(mesh, P("data")), 1)
+  # the deviceless compile (tandem_jax.aot) lays the cache out by the same names and rules
+  abstract = abstract_cache(cfg, 4, 16, mesh, rules)
+  assert abstract.k[0].sharding.is_equivalent_to(buffer, 4)
+  assert abstract.lengths.sharding.is_equivalent_to(cache.lengths.sharding, 1)
 
 
 def test_mesh_errors():

@@ -13,7 +13,7 @@ import pytest
 from configs import base
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.models import Transformer
-from tandem_jax.training import data as data_mod, loop, stages
+from tandem_jax.training import inputs, loop, stages
 
 
 @pytest.fixture(scope="session")
@@ -102,11 +102,11 @@ def test_missing_workdir_errors_name_the_path(tmp_path):
 
 
 def test_local_text_source(tmp_path, tok_cache):
-  docs, _ = data_mod.documents(base.get_config("primary", "tiny"))
+  docs, _ = inputs.documents(base.get_config("primary", "tiny"))
   for i, d in enumerate(docs[:5]):
     (tmp_path / f"doc{i}.txt").write_text(d)
   c = stage_config("primary", tok_cache)
   c.data.source, c.data.path, c.data.max_documents, c.data.val_fraction = "text", str(tmp_path / "*.txt"), 0, 0.2
-  data = data_mod.load(c)
+  data = inputs.load(c)
   assert data.tokenizer.vocab_size == c.data.vocab_size
   assert data.train_rows.shape[1] == c.data.seq_len and len(data.val_rows) > 0

@@ -4,10 +4,13 @@ tandem_distil -> router, llm_to_slm. Frozen parameters stay bitwise unchanged an
 import jax
 import numpy as np
 import pytest
+from flax import nnx
+
+from configs import base
 
 from tandem_jax import workdir as workdir_lib
 from tandem_jax.models import LLMToSLM, TandemLM, Transformer
-from tandem_jax.training import stages
+from tandem_jax.models.bundle import RouterBundle
 
 pytestmark = pytest.mark.slow  # seven chained trainings: ~2.5 min of compiles on 2 free cores
 
@@ -53,7 +56,13 @@ def test_frozen_parts_unchanged_and_without_optimizer_state(runs):
     assert leaves_equal(state["frozen"][attr], primary_params), stage
     assert attr not in adam_mu(state["opt_state"]), stage
     assert jax.tree.structure(adam_mu(state["opt_state"])) == jax.tree.structure(state["params"]), stage
-  # The secondary started from the standalone secondary's weights.
+  # The tandem's secondary started from the standalone secondary's weights: two AdamW steps (the first at lr 0 in
+  # warmup, the second moving each weight by about lr) leave it within a few lr of them, where an independent
+  # initialisation would be about its own scale away.
+  secondary = nnx.state(workdir_lib.load_workdir(runs["secondary"]["workdir"]).model, nnx.Param).to_pure_dict()
+  drift = jax.tree.map(lambda a, b: float(np.max(np.abs(np.asarray(a) - np.asarray(b)))),
+                       runs["tandem"]["state"]["params"]["secondary"], secondary)
+  assert max(jax.tree.leaves(drift)) < 3 * base.get_config("tandem", "tiny").train.lr
   router = runs["router"]["state"]
   assert set(router["frozen"]) == {"tandem"} and set(adam_mu(router["opt_state"])) == {"router"}
   tandem_distil = workdir_lib.load_workdir(runs["tandem_distil"]["workdir"]).model
@@ -62,7 +71,7 @@ def test_frozen_parts_unchanged_and_without_optimizer_state(runs):
 
 def test_loaded_models_and_provenance(runs):
   kinds = {"primary": Transformer, "secondary": Transformer, "secondary_distil": Transformer, "tandem": TandemLM,
-           "tandem_distil": TandemLM, "llm_to_slm": LLMToSLM, "router": stages.RouterBundle}
+           "tandem_distil": TandemLM, "llm_to_slm": LLMToSLM, "router": RouterBundle}
   for stage, kind in kinds.items():
     loaded = workdir_lib.load_workdir(runs[stage]["workdir"])
     assert isinstance(loaded.model, kind) and loaded.stage == stage and loaded.step == 2

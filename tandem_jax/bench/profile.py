@@ -1,4 +1,4 @@
-"""Where decode time goes (issue 5): per model call standalone against in-loop, and each loop iteration by part.
+"""Where decode time goes: per model call standalone against in-loop, and each loop iteration by part.
 
   python -m tandem_jax.bench.profile --workdir=/work/bench_run/cpu [--gamma=5 --batch=1 --temperature=0]
 
@@ -158,7 +158,7 @@ def main(argv):
     return generate(name.split("@")[0], prompts, **methods[name], **kw)
 
   # 1. standalone per-call costs at the decode's mean cache fill.
-  capacity = api._bucket(api._bucket(f["prompt_len"]) + api._bucket(f["max_new_tokens"]) + k + 2)
+  capacity = api.buffer_sizes(f["prompt_len"], f["max_new_tokens"], k)[2]
   fill = f["prompt_len"] + f["max_new_tokens"] // 2
   cost = lambda m, k: timing.call_ms(m, batch, k, capacity=capacity, fill=fill, calls=64,  # noqa: E731
                                      repeats=5)["median"]
@@ -167,15 +167,17 @@ def main(argv):
                 "tandem secondary k=1": cost(tandem.secondary, 1)}
 
   # 2. in-loop ms per iteration, interleaved.
-  first = {n: run(n) for n in methods}  # compile + warm-up
-  iters = {n: int(r.stats["primary_calls"].max()) - 1 for n, r in first.items()}
-  times = collections.defaultdict(list)
-  for r in range(f["repeats"]):
-    names = list(methods)
-    for n in names[r % 3:] + names[:r % 3]:
-      times[n].append(run(n).wall_time)
+  def cell(name):
+    def timed(warmup: bool = False):
+      r = run(name)
+      return {"wall": r.wall_time, "result": r}
+    return timed
+
+  res = timing.interleaved({n: cell(n) for n in methods}, f["repeats"])
+  times = {n: c["times"] for n, c in res.items()}
+  iters = {n: int(c["run"]["result"].stats["primary_calls"].max()) - 1 for n, c in res.items()}
   per_iter = {n: statistics.median(t) * 1e3 / iters[n] for n, t in times.items()}
-  tokens = sum(len(t) for t in first["ar"].tokens)
+  tokens = sum(len(t) for t in res["ar"]["run"]["result"].tokens)
 
   # 3. per-scope breakdown of one traced run each; cache copies in the compiled programs.
   breakdown, copies, gaps = {}, {}, {}

@@ -12,7 +12,7 @@ from flax import nnx
 
 from tandem_jax import data as data_lib
 from tandem_jax import workdir as workdir_lib
-from tandem_jax.training import data as data_mod, evaluation
+from tandem_jax.training import evaluation, inputs
 
 TABLE1 = ("secondary", "secondary_long", "secondary_distil", "tandem", "tandem_distil")
 
@@ -26,7 +26,7 @@ def load_models(workdir: str) -> dict:
 def validation_rows(loaded: dict):
   """The validation split, tokenized with the chain's tokenizer (int32[N, seq_len])."""
   primary = loaded["primary"]
-  return data_mod.load(primary.config, os.path.join(primary.workdir, workdir_lib.TOKENIZER_FILE)).val_rows
+  return inputs.load(primary.config, os.path.join(primary.workdir, workdir_lib.TOKENIZER_FILE)).val_rows
 
 
 def _metrics(m: dict) -> dict:

@@ -29,6 +29,8 @@ import numpy as np
 from tandem_jax.bench import timing
 from tandem_jax.bench.run import say as _say
 from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.decoding.api import buffer_sizes
+from tandem_jax.decoding.costs import leviathan_speedup
 from tandem_jax.progress import Progress
 
 REPORT_FILE = "report_smollm2.md"
@@ -62,15 +64,6 @@ def train_all(bench, workdir: str) -> dict:
   out["router_model"] = router["router"]
   out["paths"] = dict(primary=primary, tandem=tandem_dir, standalone=os.path.join(workdir, "standalone"))
   return out
-
-
-def ideal_speedup(alpha: float, gamma: int, c: float, verify: float) -> float:
-  """Leviathan's expected speedup with the measured verify cost: E[tokens per block] / (γ c + verify), c and verify
-  in units of one primary step (verify = 1 is Thm 3.8's assumption)."""
-  if not np.isfinite(alpha):
-    return float("nan")
-  tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-  return float(tokens / (gamma * c + verify))
 
 
 def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None = None) -> dict:
@@ -158,9 +151,9 @@ def leviathan_rows(table2: dict, costs: dict) -> dict:
       cell = row[m][g]
       c = cb[drafter][1]["median"] / t1
       verify = cb["primary"][g + 1]["median"] / t1
-      ideal = ideal_speedup(cell["alpha"], g, c, verify)
+      ideal = leviathan_speedup(cell["alpha"], g, c, verify)  # the measured verify cost
       out[name][m] = dict(gamma=g, alpha=cell["alpha"], c=c, verify_cost=verify, ideal=ideal,
-                          ideal_verify_1=timing.leviathan(cell["alpha"], g, c), realized=cell["speedup"],
+                          ideal_verify_1=leviathan_speedup(cell["alpha"], g, c), realized=cell["speedup"],
                           realized_over_ideal=cell["speedup"] / ideal if ideal else float("nan"))
   return out
 
@@ -284,7 +277,7 @@ def run(bench, workdir: str, command: str = "") -> dict:
   _say("[benchmark] phase costs: per-call costs of primary and drafters")
   t0 = time.perf_counter()
   k = max(int(g) for g in d.gammas)
-  cap = -(-(32 + -(-int(d.max_new_tokens) // 16) * 16 + max(k, int(bench.gamma_max)) + 2) // 16) * 16
+  cap = buffer_sizes(32, int(d.max_new_tokens), max(k, int(bench.gamma_max)))[2]  # prompts of up to 32 tokens
   costs = {}
   for b in d.batch_sizes:
     kw = dict(capacity=cap, fill=32 + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),

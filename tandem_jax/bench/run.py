@@ -11,6 +11,8 @@ import numpy as np
 
 from tandem_jax.bench import chain, quality, report, timing
 from tandem_jax.decoding import SamplingParams
+from tandem_jax.decoding.api import buffer_sizes
+from tandem_jax.decoding.costs import leviathan_speedup
 from tandem_jax.progress import Progress
 
 
@@ -129,7 +131,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
 
 
 def headline(results: dict) -> dict:
-  """The issue's named numbers (greedy, batch 1, best γ) and the Leviathan comparison."""
+  """The headline numbers (greedy, batch 1, best γ) and the Leviathan comparison."""
   t1, t2, costs = results["table1"], results["table2"], results["costs"]
   g1 = t2["greedy_b1"]
   gs, gt = g1["best_gamma"]["speed"], g1["best_gamma"]["tandem_speed"]
@@ -148,7 +150,7 @@ def headline(results: dict) -> dict:
     for m in ("speed", "tandem_speed"):
       g = row["best_gamma"][m]
       cell = row[m][str(g)]
-      ideal = timing.leviathan(cell["alpha"], g, cr)
+      ideal = leviathan_speedup(cell["alpha"], g, cr)
       verify = cb["primary"][str(g + 1)]["median"]
       per_block_model = verify + cell["secondary_calls_per_block"] * cb["drafter"]["1"]["median"]
       # Rows advance in lockstep: per loop iteration (all B rows) = per row-block x B, per ar step = per token x B.
@@ -210,8 +212,7 @@ def run(bench, workdir: str, config_arg: str = "", command: str = "") -> dict:
   # The timed prompts, then held-out ones (other validation rows) for choosing the router's τ.
   prompts = timing.draw_prompts(val_rows, int(d.num_prompts) + int(d.tune_prompts), int(d.prompt_len))
   prompts, tune_prompts = prompts[:int(d.num_prompts)], prompts[int(d.num_prompts):]
-  cap = -(-(-(-int(d.prompt_len) // 16) * 16 + -(-int(d.max_new_tokens) // 16) * 16 + int(bench.gamma_max) + 2)
-          // 16) * 16
+  cap = buffer_sizes(int(d.prompt_len), int(d.max_new_tokens), int(bench.gamma_max))[2]  # the decode's cache
   costs = timing.call_costs(models, d.batch_sizes, int(bench.gamma_max), capacity=cap,
                             fill=int(d.prompt_len) + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
                             repeats=int(bench.cost.repeats))

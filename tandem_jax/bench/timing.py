@@ -156,10 +156,3 @@ def call_costs(models: dict, batches, k_max: int, *, capacity: int, fill: int, c
     out[b] = row
   return out
 
-
-def leviathan(alpha: float, gamma: int, c: float) -> float:
-  """Thm 3.8 of arXiv 2211.17192: (1 - α^{γ+1}) / ((1 - α)(γc + 1))."""
-  if not np.isfinite(alpha):
-    return float("nan")
-  tokens = gamma + 1 if alpha >= 1 else (1 - alpha ** (gamma + 1)) / (1 - alpha)
-  return float(tokens / (gamma * c + 1))

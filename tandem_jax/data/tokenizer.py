@@ -27,6 +27,20 @@ import numpy as np
 import sentencepiece as spm
 
 PAD_ID, BOS_ID, EOS_ID, UNK_ID = 0, 1, 2, 3
+# The tokenizer file a workdir (or model directory) holds: ours, or a Hugging Face one (tandem_jax.interop).
+SENTENCEPIECE_FILE = "tokenizer.model"
+TOKENIZER_JSON = "tokenizer.json"
+
+
+def tokenizer_path(directory: str | os.PathLike) -> str | None:
+  """The tokenizer file of a workdir or model directory: ``tokenizer.model`` (ours), ``tokenizer.json``, or None."""
+  directory = os.path.expanduser(os.fspath(directory))
+  for name in (SENTENCEPIECE_FILE, TOKENIZER_JSON):
+    if os.path.isfile(os.path.join(directory, name)):
+      return os.path.join(directory, name)
+  return None
+
+
 _NUM_RESERVED = 4 + 1 + 256  # specials, the newline piece, byte fallback pieces.
 MIN_VOCAB_SIZE = _NUM_RESERVED + 1
 

@@ -8,6 +8,7 @@ every iteration (an ordered ``jax.debug.callback``, see ``output.publish``); wit
 
 from __future__ import annotations
 
+import collections
 import dataclasses
 import time
 from typing import Any, Callable, Sequence
@@ -45,8 +46,28 @@ class DecodeResult:
                 wall_time=self.wall_time, tokens_per_second=tokens / max(self.wall_time, 1e-9))
 
 
-def _bucket(n: int, quantum: int = 16) -> int:
+def bucket(n: int, quantum: int = 16) -> int:
+  """``n`` rounded up to a multiple of ``quantum``: the padded sizes decode programs are compiled for."""
   return -(-n // quantum) * quantum
+
+
+def buffer_sizes(prompt_len: int, max_new_tokens: int, max_block_len: int) -> tuple[int, int, int]:
+  """(padded prompt length, output buffer length, KV-cache capacity) of a decode program.
+
+  Prompt and budget are padded to 16-token buckets (fewer programs to compile); the cache also holds a block of
+  K drafts + 1 past the budget and the slot of the pending token."""
+  p_pad, max_new = bucket(prompt_len), bucket(max_new_tokens)
+  return p_pad, max_new, bucket(p_pad + max_new + max_block_len + 2)
+
+
+def max_prompt_len(max_seq_len: int, max_new_tokens: int, max_block_len: int) -> int:
+  """The longest prompt whose :func:`buffer_sizes` capacity fits a model of ``max_seq_len`` positions."""
+  return (max_seq_len - bucket(max_new_tokens) - max_block_len - 2) // 16 * 16
+
+
+def batch_sharding(mesh, rules) -> jax.NamedSharding:
+  """Where a decode's per-row inputs live on ``mesh``: their batch axis split by the 'batch' rule."""
+  return shd.logical_to_mesh(jax.P("batch"), rules, mesh)
 
 
 def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, cost_table=None, *,
@@ -71,7 +92,41 @@ def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, 
 
 _decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity",
                                                 "trace", "variable_block", "stream", "policy"))
-_compiled: dict[Any, Any] = {}
+
+
+class _Programs(collections.OrderedDict):
+  """Compiled decode programs by their static settings, the least recently used dropped past ``maxsize``.
+
+  ``generate`` compiles ahead of the call (``lower().compile()``) to report compilation apart from the run, so it
+  keeps the programs itself; every compiled program holds its code mapped in the process, hence the bound."""
+
+  def __init__(self, maxsize: int):
+    super().__init__()
+    self.maxsize = maxsize
+
+  def get_or_compile(self, key, compile_fn: Callable[[], Any]):
+    if key in self:
+      self.move_to_end(key)
+      return self[key]
+    self[key] = program = compile_fn()
+    while len(self) > self.maxsize:
+      self.popitem(last=False)
+    return program
+
+
+_compiled = _Programs(maxsize=64)
+
+
+def mesh_key(mesh):
+  """A mesh by value (axis names and sizes, device ids, axis types): equal meshes share compiled programs."""
+  if mesh is None:
+    return None
+  return (tuple(mesh.axis_names), tuple(mesh.devices.shape), tuple(int(d.id) for d in mesh.devices.flat),
+          tuple(str(t) for t in getattr(mesh, "axis_types", ()) or ()))
+
+
+def _rules_key(rules):
+  return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in rules)
 
 
 def _models_for(method, primary, drafter, tandem, llm_to_slm, router):
@@ -99,12 +154,8 @@ def lower(method: str, models: dict, *, batch_size: int, prompt_len: int, max_ne
   """
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
-  max_new = _bucket(max_new_tokens)
-  p_pad = _bucket(prompt_len)
-  capacity = _bucket(p_pad + max_new + max_block_len + 2)
-  batch = None
-  if mesh is not None:
-    batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
+  p_pad, max_new, capacity = buffer_sizes(prompt_len, max_new_tokens, max_block_len)
+  batch = None if mesh is None else batch_sharding(mesh, rules)
   i32 = lambda shape: jax.ShapeDtypeStruct(shape, jnp.int32, sharding=batch if shape else None)  # noqa: E731
   args = (tuple(states), i32((batch_size, p_pad)), i32((batch_size,)), i32((batch_size,)),
           jax.eval_shape(lambda: jax.random.key(0)), i32(()), jax.ShapeDtypeStruct((), jnp.float32), i32(()))
@@ -192,9 +243,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   max_new_list = [int(max_new_tokens)] * b if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
   if len(max_new_list) != b or min(max_new_list) < 1:
     raise ValueError(f"max_new_tokens must be >= 1 (one value, or one per prompt), got {max_new_tokens!r}")
-  p_pad = _bucket(max(lens))
-  max_new = _bucket(max(max_new_list))  # static buffer size; the per-row budgets are traced
-  capacity = _bucket(p_pad + max_new + k + 2)
+  p_pad, max_new, capacity = buffer_sizes(max(lens), max(max_new_list), k)  # the per-row budgets are traced
   limits = [main_cfg.max_seq_len] + ([draft_cfg.max_seq_len] if draft_cfg is not None else [])
   if capacity > min(limits):
     raise ValueError(f"prompt length {max(lens)} + max_new_tokens {max(max_new_list)} (+ block slack {k + 2}, "
@@ -227,26 +276,26 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                  variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"),
                  stream=on_tokens is not None, policy=policy)
   if mesh is not None:
-    batch = jax.NamedSharding(mesh, jax.P(tuple(a for a in mesh.axis_names if a in ("data", "fsdp")) or None))
+    batch = batch_sharding(mesh, rules)
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
 
   def run():
     key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
-           statics["variable_block"], b, p_pad, id(mesh), statics["stream"], policy)  # tests read [-2]: stream
+           statics["variable_block"], b, p_pad, mesh_key(mesh), _rules_key(rules) if mesh is not None else None,
+           statics["stream"], policy)  # tests read [-2]: stream
     t0 = time.perf_counter()
-    if key not in _compiled:
-      _compiled[key] = _decode_jit.lower(statics["method"], statics["graphdefs"], *args,
-                                         **{n: statics[n] for n in ("k", "params", "max_new", "capacity",
-                                                                    "trace", "variable_block", "stream",
-                                                                    "policy")}).compile()
+    program = _compiled.get_or_compile(key, lambda: _decode_jit.lower(
+        statics["method"], statics["graphdefs"], *args,
+        **{n: statics[n] for n in ("k", "params", "max_new", "capacity", "trace", "variable_block", "stream",
+                                   "policy")}).compile())
     compile_time = time.perf_counter() - t0
     if on_tokens is None:
       t1 = time.perf_counter()
-      em, stats = jax.block_until_ready(_compiled[key](*args))
+      em, stats = jax.block_until_ready(program(*args))
       return em, stats, time.perf_counter() - t1, compile_time
     with output.streaming(on_tokens, b) as stream:
       t1 = time.perf_counter()
-      em, stats = jax.block_until_ready(_compiled[key](*args))
+      em, stats = jax.block_until_ready(program(*args))
       jax.effects_barrier()  # every callback of the run has reached the host
       wall = time.perf_counter() - t1
       stream(em.tokens, em.count)  # whatever the callbacks did not deliver (nothing, normally)

@@ -14,6 +14,7 @@ most tokens per millisecond wins.
 from __future__ import annotations
 
 import functools
+import math
 import statistics
 import time
 from typing import NamedTuple
@@ -113,6 +114,22 @@ def calibrate(primary, drafter_model, batch: int, max_block_len: int, capacity: 
     verify = [call_ms(primary, batch, s, **kw)["median"] for s in range(1, max_block_len + 2)]
     _calibrated[key] = cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
   return _calibrated[key]
+
+
+def expected_block_tokens(alpha: float, gamma: int) -> float:
+  """Expected tokens of one block of γ drafts at acceptance α: (1 - α^{γ+1}) / (1 - α), γ + 1 at α = 1 (NaN for a
+  non-finite α)."""
+  if not math.isfinite(alpha):
+    return float("nan")
+  if alpha >= 1.0:
+    return gamma + 1.0
+  return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
+
+
+def leviathan_speedup(alpha: float, gamma: int, c: float, verify: float = 1.0) -> float:
+  """Leviathan et al. (arXiv 2211.17192) Thm 3.8: walltime improvement (1 - α^{γ+1}) / ((1 - α)(γc + 1)), with c a
+  drafter step and ``verify`` the block call in units of one primary step (Thm 3.8 assumes ``verify`` = 1)."""
+  return float(expected_block_tokens(alpha, gamma) / (gamma * c + verify))
 
 
 def expected_tokens(alpha_b: jax.Array, max_block_len: int) -> jax.Array:

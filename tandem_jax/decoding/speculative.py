@@ -98,6 +98,33 @@ class Stats(NamedTuple):
   drafter_steps: jax.Array    # [B] drafter calls the batch ran while the row was active (wasted ones included)
 
 
+class DraftLoop(NamedTuple):
+  """The carry of one block's drafting loop (a drafter step per iteration)."""
+  g: jax.Array         # [] int32: drafts made so far in this block (the next one's index)
+  token: jax.Array     # [B] the last draft
+  dstate: Any          # the drafter's state
+  key: jax.Array
+  keep: jax.Array      # [B] bool: the row drafts again
+  n_draft: jax.Array   # [B] drafts per row
+  drafts: jax.Array    # [B, K]
+  q: Any               # [B, K, V] the drafter's distributions (None for greedy acceptance)
+  calls: jax.Array     # [B] drafter calls while the row was drafting
+
+
+class DecodeLoop(NamedTuple):
+  """The carry of the decode loop (one block per iteration)."""
+  em: Any              # output.Emitted: the tokens emitted so far
+  cache_l: Any         # the primary's KV cache
+  dstate: Any          # the drafter's state
+  prev: jax.Array      # [B] the last verified token
+  pending: jax.Array   # [B] sampled from the primary, not yet processed by it
+  stats: Stats
+  counts: tuple        # ([B], [B]) decayed accepted drafts / rejection events (the auto policy)
+  trace_buf: jax.Array  # [B, max_new or 0, K+3]
+  key: jax.Array
+  it: jax.Array        # [] int32 iterations
+
+
 def verify_sizes(max_block_len: int, with_plain_step: bool = False) -> list[int]:
   """Block sizes a variable-length program compiles its verify call for: every size up to 9 (where a verify's cost
   still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0, the ``auto`` policy)."""
@@ -176,21 +203,18 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     d, key, keep, n_draft, drafts, q = record(0, logits, key, active & (gamma > 0), zeros,
                                               jnp.zeros((b, k), jnp.int32), q)
 
-    def cond(c):
-      g, _, _, _, keep, *_ = c
-      return (g < k) & jnp.any(keep)
+    def cond(c: DraftLoop):
+      return (c.g < k) & jnp.any(c.keep)
 
-    def body(c):
-      g, d, dstate, key, keep, n_draft, drafts, q, calls = c
+    def body(c: DraftLoop):
       with jax.named_scope("draft"):
-        logits, dstate = drafter.step(dstate, d)
-      calls = calls + keep.astype(jnp.int32)
-      d, key, keep, n_draft, drafts, q = record(g, logits, key, keep, n_draft, drafts, q)
-      return g + 1, d, dstate, key, keep, n_draft, drafts, q, calls
+        logits, dstate = drafter.step(c.dstate, c.token)
+      calls = c.calls + c.keep.astype(jnp.int32)
+      d, key, keep, n_draft, drafts, q = record(c.g, logits, c.key, c.keep, c.n_draft, c.drafts, c.q)
+      return DraftLoop(c.g + 1, d, dstate, key, keep, n_draft, drafts, q, calls)
 
-    init = (jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones)
-    steps, _, dstate, _, _, n_draft, drafts, q, calls = jax.lax.while_loop(cond, body, init)
-    return dstate, n_draft, drafts, q, calls, steps
+    c = jax.lax.while_loop(cond, body, DraftLoop(jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones))
+    return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
   # positions; acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
@@ -207,11 +231,10 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       return logits, hidden, cache_l
     return call
 
-  def cond(c):
-    em, *_, it = c
-    return jnp.any(~em.done) & (it < max_new)
+  def cond(c: DecodeLoop):
+    return jnp.any(~c.em.done) & (c.it < max_new)
 
-  def body(c):
+  def body(c: DecodeLoop):
     em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it = c
     active = ~em.done
     n = cache_l.lengths
@@ -262,11 +285,11 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     if trace:
       row = jnp.concatenate([drafts, n_draft[:, None], accepted[:, None], nxt[:, None]], 1)
       trace_buf = trace_buf.at[:, it].set(jnp.where(active[:, None], row, -1))
-    return em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it + 1
+    return DecodeLoop(em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it + 1)
 
-  carry = (em, cache_l, dstate, prev, first, stats, counts, trace_buf, key, jnp.int32(0))
-  em, *_, stats, _, trace_buf, _, _ = jax.lax.while_loop(cond, body, carry)
-  out = stats._asdict()
+  c = jax.lax.while_loop(cond, body, DecodeLoop(em, cache_l, dstate, prev, first, stats, counts, trace_buf, key,
+                                                jnp.int32(0)))
+  out = c.stats._asdict()
   if trace:
-    out["trace"] = trace_buf
-  return em, out
+    out["trace"] = c.trace_buf
+  return c.em, out

@@ -15,7 +15,8 @@ from typing import Any, Iterable, Mapping, Sequence
 
 import numpy as np
 
-TOKENIZER_JSON = "tokenizer.json"
+from tandem_jax.data.tokenizer import SENTENCEPIECE_FILE, TOKENIZER_JSON, tokenizer_path  # noqa: F401
+
 TOKENIZER_CONFIG_JSON = "tokenizer_config.json"
 
 # llama.cpp's pre-tokenizer names (tokenizer.ggml.pre) -> the splits its byte-level BPE merges were learned on.
@@ -223,18 +224,6 @@ def check_same_tokenizer(primary, secondary, *, names: tuple[str, str] = ("prima
     if getattr(primary, attr) != getattr(secondary, attr):
       raise ValueError(f"tokenizer mismatch: {a} {attr}={getattr(primary, attr)}, {b} "
                        f"{attr}={getattr(secondary, attr)}")
-
-
-SENTENCEPIECE_FILE = "tokenizer.model"
-
-
-def tokenizer_path(directory: str | os.PathLike) -> str | None:
-  """The tokenizer file a workdir (or model directory) holds: ``tokenizer.model`` (ours), ``tokenizer.json``, or None."""
-  directory = os.path.expanduser(os.fspath(directory))
-  for name in (SENTENCEPIECE_FILE, TOKENIZER_JSON):
-    if os.path.isfile(os.path.join(directory, name)):
-      return os.path.join(directory, name)
-  return None
 
 
 def load_tokenizer(path: str | os.PathLike):

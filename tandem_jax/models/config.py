@@ -11,6 +11,10 @@ from typing import Any, Mapping
 
 import jax.numpy as jnp
 
+ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
+LAYER_TYPES = ("full", "sliding")
+MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
 
@@ -22,7 +26,12 @@ def dtype_of(name: str):
 
 @dataclasses.dataclass(frozen=True)
 class TransformerConfig:
-  """A Llama/Qwen2-style decoder: RMSNorm, RoPE, SwiGLU, grouped-query attention."""
+  """A decoder-only transformer: RMSNorm, RoPE, a gated MLP, grouped-query attention.
+
+  The defaults are a Llama/Qwen2-style decoder. The pretrained families differ from it by the switches below
+  (``tandem_jax.interop.hf_format.config_from_hf`` sets them); every switch is read by the layers themselves, so
+  the full forward, the cached step and Tandem's mixed key set all see it, and a switch left off adds no op.
+  """
 
   vocab_size: int
   d_model: int
@@ -52,6 +61,45 @@ class TransformerConfig:
   # The token embedding and output layer are constants (``Frozen`` variables: no gradient and no optimizer state
   # in any stage): a drafter reusing its primary's (EAGLE), copied in by ``tandem_jax.recipe``.
   freeze_embeddings: bool = False
+  # -- RoPE frequency scaling of the full-attention layers (Hugging Face ``rope_parameters``). "default": none;
+  # "linear": frequencies / rope_factor; "llama3" (Llama 3.1+): low frequencies / rope_factor, high ones kept,
+  # smoothed between (rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len); "yarn": NTK-by-parts
+  # (rope_factor, rope_original_max_len, rope_beta_fast, rope_beta_slow) with cos/sin scaled by
+  # rope_attention_factor. ``rope_freq_factors`` (GGUF ``rope_freqs``): explicit per-frequency divisors, applied
+  # on top (head_dim / 2 of them; empty: none).
+  rope_scaling: str = "default"
+  rope_factor: float = 1.0
+  rope_low_freq_factor: float = 1.0
+  rope_high_freq_factor: float = 4.0
+  rope_original_max_len: int = 0
+  rope_beta_fast: float = 32.0
+  rope_beta_slow: float = 1.0
+  rope_attention_factor: float = 1.0
+  rope_freq_factors: tuple = ()
+  # -- attention. Per-head RMSNorm on queries and keys before RoPE (Qwen3, Gemma 3).
+  qk_norm: bool = False
+  # Scores are scaled by query_pre_attn_scalar ** -0.5 (Gemma); 0: head_dim ** -0.5.
+  query_pre_attn_scalar: float = 0.0
+  # Scores soft-capped as cap * tanh(s / cap) before the mask (Gemma 2); 0: off.
+  attn_softcap: float = 0.0
+  # Layer j is ``layer_types[j % len(layer_types)]``: "full" (causal) or "sliding" (a query at position p sees
+  # positions p - sliding_window + 1 .. p). A pattern shorter than the model repeats (Gemma 2: ("sliding", "full"),
+  # Gemma 3: five "sliding" then one "full"), so a drafter with fewer layers keeps its primary's pattern.
+  # Empty: every layer full.
+  layer_types: tuple = ()
+  sliding_window: int = 0
+  # RoPE base of the sliding layers (Gemma 3's local base; unscaled); 0: the full layers' RoPE.
+  rope_local_theta: float = 0.0
+  # -- the rest of the layer. MLP gate activation: "silu" (SwiGLU) or "gelu_tanh" (GeGLU, Gemma).
+  mlp_activation: str = "silu"
+  # RMSNorms scale by (1 + scale), with scale initialised to 0 (Gemma's convention; bf16 keeps small offsets).
+  norm_plus_one: bool = False
+  # Extra RMSNorms on the attention and MLP outputs before each residual add (Gemma 2/3's sandwich norms).
+  post_norms: bool = False
+  # Token embeddings multiplied by sqrt(d_model) (Gemma).
+  scale_embeddings: bool = False
+  # Final logits soft-capped as cap * tanh(logits / cap) (Gemma 2); 0: off.
+  final_softcap: float = 0.0
 
   def __post_init__(self):
     for name in ("vocab_size", "d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff",
@@ -74,6 +122,46 @@ class TransformerConfig:
     if self.draft_vocab_size and self.tie_embeddings:
       raise ValueError("TransformerConfig.draft_vocab_size > 0 needs tie_embeddings=False (the draft vocabulary's "
                        "output layer is its own [d_model, draft_vocab_size] matrix)")
+    self._check_switches()
+
+  def _check_switches(self):
+    if self.rope_scaling not in ROPE_SCALINGS:
+      raise ValueError(f"TransformerConfig.rope_scaling must be one of {ROPE_SCALINGS}, got {self.rope_scaling!r}")
+    if self.rope_scaling != "default" and not self.rope_factor >= 1.0:
+      raise ValueError(f"TransformerConfig.rope_factor must be >= 1 for rope_scaling={self.rope_scaling!r}, got "
+                       f"{self.rope_factor!r}")
+    if self.rope_scaling in ("llama3", "yarn") and self.rope_original_max_len < 1:
+      raise ValueError(f"TransformerConfig.rope_original_max_len must be a positive integer for rope_scaling="
+                       f"{self.rope_scaling!r}, got {self.rope_original_max_len!r}")
+    if self.rope_scaling == "llama3" and not self.rope_high_freq_factor > self.rope_low_freq_factor:
+      raise ValueError("TransformerConfig.rope_high_freq_factor must exceed rope_low_freq_factor for llama3 RoPE")
+    # Lists (from JSON or a ConfigDict) become tuples: the config is hashed as a static part of the model.
+    object.__setattr__(self, "rope_freq_factors", tuple(float(f) for f in self.rope_freq_factors))
+    if self.rope_freq_factors and len(self.rope_freq_factors) != self.head_dim // 2:
+      raise ValueError(f"TransformerConfig.rope_freq_factors has {len(self.rope_freq_factors)} entries; RoPE has "
+                       f"head_dim / 2 = {self.head_dim // 2} frequencies")
+    object.__setattr__(self, "layer_types", tuple(str(t) for t in self.layer_types))
+    bad = sorted(set(self.layer_types) - set(LAYER_TYPES))
+    if bad:
+      raise ValueError(f"TransformerConfig.layer_types entries must be in {LAYER_TYPES}, got {bad}")
+    if not isinstance(self.sliding_window, int) or self.sliding_window < 0:
+      raise ValueError(f"TransformerConfig.sliding_window must be an integer >= 0, got {self.sliding_window!r}")
+    if ("sliding" in self.layer_types) != (self.sliding_window > 0):
+      raise ValueError(f"TransformerConfig.sliding_window ({self.sliding_window}) must be > 0 exactly when "
+                       f"layer_types has 'sliding' layers (layer_types={self.layer_types})")
+    if self.rope_local_theta < 0 or self.query_pre_attn_scalar < 0 or self.attn_softcap < 0 or self.final_softcap < 0:
+      raise ValueError("TransformerConfig.rope_local_theta, query_pre_attn_scalar, attn_softcap and final_softcap "
+                       "must be >= 0 (0: off)")
+    if self.rope_local_theta and "sliding" not in self.layer_types:
+      raise ValueError("TransformerConfig.rope_local_theta is the sliding layers' RoPE base, but layer_types has no "
+                       "'sliding' layer")
+    if self.mlp_activation not in MLP_ACTIVATIONS:
+      raise ValueError(f"TransformerConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
+                       f"{self.mlp_activation!r}")
+
+  def layer_type(self, j: int) -> str:
+    """"full" or "sliding": layer j's attention (:attr:`layer_types` repeats)."""
+    return self.layer_types[j % len(self.layer_types)] if self.layer_types else "full"
 
   @classmethod
   def from_dict(cls, d: Mapping[str, Any]) -> "TransformerConfig":
@@ -84,7 +172,7 @@ class TransformerConfig:
     return cls(**dict(d))
 
   def to_dict(self) -> dict[str, Any]:
-    return dataclasses.asdict(self)
+    return {k: list(v) if isinstance(v, tuple) else v for k, v in dataclasses.asdict(self).items()}
 
   @property
   def output_size(self) -> int:
@@ -97,7 +185,8 @@ class TransformerConfig:
     attn = d * h * (2 * self.num_heads + 2 * self.num_kv_heads)
     if self.qkv_bias:
       attn += h * (self.num_heads + 2 * self.num_kv_heads)
-    per_layer = attn + 3 * d * self.d_ff + 2 * d
+    norms = 2 * d + (2 * d if self.post_norms else 0) + (2 * h if self.qk_norm else 0)
+    per_layer = attn + 3 * d * self.d_ff + norms
     embed = self.vocab_size * d + (0 if self.tie_embeddings else (self.draft_vocab_size or self.vocab_size) * d)
     return self.num_layers * per_layer + embed + d
 

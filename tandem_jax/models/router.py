@@ -34,10 +34,13 @@ def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array
 HEADS = ("sampled", "greedy")  # output columns of Router: rejection under speculative sampling / greedy verification
 
 
-def tv_distance(p_logits_bv: jax.Array, q_logits_bv: jax.Array) -> jax.Array:
-  """[B] total-variation distance between softmax(p) and softmax(q)."""
-  p = jax.nn.softmax(p_logits_bv.astype(jnp.float32), -1)
-  q = jax.nn.softmax(q_logits_bv.astype(jnp.float32), -1)
+def tv_distance(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
+  """Total-variation distance between softmax(p) and softmax(q) over the last (vocabulary) axis: [..., V] -> [...].
+
+  The probability that speculative sampling rejects a draft from q against p (1 - β, §2.2); also the TV metric of
+  training (tandem_jax.training.losses)."""
+  p = jax.nn.softmax(p_logits.astype(jnp.float32), -1)
+  q = jax.nn.softmax(q_logits.astype(jnp.float32), -1)
   return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 

@@ -22,7 +22,6 @@ from flax import nnx
 
 from tandem_jax import cache as kvcache
 from tandem_jax.models.config import TandemConfig, TransformerConfig, dtype_of
-from tandem_jax.models.layers import attend
 from tandem_jax.models.transformer import Transformer, run_stacked, stacked
 
 
@@ -105,16 +104,17 @@ class TandemLM(nnx.Module):
     (:meth:`select_hidden`; what a cache of primary features keeps).
     Returns (keys, values) in the secondary cache's layout: [L_S, B, T, K, H] arrays (scan_layers) or tuples.
     """
-    def layer_fn(pair, carry, h):
-      proj, layer = pair
-      return carry, layer.kv(proj(h), positions_bt)
+    def layer_fn(pair, carry, h_local):
+      (proj, layer), (h, local) = pair, h_local
+      return carry, layer.kv(proj(h), positions_bt, local)
 
     hs = primary_hidden_lbtd if selected else self.select_hidden(primary_hidden_lbtd)
+    flags = self.secondary.local_flags()
     if self.secondary.cfg.scan_layers:
-      modules, xs = (self.projections, self.secondary.layers), hs
+      modules, xs = (self.projections, self.secondary.layers), (hs, flags)
     else:
       modules = list(zip(self.projections, self.secondary.layers))
-      xs = [hs[j] for j in range(len(self.layer_map))]
+      xs = [(hs[j], flags[j]) for j in range(len(self.layer_map))]
     _, (keys, values) = run_stacked(modules, layer_fn, None, xs, self.secondary.cfg.scan_layers)
     return keys, values
 
@@ -140,18 +140,20 @@ class TandemLM(nnx.Module):
     b, t = tokens_bt.shape
     offset = jnp.zeros((b,), jnp.int32) if block_offset_b is None else block_offset_b
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = block_mask(t, block_len, offset, self.tandem_cfg.boundary)
+    # Both halves of the key set [projected ; own] hold positions 0..T-1 (what a sliding layer's window reads).
+    masks = self.secondary.masks(block_mask(t, block_len, offset, self.tandem_cfg.boundary), positions[:1],
+                                 jnp.tile(positions[:1], (1, 2)))
     keys, values = self.project_kv(jax.lax.stop_gradient(selected_hidden_lbtd), positions, selected=True)
 
     def layer_fn(layer, x, kv):
-      kp, vp = kv
-      q, k, v = layer.qkv(x, positions)
-      o = attend(q, jnp.concatenate([kp, k.astype(kp.dtype)], 1), jnp.concatenate([vp, v.astype(vp.dtype)], 1),
-                 mask)
+      kp, vp, local = kv
+      q, k, v = layer.qkv(x, positions, local)
+      o = layer.attend(q, jnp.concatenate([kp, k.astype(kp.dtype)], 1),
+                       jnp.concatenate([vp, v.astype(vp.dtype)], 1), masks, local)
       return layer.finish(x, o), None
 
     x, _ = self.secondary.run_layers(layer_fn, self.secondary.embed_tokens(tokens_bt),
-                                     self.secondary.per_layer(keys, values))
+                                     self.secondary.per_layer(keys, values, self.secondary.local_flags()))
     return self.secondary.logits(x)
 
   # -- step-by-step inference --------------------------------------------------------------------------------------

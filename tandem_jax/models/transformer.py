@@ -21,7 +21,7 @@ from flax import nnx
 
 from tandem_jax import cache as kvcache
 from tandem_jax.models.config import TransformerConfig, dtype_of
-from tandem_jax.models.layers import Block, RMSNorm, attend
+from tandem_jax.models.layers import Block, RMSNorm, sliding_mask, softcap
 from tandem_jax.sharding import constrain
 
 
@@ -92,7 +92,7 @@ class Transformer(nnx.Module):
       self.layers = stacked(lambda r: Block(cfg, r), cfg.num_layers, rngs)
     else:
       self.layers = nnx.List([Block(cfg, rngs) for _ in range(cfg.num_layers)])
-    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd)
+    self.final_norm = RMSNorm(cfg.d_model, cfg.norm_eps, pd, cfg.norm_plus_one)
     if not cfg.tie_embeddings:
       self.lm_head = nnx.Linear(cfg.d_model, cfg.output_size, use_bias=False, dtype=dtype_of(cfg.dtype),
                                 param_dtype=pd, rngs=rngs,
@@ -108,6 +108,8 @@ class Transformer(nnx.Module):
   # -- pieces shared with Tandem and LLM-to-SLM --------------------------------------------------------------------
   def embed_tokens(self, tokens_bt, extra_embed_btd=None):
     x = self.embed(tokens_bt)
+    if self.cfg.scale_embeddings:  # Gemma: sqrt(d_model), rounded to the compute dtype as Hugging Face does
+      x = x * jnp.asarray(self.cfg.d_model ** 0.5, x.dtype)
     if extra_embed_btd is not None:
       x = x + extra_embed_btd.astype(x.dtype)
     return constrain(x, ("batch", "length", "act_embed"))
@@ -132,7 +134,7 @@ class Transformer(nnx.Module):
                        preferred_element_type=jnp.float32)
     else:
       out = self.lm_head(h).astype(jnp.float32)
-    return constrain(out, ("batch", "length", "act_vocab"))
+    return constrain(softcap(out, self.cfg.final_softcap), ("batch", "length", "act_vocab"))
 
   def run_layers(self, fn, x, xs):
     """``x, y_j = fn(layer_j, x, xs_j)`` over the layers; see :func:`run_stacked` for the layouts of xs and ys."""
@@ -146,20 +148,35 @@ class Transformer(nnx.Module):
     """xs for :meth:`run_layers` from per-layer collections (stacked arrays or tuples) zipped layer by layer."""
     return stacks if self.cfg.scan_layers else list(zip(*stacks))
 
+  def local_flags(self):
+    """Per layer: is it a sliding layer (``cfg.layer_types``)? A tuple of bools for unrolled layers; for scanned
+    layers a [L] bool array, or None when no layer slides (so a model without windows adds no op)."""
+    c = self.cfg
+    flags = tuple(c.layer_type(j) == "sliding" for j in range(c.num_layers))
+    if not c.scan_layers:
+      return flags
+    return jnp.asarray(flags) if any(flags) else None
+
+  def masks(self, mask_bts, q_positions_bt, k_positions_bs):
+    """(full, sliding) attention masks for :meth:`Block.attend`: the sliding one is None without sliding layers."""
+    if not self.cfg.sliding_window:
+      return mask_bts, None
+    return mask_bts, sliding_mask(mask_bts, q_positions_bt, k_positions_bs, self.cfg.sliding_window)
+
   # -- full forward ------------------------------------------------------------------------------------------------
   def forward(self, tokens_bt, *, extra_embed_btd=None, return_hidden: bool = False):
     """Causal pass over [B, T] tokens. Returns logits [B, T, V] (fp32) and hidden [L+1, B, T, D] or None."""
     b, t = tokens_bt.shape
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
-    mask = causal_mask(t)
+    masks = self.masks(causal_mask(t), positions[:1], positions[:1])
     x0 = self.embed_tokens(tokens_bt, extra_embed_btd)
 
-    def layer_fn(layer, x, _):
-      q, k, v = layer.qkv(x, positions)
-      x = layer.finish(x, attend(q, k, v, mask))
+    def layer_fn(layer, x, local):
+      q, k, v = layer.qkv(x, positions, local)
+      x = layer.finish(x, layer.attend(q, k, v, masks, local))
       return x, (x if return_hidden else None)
 
-    x, ys = self.run_layers(layer_fn, x0, None)
+    x, ys = self.run_layers(layer_fn, x0, self.local_flags())
     return self.logits(x), (self._hidden(x0, ys) if return_hidden else None)
 
   # -- cached ------------------------------------------------------------------------------------------------------
@@ -186,18 +203,19 @@ class Transformer(nnx.Module):
     if write:
       kvcache.check_fits(start, t, cache.capacity)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    mask = kvcache.attention_mask(positions, cache.capacity)
+    masks = self.masks(kvcache.attention_mask(positions, cache.capacity), positions,
+                       jnp.arange(cache.capacity, dtype=jnp.int32)[None])
     x0 = self.embed_tokens(tokens_bt, extra_embed_btd)
 
     def layer_fn(layer, x, kv):
-      ck, cv = kv
-      q, k, v = layer.qkv(x, positions)
+      ck, cv, local = kv
+      q, k, v = layer.qkv(x, positions, local)
       if write:
         ck, cv = kvcache.write(ck, k, start), kvcache.write(cv, v, start)
-      x = layer.finish(x, attend(q, ck, cv, mask))
+      x = layer.finish(x, layer.attend(q, ck, cv, masks, local))
       return x, ((ck, cv) if write else None, x if return_hidden else None)
 
-    x, (new_kv, hs) = self.run_layers(layer_fn, x0, self.per_layer(cache.k, cache.v))
+    x, (new_kv, hs) = self.run_layers(layer_fn, x0, self.per_layer(cache.k, cache.v, self.local_flags()))
     if write:
       cache = cache.replace(k=new_kv[0], v=new_kv[1], lengths=start + t)
     return self.logits(x[:, -1:] if last_logits else x), (self._hidden(x0, hs) if return_hidden else None), cache

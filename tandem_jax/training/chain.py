@@ -20,7 +20,8 @@ from typing import Mapping
 
 import ml_collections
 
-from tandem_jax.training import checkpoint, loop
+from tandem_jax import checkpoint
+from tandem_jax.training import loop
 
 # run name -> {config.init field: name of the run it is initialised from}
 INIT = {

@@ -11,7 +11,7 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tandem_jax import sharding
 from tandem_jax.training import losses, program, stages
-from tandem_jax.training.data import local_rows
+from tandem_jax.training.inputs import local_rows
 
 
 class Evaluator:
@@ -19,7 +19,7 @@ class Evaluator:
 
   def __init__(self, config, mesh):
     self.config, self.mesh = config, mesh
-    self.rules = program.rules_of(config)
+    self.rules = sharding.rules_of(config)
     self.batch_sharding = sharding.logical_to_mesh(P("batch", None), self.rules, mesh)
     self._compiled = {}
 

@@ -16,19 +16,21 @@ import numpy as np
 from flax import nnx
 from jax.experimental import multihost_utils
 
+from tandem_jax import checkpoint, sharding
 from tandem_jax import data as data_lib
-from tandem_jax import sharding
 from tandem_jax import workdir as workdir_lib
-from tandem_jax.interop.hf_tokenizer import save_tokenizer, tokenizer_path
-from tandem_jax.training import checkpoint, data as data_mod, evaluation, program as program_lib, stages
+from tandem_jax.data.tokenizer import tokenizer_path
+from tandem_jax.interop.hf_tokenizer import save_tokenizer
+from tandem_jax.models import bundle as bundle_lib
+from tandem_jax.training import evaluation, inputs, program as program_lib, stages
 from tandem_jax.training.validate import check_coupling, validate
 from tandem_jax.training.writer import MetricWriter
 
 
 def init_from_sources(config, bundle: nnx.Module, mesh) -> dict:
-  """Copies the models named in ``config.init`` into ``bundle`` (see stages.SPECS); returns their provenance."""
+  """Copies the models named in ``config.init`` into ``bundle`` (see bundle.SPECS); returns their provenance."""
   sources = {}
-  for attr, field, _ in stages.spec(config.stage).sources:
+  for attr, field, _ in bundle_lib.spec(config.stage).sources:
     path = config.init[field]
     if not path:
       if field == "secondary_workdir" and config.stage != "secondary":
@@ -117,14 +119,14 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     os.makedirs(workdir, exist_ok=True)
   tr = config.train
   saved = workdir_lib.read_json(workdir) if os.path.isfile(os.path.join(workdir, workdir_lib.CONFIG_FILE)) else {}
-  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) and config.stage in stages.TANDEM_STAGES + (
+  if os.path.isdir(os.path.join(workdir, checkpoint.CHECKPOINT_DIR)) and config.stage in bundle_lib.TANDEM_STAGES + (
       "router",):  # resuming a tandem: its checkpoint's weights fit only the coupling they were trained with
     check_coupling(config, saved, workdir, "the workdir being resumed")
   mesh = sharding.mesh_from_config(config.mesh)
   mngr = checkpoint.manager(workdir, keep=tr.keep_checkpoints)
   latest = mngr.latest_step()
 
-  data = data_mod.load(config, _tokenizer_source(config, workdir))
+  data = inputs.load(config, _tokenizer_source(config, workdir))
   prog = program_lib.build_train_program(config, mesh)
   it = data_lib.make_train_loader(data.train_rows, tr.batch_size, tr.seed, shard_index=jax.process_index(),
                                   shard_count=jax.process_count())
@@ -135,7 +137,7 @@ def train(config: ml_collections.ConfigDict, workdir: str, *, stop_at_step: int 
     start = latest
     sources = saved.get("sources")
   else:
-    bundle = sharding.create_sharded(lambda rngs: stages.build_bundle(config, rngs), mesh, prog.rules, tr.seed)
+    bundle = sharding.create_sharded(lambda rngs: bundle_lib.build_bundle(config, rngs), mesh, prog.rules, tr.seed)
     sources = init_from_sources(config, bundle, mesh)
     state = prog.init_state(bundle)
     del bundle

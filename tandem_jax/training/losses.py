@@ -9,6 +9,8 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tandem_jax.models.router import tv_distance  # [B, T, V] x2 -> [B, T]
+
 
 def nll(logits_btv, targets_bt):
   """[B, T] negative log-likelihood of the targets."""
@@ -46,13 +48,6 @@ def training_loss(logits_btv, targets_bt, mask_bt, teacher_btv=None, distil_lamb
 
 def accuracy(logits_btv, targets_bt):
   return (jnp.argmax(logits_btv, axis=-1) == targets_bt).astype(jnp.float32)
-
-
-def tv_distance(p_btv, q_btv):
-  """[B, T] total-variation distance between softmax(p) and softmax(q) (1 - β of speculative sampling)."""
-  p = jax.nn.softmax(p_btv.astype(jnp.float32), axis=-1)
-  q = jax.nn.softmax(q_btv.astype(jnp.float32), axis=-1)
-  return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 
 def token_sums(logits_btv, targets_bt, mask_bt, reference_btv=None) -> dict:

@@ -2,9 +2,9 @@
 
   state = {"step": int32[], "params": trainable params, "frozen": frozen params, "opt_state": optax state}
 
-``params`` and ``frozen`` are pure dicts of the stage bundle's nnx state (see stages.py); the optimizer sees only
+``params`` and ``frozen`` are pure dicts of the stage bundle's nnx state (see models/bundle.py); the optimizer sees only
 ``params``, so frozen weights have no gradient and no optimizer state. :func:`build_train_program` needs only a mesh
-(which may be an abstract TPU topology with no devices attached) and never allocates, so the TPU issue can::
+(which may be an abstract TPU topology with no devices attached) and never allocates, so a deviceless TPU compile can::
 
   program = build_train_program(config, mesh)
   compiled = program.step.lower(program.abstract_state, program.batch_spec, program.rng_spec).compile()
@@ -25,11 +25,8 @@ from jax.sharding import NamedSharding, PartitionSpec as P
 
 from tandem_jax import sharding
 from tandem_jax.data import PAD_ID
+from tandem_jax.models import bundle as bundle_lib
 from tandem_jax.training import stages
-
-
-def rules_of(config) -> tuple:
-  return tuple((str(k), tuple(v) if isinstance(v, list) else v) for k, v in config.mesh.rules)
 
 
 def learning_rate(config) -> optax.Schedule:
@@ -68,7 +65,7 @@ class TrainProgram:
     state_shardings: the same tree of NamedShardings.
     batch_spec / rng_spec: ShapeDtypeStructs of the step's other arguments (global batch, sharded on 'batch').
     batch_sharding: NamedSharding for a [B, S] token batch.
-    graphdef: the stage bundle's nnx GraphDef (``stages.merge_bundle(graphdef, params, frozen)`` rebuilds it).
+    graphdef: the stage bundle's nnx GraphDef (``bundle.merge_bundle(graphdef, params, frozen)`` rebuilds it).
     optimizer: the optax transformation over ``state["params"]``.
     mesh, rules: where it all runs.
   """
@@ -87,7 +84,7 @@ class TrainProgram:
 
   def init_state(self, bundle: nnx.Module) -> dict:
     """A fresh train state (step 0) from an initialised bundle, placed in ``state_shardings``."""
-    _, params, frozen = stages.split_bundle(self.config.stage, bundle)
+    _, params, frozen = bundle_lib.split_bundle(self.config.stage, bundle)
     return self.state_from(params, frozen)
 
   def state_from(self, params: dict, frozen: dict, step: int = 0, opt_state=None) -> dict:
@@ -101,19 +98,11 @@ class TrainProgram:
             "opt_state": opt_state}
 
   def bundle(self, state: dict) -> nnx.Module:
-    return stages.merge_bundle(self.graphdef, state["params"], state["frozen"])
+    return bundle_lib.merge_bundle(self.graphdef, state["params"], state["frozen"])
 
   def global_batch(self, local: dict) -> dict:
     """Per-process numpy rows -> global arrays sharded along the batch axis."""
     return {k: jax.make_array_from_process_local_data(self.batch_sharding, v) for k, v in local.items()}
-
-
-def abstract_bundle(config):
-  """(graphdef, abstract params, abstract frozen) as nnx States with logical-axis metadata; allocates nothing."""
-  with nnx.use_eager_sharding(False):
-    bundle = nnx.eval_shape(lambda: stages.build_bundle(config, nnx.Rngs(0)))
-  graphdef, trainable, frozen = nnx.split(bundle, stages.trainable_filter(config.stage), ...)
-  return graphdef, trainable, frozen
 
 
 def _with_sharding(tree, shardings):
@@ -126,12 +115,11 @@ def build_train_program(config: ml_collections.ConfigDict, mesh) -> TrainProgram
   Call ``validate(config)`` first. Nothing is allocated or compiled here: ``mesh`` may be a device mesh or one
   built from an abstract TPU topology (``jax.experimental.topologies``), and ``program.step.lower(...)`` compiles.
   """
-  rules = rules_of(config)
-  graphdef, trainable, frozen = abstract_bundle(config)
-  param_sh = sharding.param_shardings(trainable, rules, mesh).to_pure_dict()
-  frozen_sh = sharding.param_shardings(frozen, rules, mesh).to_pure_dict()
-  params_abs = _with_sharding(trainable.to_pure_dict(), param_sh)
-  frozen_abs = _with_sharding(frozen.to_pure_dict(), frozen_sh)
+  rules = sharding.rules_of(config)
+  graphdef, trainable, frozen = bundle_lib.abstract_bundle(config)
+  params_abs = sharding.sharded_abstract(trainable, rules, mesh)
+  frozen_abs = sharding.sharded_abstract(frozen, rules, mesh)
+  param_sh, frozen_sh = (jax.tree.map(lambda x: x.sharding, t) for t in (params_abs, frozen_abs))
   tx = make_optimizer(config)
   replicated = NamedSharding(mesh, P())
   opt_abs = jax.eval_shape(tx.init, params_abs)
@@ -152,7 +140,7 @@ def build_train_program(config: ml_collections.ConfigDict, mesh) -> TrainProgram
     data = to_batch(batch["tokens"], batch.get("mask"))
 
     def loss_of(params):
-      return stages.loss_fn(config, stages.merge_bundle(graphdef, params, state["frozen"]), data)
+      return stages.loss_fn(config, bundle_lib.merge_bundle(graphdef, params, state["frozen"]), data)
 
     with sharding.use_rules(rules):
       (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])

@@ -3,14 +3,14 @@
 from __future__ import annotations
 
 import json
-import math
 import os
 
 import ml_collections
 
+from tandem_jax import sharding
 from tandem_jax.data import SOURCES
-from tandem_jax.models.config import TandemConfig, TransformerConfig
-from tandem_jax.training import stages
+from tandem_jax.models import bundle as bundle_lib
+from tandem_jax.models.config import TransformerConfig
 
 
 class ConfigError(ValueError):
@@ -23,27 +23,17 @@ def _check(cond: bool, field: str, message: str):
 
 
 def resolved_mesh_shape(mesh_cfg, num_devices: int) -> tuple[int, ...]:
-  shape = [int(s) for s in mesh_cfg.shape]
-  _check(len(shape) == len(tuple(mesh_cfg.axes)), "mesh.shape",
-         f"{tuple(shape)} and config.mesh.axes {tuple(mesh_cfg.axes)} differ in length")
-  _check(shape.count(-1) <= 1, "mesh.shape", f"at most one -1 is allowed, got {tuple(shape)}")
-  _check(all(s == -1 or s >= 1 for s in shape), "mesh.shape", f"sizes must be positive or -1, got {tuple(shape)}")
-  known = math.prod(s for s in shape if s != -1)
-  if -1 in shape:
-    _check(num_devices % known == 0, "mesh.shape", f"{tuple(shape)}: {num_devices} devices are not divisible by "
-                                                   f"{known}")
-    shape[shape.index(-1)] = num_devices // known
-  _check(math.prod(shape) == num_devices, "mesh.shape",
-         f"{tuple(shape)} needs {math.prod(shape)} devices but {num_devices} are available")
-  return tuple(shape)
+  """:func:`tandem_jax.sharding.resolve_mesh_shape`, its errors as ConfigError."""
+  try:
+    return sharding.resolve_mesh_shape(mesh_cfg, num_devices)
+  except ValueError as e:
+    raise ConfigError(str(e)) from None
 
 
 def batch_shards(config, num_devices: int) -> int:
   """How many ways the global batch is split: the product of the mesh axes the 'batch' rule maps to."""
   shape = dict(zip(tuple(config.mesh.axes), resolved_mesh_shape(config.mesh, num_devices)))
-  target = dict(tuple(r) for r in config.mesh.rules).get("batch")
-  axes = () if target is None else ((target,) if isinstance(target, str) else tuple(target))
-  return math.prod(shape.get(a, 1) for a in axes)
+  return sharding.batch_shards(sharding.rules_of(config), shape)
 
 
 def _model_cfg(config, name: str) -> TransformerConfig:
@@ -63,8 +53,7 @@ def _workdir_config(path: str) -> dict | None:
 
 def _coupling(tandem: dict, primary_layers: int, secondary_layers: int) -> dict:
   """The settings that make a tandem's function besides its weights, with the layer map resolved to indices."""
-  t = TandemConfig(layer_map=stages.parse_layer_map(tandem["layer_map"]), boundary=tandem["boundary"],
-                   projection_bias=bool(tandem["projection_bias"]))
+  t = bundle_lib.tandem_config(tandem)
   return dict(layer_map=t.resolve_layer_map(primary_layers, secondary_layers), boundary=t.boundary,
               projection_bias=t.projection_bias)
 
@@ -96,8 +85,8 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   workdirs' config.json and checks that their models match this config.
   """
   stage = config.stage
-  _check(stage in stages.STAGES, "stage", f"must be one of {stages.STAGES}, got {stage!r}")
-  spec = stages.spec(stage)
+  _check(stage in bundle_lib.STAGES, "stage", f"must be one of {bundle_lib.STAGES}, got {stage!r}")
+  spec = bundle_lib.spec(stage)
   d, tr = config.data, config.train
 
   # Data.
@@ -119,9 +108,7 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
   if spec.uses_primary and spec.uses_secondary and stage != "secondary_distil":
     p, s = _model_cfg(config, "primary"), _model_cfg(config, "secondary")
     try:
-      t = TandemConfig(layer_map=stages.parse_layer_map(config.tandem.layer_map), boundary=config.tandem.boundary,
-                       projection_bias=bool(config.tandem.projection_bias))
-      t.resolve_layer_map(p.num_layers, s.num_layers)
+      bundle_lib.tandem_config(config.tandem).resolve_layer_map(p.num_layers, s.num_layers)
     except ValueError as e:
       raise ConfigError(f"config.tandem.layer_map / boundary: {e}") from None
   _check(config.tandem.block_len >= 1, "tandem.block_len", f"must be >= 1, got {config.tandem.block_len}")

@@ -1,4 +1,5 @@
-"""From ``config.data`` to a tokenizer, packed train/validation rows and the training iterator."""
+"""A training run's inputs: from ``config.data`` to its documents, its tokenizer and packed train/validation rows
+(the text-to-rows machinery itself is the :mod:`tandem_jax.data` package)."""
 
 from __future__ import annotations
 

@@ -1,7 +1,8 @@
-"""TPU chip facts, the HBM-fit check and Leviathan's speedup projection from compiled per-call costs.
+"""Estimates for a TPU from a deviceless compile: chip facts, the HBM-fit check, step time from XLA's cost model,
+and the Tandem + SPEED speedup projected from the compiled per-call costs (Leviathan's formula).
 
-Pure Python (no libtpu needed), so the arithmetic is tested on any machine; :mod:`tandem_jax.aot` feeds it the
-numbers XLA's cost model gives for a deviceless compile. Everything here is a projection, not a measurement.
+No libtpu needed, so the arithmetic is tested on any machine; :mod:`tandem_jax.aot` feeds it the numbers XLA's cost
+model gives for a deviceless compile. Everything here is an estimate, not a measurement.
 """
 
 from __future__ import annotations
@@ -10,6 +11,8 @@ import dataclasses
 import json
 import os
 from typing import Any, Iterable
+
+from tandem_jax.decoding.costs import expected_block_tokens, leviathan_speedup
 
 GIB = 1024 ** 3
 LABEL = "XLA cost-model estimate from a deviceless compile, not a TPU measurement"
@@ -71,19 +74,7 @@ def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
   return max(flops / chip.peak_bf16_flops, nbytes / chip.hbm_bandwidth), "roofline"
 
 
-# -- Leviathan et al. (2211.17192) §3, PAPER_NOTES §2.2 ---------------------------------------------------------------
-def expected_tokens(alpha: float, gamma: int) -> float:
-  """Expected tokens per block call with γ drafts at acceptance α: (1 - α^{γ+1}) / (1 - α)."""
-  if alpha >= 1.0:
-    return gamma + 1.0
-  return (1.0 - alpha ** (gamma + 1)) / (1.0 - alpha)
-
-
-def leviathan_speedup(alpha: float, gamma: int, c: float) -> float:
-  """Thm 3.8: walltime improvement (1 - α^{γ+1}) / ((1 - α)(γc + 1)), if γ+1 tokens cost one primary step."""
-  return expected_tokens(alpha, gamma) / (gamma * c + 1.0)
-
-
+# -- the speedup projection: Leviathan et al. (2211.17192) §3, PAPER_NOTES §2.2 ---------------------------------------
 def block_seconds(step_s: float, block_s: float, max_block_len: int, gamma: int) -> float:
   """A (γ+1)-token primary call, interpolated linearly in tokens between the compiled 1- and (K+1)-token calls."""
   if max_block_len <= 0:
@@ -103,13 +94,39 @@ def project_speedup(alpha: float, gammas: Iterable[int], *, primary_step_s: floa
   c = secondary_step_s / primary_step_s
   rows = []
   for g in gammas:
-    e = expected_tokens(alpha, g)
+    e = expected_block_tokens(alpha, g)
     block = block_seconds(primary_step_s, primary_block_s, max_block_len, g)
     per_block = g * secondary_step_s + block + commit_s
     rows.append(dict(gamma=g, alpha=alpha, c=c, expected_tokens=e, leviathan_speedup=leviathan_speedup(alpha, g, c),
                      block_call_ms=block * 1e3, ms_per_token=per_block / e * 1e3,
                      ar_ms_per_token=primary_step_s * 1e3, projected_speedup=primary_step_s * e / per_block))
   return rows
+
+
+def projection(programs: dict, alpha: float, where: str, max_block_len: int) -> dict:
+  """The report's projected Tandem + SPEED speedup per γ in 1..K from the compiled per-call programs' estimated
+  seconds (``programs[name]["seconds"]`` for primary_step, primary_block, secondary_step, tandem_commit)."""
+  step = programs["primary_step"]["seconds"]
+  return dict(
+      label="projection from XLA's cost model (deviceless compile) and the given acceptance rate, not a TPU "
+            "measurement",
+      acceptance=alpha, acceptance_source=where,
+      rows=project_speedup(alpha, range(1, max_block_len + 1), primary_step_s=step,
+                           primary_block_s=programs["primary_block"]["seconds"], max_block_len=max_block_len,
+                           secondary_step_s=programs["secondary_step"]["seconds"],
+                           commit_s=programs["tandem_commit"]["seconds"]))
+
+
+def projection_lines(pr: dict) -> list[str]:
+  """:func:`projection`'s result as a markdown table (with its heading line)."""
+  lines = ["", f"Projected Tandem + SPEED speedup ({pr['label']}; α = {pr['acceptance']:.3f} from "
+               f"{pr['acceptance_source']}):", "",
+           "| γ | E[tokens/call] | Leviathan (1-α^{γ+1})/((1-α)(γc+1)) | block call ms | ms/token | "
+           "projected speedup vs AR |", "|---|---|---|---|---|---|"]
+  for row in pr["rows"]:
+    lines.append(f"| {row['gamma']} | {row['expected_tokens']:.2f} | {row['leviathan_speedup']:.2f}x | "
+                 f"{row['block_call_ms']:.3f} | {row['ms_per_token']:.3f} | {row['projected_speedup']:.2f}x |")
+  return lines
 
 
 def load_acceptance(spec: str) -> tuple[float, str]:
