@@ -14,8 +14,8 @@ import optax
 from flax import nnx, traverse_util
 
 from tandem_jax.progress import Progress
-from tandem_jax.recipe import (DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, target_index,
-                               teacher_terms)
+from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, teacher_terms
+from tandem_jax.recipe_data import target_index
 
 ROUTER_FILE = "router.npz"
 

@@ -14,7 +14,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tandem_jax import recipe
+from tandem_jax import recipe, recipe_data
 from tandem_jax.decoding import generate
 from tandem_jax.workdir import load_workdir
 
@@ -102,7 +102,7 @@ def test_exact_top_k_equals_lax_top_k():
   rng = np.random.default_rng(0)
   for shape, k, chunk in (((3, 5000), 32, 32), ((2, 4, 49152), 32, 32), ((5, 1000), 7, 16), ((2, 300), 32, 32)):
     x = rng.normal(size=shape).astype(np.float32)
-    vals, ids = recipe.exact_top_k(x, k, chunk)
+    vals, ids = recipe_data.exact_top_k(x, k, chunk)
     ref_vals, ref_ids = jax.lax.top_k(x, k)
     np.testing.assert_array_equal(np.asarray(vals), np.asarray(ref_vals))
     np.testing.assert_array_equal(np.asarray(ids), np.asarray(ref_ids))
@@ -120,7 +120,7 @@ def test_self_distill_equals_generate_and_a_full_forward(primary_dir):
     prompts[r, :n] = rng.integers(3, v, n)
   rows = [[int(t) for t in p if t >= 0] for p in prompts]
   eos = generate("ar", rows[:1], primary=primary, max_new_tokens=8, eos_id=None).tokens[0][3]  # fires in row 0
-  out = recipe.self_distill(primary, prompts, 8, 3, eos, (0, primary.cfg.num_layers), 8)
+  out = recipe_data.self_distill(primary, prompts, 8, 3, eos, (0, primary.cfg.num_layers), 8)
   ar = generate("ar", rows, primary=primary, max_new_tokens=8, eos_id=eos).tokens
   assert len(ar[0]) <= 4  # an EOS ended row 0 early
   logits, hidden = jax.jit(lambda t: primary.forward(t, return_hidden=True))(out["tokens"])
