@@ -20,6 +20,7 @@ except ImportError:  # loaded by path (config_flags) from outside the repository
   import sys
   sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
   from configs import base
+from tandem_jax.models.config import drafter_fields
 
 DEFAULT_PRIMARY_WORKDIR = "~/tandem_runs/smollm2"
 
@@ -67,8 +68,10 @@ def get_config(arg=None):
   c = base.get_config("tandem", "tiny" if preset == "tiny" else "cpu")
   primary = primary_model(primary_workdir)
   vocab = primary["vocab_size"]
-  secondary = dict(c.secondary.to_dict(), vocab_size=vocab, max_seq_len=primary["max_seq_len"],
-                   rope_theta=primary["rope_theta"], norm_eps=primary["norm_eps"], **p["secondary"])
+  # The secondary's own sizes; the vocabulary, positions and family switches (Gemma's norms and soft-caps, Qwen3's
+  # q/k norms, Llama 3's RoPE scaling, sliding-window layers) are the primary's.
+  secondary = dict(c.secondary.to_dict(), **p["secondary"])
+  secondary.update(drafter_fields(primary, secondary["head_dim"]))
   with c.unlocked():
     c.primary = primary
     c.secondary = secondary

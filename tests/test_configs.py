@@ -120,3 +120,30 @@ def test_continuing_a_tandem_keeps_its_coupling(tmp_path):
   c.tandem.layer_map, c.tandem.boundary = "last", "eq2"  # as its source tandem: validate() passes
   with pytest.raises(ConfigError, match="tandem.layer_map: 'last' .*the workdir being resumed"):
     loop.train(c, str(run))
+
+
+@pytest.mark.parametrize("head_dim", [16, 64])
+def test_pretrained_tandem_secondary_takes_the_primary_family(tmp_path, head_dim):
+  """configs/pretrained_tandem.py: the secondary keeps its own sizes and takes the imported primary's vocabulary,
+  positions and family switches (here Gemma 3's and Llama 3's); explicit RoPE divisors only at equal head size."""
+  import json
+
+  from configs import pretrained_tandem
+  from tandem_jax.models.config import ARCHITECTURE_FIELDS, SIZE_FIELDS, TransformerConfig
+
+  primary = TransformerConfig(
+      vocab_size=300, d_model=64, num_layers=6, num_heads=4, num_kv_heads=1, head_dim=head_dim, d_ff=128,
+      max_seq_len=96, rope_theta=1e6, norm_eps=1e-5, rope_scaling="llama3", rope_factor=8.0,
+      rope_original_max_len=64, rope_freq_factors=tuple(1.0 + i for i in range(head_dim // 2)), qk_norm=True,
+      query_pre_attn_scalar=48.0, attn_softcap=50.0, layer_types=("sliding",) * 5 + ("full",), sliding_window=8,
+      rope_local_theta=1e4, mlp_activation="gelu_tanh", norm_plus_one=True, post_norms=True,
+      scale_embeddings=True, final_softcap=30.0)
+  (tmp_path / "config.json").write_text(json.dumps({"primary": primary.to_dict()}))
+  c = pretrained_tandem.get_config(f"tiny,primary={tmp_path}")
+  p, s, _ = bundle.model_configs(c)
+  assert p == primary
+  for k in ARCHITECTURE_FIELDS:
+    want = () if k == "rope_freq_factors" and s.head_dim != primary.head_dim else getattr(primary, k)
+    assert getattr(s, k) == want, k
+  assert s.head_dim == 16 and s.num_layers == 1 and s.d_model == 32  # the tiny preset's own sizes
+  assert any(getattr(s, k) != getattr(primary, k) for k in SIZE_FIELDS)

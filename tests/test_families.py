@@ -1,4 +1,4 @@
-"""Pretrained model families (issue 17): Llama 3.x RoPE scaling, Qwen3, Gemma 2, Gemma 3.
+"""Pretrained model families: Llama 3.x RoPE scaling, Qwen3, Gemma 2, Gemma 3; real Gemma-3-270M and Qwen2.5-Coder-0.5B.
 
 Each family is a set of TransformerConfig switches. Checked here, per family with its features switched on (RoPE
 scaling, soft-capping, sliding windows shorter than the test sequence, q/k norms, Gemma's norms):
@@ -488,16 +488,40 @@ def test_family_matches_transformers(name, tmp_path):
   assert _greedy(model, tokens[0], 16) == hf_greedy
 
 
-# -- a real checkpoint: Gemma-3-270M (GGUF, Q4_K_M) ----------------------------------------------------------------
+# -- real checkpoints: Gemma-3-270M and Qwen2.5-Coder-0.5B (GGUF, fetched by `convert fetch-...`) -----------------
+
+
+def _real_gguf(pinned, env):
+  """(directory, path) of a fetched GGUF, or a skip naming the fetch command."""
+  import os
+
+  directory = os.path.expanduser(os.environ.get(env, pinned.default_dir))
+  path = os.path.join(directory, pinned.filename)
+  if not os.path.exists(path):
+    command = next(name for name, p in convert.PINNED.items() if p == pinned)
+    pytest.skip(f"no {path}: run `python -m tandem_jax.convert {command} --dir={directory}`")
+  return directory, path
+
+
+# name -> (pinned file, env var for its directory, (layers, d_model, sliding window, layer types), BOS id, id range
+# of the random tokens, lengths of the two sequences)
+REAL = {
+    # Gemma 3: a sequence longer than its 512-token sliding window. Its tokenizer is SentencePiece ('llama' in GGUF),
+    # which HFTokenizer does not build from GGUF: token ids here.
+    "gemma3_270m": (convert.GEMMA3_270M, "TANDEM_JAX_GEMMA3_DIR", (18, 640, 512, ("sliding",) * 5 + ("full",)), 2,
+                    260000, (40, 600)),
+    # Qwen2.5-Coder: qwen2 architecture (q/k/v biases), tied embeddings, 151,936-token vocabulary.
+    "qwen25_coder_05b": (convert.QWEN25_CODER_05B, "TANDEM_JAX_QWEN25_CODER_DIR", (24, 896, 0, ()), None, 150000,
+                         (40, 300)),
+}
 
 
 @pytest.mark.interop
 @pytest.mark.slow
-def test_gemma3_270m_matches_transformers():
-  """Gemma-3-270M from the same GGUF file, ours against transformers (float32): logits and greedy tokens, over a
-  sequence longer than its 512-token sliding window. Fetch: `python -m tandem_jax.convert fetch-gemma3-270m`."""
-  import os
-
+@pytest.mark.parametrize("name", sorted(REAL))
+def test_real_checkpoint_matches_transformers(name):
+  """A real checkpoint from the same GGUF file, ours against transformers (float32): logits and greedy tokens.
+  Fetch: `python -m tandem_jax.convert fetch-gemma3-270m` / `fetch-qwen2.5-coder-0.5b`."""
   torch = pytest.importorskip("torch")
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("gguf")
@@ -505,21 +529,19 @@ def test_gemma3_270m_matches_transformers():
   from tandem_jax.decoding.api import generate
   from tandem_jax.interop import gguf_format
 
-  directory = os.path.expanduser(os.environ.get("TANDEM_JAX_GEMMA3_DIR", convert.DEFAULT_GEMMA3_DIR))
-  path = os.path.join(directory, convert.GEMMA3_GGUF)
-  if not os.path.exists(path):
-    pytest.skip(f"no {path}: run `python -m tandem_jax.convert fetch-gemma3-270m --dir={directory}`")
-  # Its tokenizer is SentencePiece ('llama' in GGUF), which HFTokenizer does not build from GGUF: token ids here.
+  pinned, env, shape, bos, id_range, lengths = REAL[name]
+  directory, path = _real_gguf(pinned, env)
   cfg, hf, _ = gguf_format.read_gguf(path, lazy=True, max_seq_len=1024)
-  assert (cfg.num_layers, cfg.d_model, cfg.sliding_window, cfg.layer_types) == (
-      18, 640, 512, ("sliding",) * 5 + ("full",))
+  assert (cfg.num_layers, cfg.d_model, cfg.sliding_window, cfg.layer_types) == shape
   model = convert.model_from_hf(cfg, hf)
   torch.set_num_threads(2)
-  ref = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=convert.GEMMA3_GGUF,
+  ref = transformers.AutoModelForCausalLM.from_pretrained(directory, gguf_file=pinned.filename,
                                                           dtype=torch.float32).eval()
   rng = np.random.default_rng(0)
+  start = [] if bos is None else [bos]
   worst, agree, total = 0.0, 0, 0
-  for ids in ([2] + list(rng.integers(3, 20000, 40)), [2] + list(rng.integers(3, 260000, 600))):
+  for n in lengths:
+    ids = start + list(rng.integers(3, id_range, n))
     with torch.no_grad():
       want = ref(torch.tensor([ids])).logits[0].numpy()
     with jax.default_matmul_precision("highest"):
@@ -527,9 +549,9 @@ def test_gemma3_270m_matches_transformers():
     worst = max(worst, float(np.abs(got - want).max()))
     agree += int((got.argmax(-1) == want.argmax(-1)).sum())
     total += len(ids)
-  print(f"Gemma-3-270M logits: max |diff| {worst:.2e}, argmax agreement {agree}/{total}")
+  print(f"{name} logits: max |diff| {worst:.2e}, argmax agreement {agree}/{total}")
   assert worst < 2e-3 and agree == total
-  ids = [2] + list(rng.integers(3, 20000, 19))
+  ids = start + list(rng.integers(3, 20000, 19))
   with torch.no_grad():
     want = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
                         pad_token_id=0)[0, len(ids):].tolist()

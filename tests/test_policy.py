@@ -1,6 +1,9 @@
 """Block-length policy (tandem_jax.decoding.costs, speculative.decode_speculative(policy="auto")): the cost model,
 γ = 0 switched on and off inside one sequence without losing a token, finished rows that stop drafting."""
 
+import gc
+import weakref
+
 import jax.numpy as jnp
 import numpy as np
 import pytest
@@ -98,12 +101,41 @@ def test_auto_policy_calibrates_when_no_table_is_given(models):
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=12).tokens
   out = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=12, block_len=3, policy="auto")
   assert out.tokens == want
-  table = next(t for k, t in costs._calibrated.items() if k[0] == id(tandem.primary) and k[2] == 2)
+  table = next(e[2] for k, e in costs._calibrated.items() if k[0] == id(tandem.primary) and k[2] == 2)
   assert table.max_block_len == 3 and float(table.draft_ms) > 0 and (np.asarray(table.verify_ms)[1:] > 0).all()
   with pytest.raises(ValueError, match="covers blocks up to 8"):
     generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=4, block_len=3, policy="auto", costs=SWITCHING)
   with pytest.raises(ValueError, match="policy 'auto' applies"):
     generate("ar", prompts, primary=tandem.primary, policy="auto")
+
+
+def test_calibration_is_not_reused_for_a_new_model_at_a_reused_id(models, monkeypatch):
+  """A table belongs to the live pair of models it was measured on: an entry whose models are gone is dropped, and
+  one whose id now names another object is measured again (ids are reused after garbage collection)."""
+  tandem, drafter, _ = models
+  measured = []
+  monkeypatch.setattr(costs, "call_ms", lambda model, b, k, **kw: measured.append(k) or dict(median=1.0 + k))
+  monkeypatch.setattr(costs, "_calibrated", {})
+  t1 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
+  assert measured == [1, 2, 3, 1]  # verify sizes 1..K+1, then one drafter step
+  assert costs.calibrate(tandem.primary, drafter, 1, 2, 16) is t1 and len(measured) == 4  # cached
+  key = (id(tandem.primary), id(drafter), 1, 2, 16)
+
+  class Gone:
+    pass
+
+  gone = Gone()
+  costs._calibrated[key] = (weakref.ref(gone), weakref.ref(drafter), t1)  # as if the id now named another model
+  t2 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
+  assert t2 is not t1 and len(measured) == 8  # measured again for the model that holds the id now
+  del gone
+  gc.collect()
+  other = Gone()
+  costs._calibrated[("x",)] = (weakref.ref(other), weakref.ref(drafter), t1)
+  del other
+  gc.collect()
+  costs.calibrate(tandem.primary, drafter, 1, 2, 16)
+  assert ("x",) not in costs._calibrated  # the dead pair's entry is pruned
 
 
 def test_finished_rows_spend_no_drafter_steps(models):

@@ -27,7 +27,7 @@ import time
 import numpy as np
 
 from tandem_jax.bench import timing
-from tandem_jax.bench.run import say as _say
+from tandem_jax.bench.run import say as _say, setting_name
 from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.decoding.api import buffer_sizes
 from tandem_jax.decoding.costs import leviathan_speedup
@@ -77,28 +77,14 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
     sampling = SamplingParams(temperature=float(temp))
     common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
     for b in d.batch_sizes:
-      name = f"{'greedy' if temp == 0 else f'T{temp:g}'}_b{b}"
+      name = setting_name(temp, b)
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
       logging.info("table 2 %s: %d prompts, batch %d, γ in %s", name, len(ps), b, tuple(d.gammas))
       bar.update(started, now=name)  # settings finished so far; the ETA comes from them
       started += 1
-      cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=models["primary"]), **common)}
-      for g in d.gammas:
-        cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=models["primary"],
-                                                                                drafter=models["standalone"]),
-                                                 **common)
-        cells[f"tandem_speed@{g}"] = timing.decode_cell("tandem_speed", ps, b, g,
-                                                        models=dict(tandem=models["tandem"]), **common)
       table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], k) if costs else None
-      cells["auto"] = timing.decode_cell("tandem_speed", ps, b, k, models=dict(tandem=models["tandem"]),
-                                         policy="auto", costs=table, **common)
-      res = timing.interleaved(cells, int(d.repeats))
-      row = {"ar": timing.summarize(res["ar"]), "prompts": len(ps), "batch": b, "temperature": float(temp)}
-      for m in ("speed", "tandem_speed"):
-        row[m] = {int(g): timing.summarize(res[f"{m}@{g}"], res["ar"]["times"]) for g in d.gammas}
-      row["best_gamma"] = {m: max(d.gammas, key=lambda g, m=m: row[m][int(g)]["speedup"]) for m in
-                           ("speed", "tandem_speed")}
-      row["auto"] = timing.auto_row(res, res["ar"]["times"], f"tandem_speed@{row['best_gamma']['tandem_speed']}", k)
+      cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=models["primary"],
+                                         drafter=models["standalone"], tandem=models["tandem"], auto_costs=table)
       table2[name] = row
       if b == 1:
         g = int(row["best_gamma"]["tandem_speed"])
@@ -109,9 +95,8 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
                                     router=models["router"], threshold=tau,
                                     **dict(common, k=kmax))
 
-        taus = [float(t) for t in d.thresholds]
-        tune = timing.interleaved({t: adaptive(t, tune_prompts) for t in taus}, 1)
-        tau = min(taus, key=lambda t: float(np.median(tune[t]["times"])))
+        tuned = timing.tune_threshold(adaptive, d.thresholds, tune_prompts, 1)
+        tau = tuned["chosen"]
         cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
         if costs:  # the router inside the auto policy: γ per iteration from the costs, the router's stop within it
           t4table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], kmax) if kmax <= k else None
@@ -123,7 +108,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
         res4 = timing.interleaved(cells4, int(d.repeats))
         t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
         t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
-                  tuning={str(t): float(np.median(tune[t]["times"])) for t in taus},
+                  tuning=tuned,
                   speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
                                                   np.median(res4["adaptive"]["times"])))
         table4[name] = t4

@@ -237,7 +237,7 @@ def publish(workdir: str, repo_root: str) -> str:
   os.makedirs(out, exist_ok=True)
   for name in [RESULTS_FILE, REPORT_FILE] + list(r.get("plots") or []):
     shutil.copyfile(os.path.join(workdir, name), os.path.join(out, name))
-  intro = ("The latest full run of `python -m tandem_jax.benchmark` (issue 5). Its `results.json` is "
+  intro = ("The latest full run of `python -m tandem_jax.benchmark`. Its `results.json` is "
            "[benchmarks/results.json](benchmarks/results.json); regenerate this file from a run's workdir with "
            "`python -c \"from tandem_jax.bench import report; report.publish('DIR', '.')\"`.\n\n")
   path = os.path.join(repo_root, "BENCHMARKS.md")

@@ -38,25 +38,9 @@ def machine() -> dict:
   return out
 
 
-def _best(cells: dict, method: str, gammas) -> int:
-  return max(gammas, key=lambda g: cells[method][g]["speedup"])
-
-
 def say(msg: str) -> None:
   print(msg, flush=True)
   logging.info(msg)
-
-
-def tune_threshold(bench, cell_for, tune_prompts) -> dict:
-  """Table 4's τ, chosen on held-out validation prompts (not the timed ones): the adaptive decoder is timed at
-  every τ of ``decode.thresholds`` (τ is traced: one compiled program) and the fastest median wins.
-
-  ``cell_for(tau, prompts)`` builds the adaptive decode cell. Returns {"chosen", "seconds": {τ: median}}.
-  """
-  taus = [float(t) for t in bench.decode.thresholds]
-  res = timing.interleaved({t: cell_for(t, tune_prompts) for t in taus}, int(bench.decode.repeats))
-  med = {t: float(np.median(res[t]["times"])) for t in taus}
-  return dict(chosen=min(taus, key=lambda t: med[t]), seconds=med, prompts=len(tune_prompts))
 
 
 def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict | None = None) -> dict:
@@ -76,24 +60,9 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
       started += 1
       ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
       logging.info("table 2 %s: %d prompts, batch %d", name, len(ps), b)
-      cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)}
-      for g in d.gammas:
-        cells[f"speed@{g}"] = timing.decode_cell("speed", ps, b, g, models=dict(primary=primary, drafter=drafter),
-                                                 **common)
-        cells[f"tandem_speed@{g}"] = timing.decode_cell("tandem_speed", ps, b, g, models=dict(tandem=tandem),
-                                                        **common)
-      if costs:
-        table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k)
-        cells["auto"] = timing.decode_cell("tandem_speed", ps, b, k, models=dict(tandem=tandem), policy="auto",
-                                           costs=table, **common)
-      res = timing.interleaved(cells, int(d.repeats))
-      ar_times = res["ar"]["times"]
-      row = {"ar": timing.summarize(res["ar"]), "prompts": len(ps), "batch": b, "temperature": float(temp)}
-      for m in ("speed", "tandem_speed"):
-        row[m] = {g: timing.summarize(res[f"{m}@{g}"], ar_times) for g in d.gammas}
-      row["best_gamma"] = {m: _best(row, m, d.gammas) for m in ("speed", "tandem_speed")}
-      if "auto" in res:
-        row["auto"] = timing.auto_row(res, ar_times, f"tandem_speed@{row['best_gamma']['tandem_speed']}", k)
+      table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k) if costs else None
+      cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=primary, drafter=drafter,
+                                         tandem=tandem, auto=bool(costs), auto_costs=table)
       table2[name] = row
       if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
         g = row["best_gamma"]["tandem_speed"]
@@ -103,7 +72,8 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
                                     threshold=tau, **common)
 
         paper_tau = float(bench.threshold)
-        tuned = tune_threshold(bench, adaptive, tune_prompts) if tune_prompts and d.thresholds else None
+        tuned = (timing.tune_threshold(adaptive, d.thresholds, tune_prompts, int(d.repeats))
+                 if tune_prompts and d.thresholds else None)
         tau = tuned["chosen"] if tuned else paper_tau
         cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
         if tau != paper_tau:

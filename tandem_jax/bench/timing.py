@@ -133,6 +133,44 @@ def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) 
               vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])))
 
 
+def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, primary, drafter, tandem,
+                   auto: bool = True, auto_costs=None) -> tuple[dict, dict]:
+  """One setting (sampling, batch) of Table 2, timed interleaved: ``ar``, ``speed`` and ``tandem_speed`` at every
+  γ, and with ``auto`` the auto policy (γ up to ``common["k"]``; ``auto_costs``: its cost table, None to calibrate).
+  Returns (cells, row): the cells for re-timing elsewhere (Table 4) and the row of summaries."""
+  gammas = [int(g) for g in gammas]
+  cells = {"ar": decode_cell("ar", prompts, batch, None, models=dict(primary=primary), **common)}
+  for g in gammas:
+    cells[f"speed@{g}"] = decode_cell("speed", prompts, batch, g, models=dict(primary=primary, drafter=drafter),
+                                      **common)
+    cells[f"tandem_speed@{g}"] = decode_cell("tandem_speed", prompts, batch, g, models=dict(tandem=tandem), **common)
+  if auto:
+    cells["auto"] = decode_cell("tandem_speed", prompts, batch, int(common["k"]), models=dict(tandem=tandem),
+                                policy="auto", costs=auto_costs, **common)
+  res = interleaved(cells, repeats)
+  ar_times = res["ar"]["times"]
+  row = {"ar": summarize(res["ar"]), "prompts": len(prompts), "batch": batch,
+         "temperature": float(common["sampling"].temperature)}
+  for m in ("speed", "tandem_speed"):
+    row[m] = {g: summarize(res[f"{m}@{g}"], ar_times) for g in gammas}
+  row["best_gamma"] = {m: max(gammas, key=lambda g, m=m: row[m][g]["speedup"]) for m in ("speed", "tandem_speed")}
+  if auto:
+    row["auto"] = auto_row(res, ar_times, f"tandem_speed@{row['best_gamma']['tandem_speed']}", int(common["k"]))
+  return cells, row
+
+
+def tune_threshold(cell_for, thresholds, tune_prompts, repeats: int) -> dict:
+  """Table 4's τ, chosen on held-out validation prompts (not the timed ones): the adaptive decoder is timed at
+  every τ of ``thresholds`` (τ is traced: one compiled program) and the fastest median wins.
+
+  ``cell_for(tau, prompts)`` builds the adaptive decode cell. Returns {"chosen", "seconds": {τ: median}, "prompts"}.
+  """
+  taus = [float(t) for t in thresholds]
+  res = interleaved({t: cell_for(t, tune_prompts) for t in taus}, repeats)
+  med = {t: float(np.median(res[t]["times"])) for t in taus}
+  return dict(chosen=min(taus, key=lambda t: med[t]), seconds=med, prompts=len(tune_prompts))
+
+
 def cost_table(primary_ms: dict, drafter_ms: dict, k: int):
   """The decode loop's :class:`~tandem_jax.decoding.costs.CostTable` from this module's per-call table (medians):
   ``primary_ms`` {size: spread} for sizes 1..k+1, ``drafter_ms`` {1: spread}."""

@@ -17,6 +17,7 @@ import functools
 import math
 import statistics
 import time
+import weakref
 from typing import NamedTuple
 
 import jax
@@ -100,20 +101,32 @@ def call_ms(model, batch: int, k: int, *, capacity: int, fill: int, calls: int, 
   return spread(times)
 
 
+# (id(primary), id(drafter), batch, K, capacity) -> (weakref to primary, weakref to drafter, table). The weak
+# references make an entry die with its models: an id alone can be reused by a later, different model, which would
+# then read a table measured on another one.
 _calibrated: dict = {}
+
+
+def _live(entry, primary, drafter_model) -> bool:
+  return entry[0]() is primary and entry[1]() is drafter_model
 
 
 def calibrate(primary, drafter_model, batch: int, max_block_len: int, capacity: int, *, calls: int = 8,
               repeats: int = 3) -> CostTable:
-  """The cost table of these models at this batch size, measured once per process (medians; a few seconds of
-  compiles and calls). ``drafter_model``: the standalone drafter, or a Tandem's secondary."""
+  """The cost table of these models at this batch size, measured once per process and per pair of live models
+  (medians; a few seconds of compiles and calls). ``drafter_model``: the standalone drafter, or a Tandem's
+  secondary."""
+  for k in [k for k, e in _calibrated.items() if e[0]() is None or e[1]() is None]:
+    del _calibrated[k]  # models that are gone
   key = (id(primary), id(drafter_model), batch, max_block_len, capacity)
-  if key not in _calibrated:
+  entry = _calibrated.get(key)
+  if entry is None or not _live(entry, primary, drafter_model):
     fill = capacity // 2
     kw = dict(capacity=capacity, fill=fill, calls=calls, repeats=repeats)
     verify = [call_ms(primary, batch, s, **kw)["median"] for s in range(1, max_block_len + 2)]
-    _calibrated[key] = cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
-  return _calibrated[key]
+    table = cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
+    entry = _calibrated[key] = (weakref.ref(primary), weakref.ref(drafter_model), table)
+  return entry[2]
 
 
 def expected_block_tokens(alpha: float, gamma: int) -> float:

@@ -191,6 +191,28 @@ class TransformerConfig:
     return self.num_layers * per_layer + embed + d
 
 
+# The size of a decoder, as opposed to its family: a drafter sets these itself and takes the rest of
+# ARCHITECTURE_FIELDS from its primary (:func:`drafter_fields`).
+SIZE_FIELDS = ("d_model", "num_layers", "num_heads", "num_kv_heads", "head_dim", "d_ff")
+# What a drafter built for a primary shares with it: the vocabulary, positions and the family's switches, so that
+# both read the same tokens the same way and a Tandem's states line up layer type by layer type.
+ARCHITECTURE_FIELDS = ("vocab_size", "max_seq_len", "rope_theta", "norm_eps", "qkv_bias", "rope_scaling",
+                       "rope_factor", "rope_low_freq_factor", "rope_high_freq_factor", "rope_original_max_len",
+                       "rope_beta_fast", "rope_beta_slow", "rope_attention_factor", "rope_freq_factors", "qk_norm",
+                       "query_pre_attn_scalar", "attn_softcap", "layer_types", "sliding_window", "rope_local_theta",
+                       "mlp_activation", "norm_plus_one", "post_norms", "scale_embeddings", "final_softcap")
+
+
+def drafter_fields(primary: Mapping[str, Any], head_dim: int) -> dict[str, Any]:
+  """The :data:`ARCHITECTURE_FIELDS` of a primary's config dict for a drafter with ``head_dim``. Explicit RoPE
+  frequency divisors (GGUF ``rope_freqs``) are per frequency of the primary's head size: a drafter of another head
+  size keeps the named scaling (``rope_scaling`` and its parameters) without them."""
+  out = {k: primary[k] for k in ARCHITECTURE_FIELDS if k in primary}
+  if out.get("rope_freq_factors") and head_dim != primary["head_dim"]:
+    out["rope_freq_factors"] = ()
+  return out
+
+
 LAYER_MAPS = ("proportional", "last")
 BOUNDARIES = ("fig1", "eq2")
 
