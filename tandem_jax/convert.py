@@ -281,6 +281,7 @@ def main(argv):
   if not f.workdir and not f.export_safetensors:
     raise flags.Error("pass --workdir=DIR (and/or --export_safetensors=DIR): there is nowhere to write")
   dtype_of(f.dtype)
+  mesh_from_flag(f.mesh)  # a bad --mesh fails before any tensor is read
   kw = dict(max_seq_len=f.max_seq_len or None, param_dtype=f.dtype)
   if f.gguf:
     cfg, hf, tokenizer = load_gguf(f.gguf, lazy=True, **kw)
@@ -291,14 +292,43 @@ def main(argv):
     if tokenizer is None and f.workdir:
       raise ValueError(f"{f.hf_dir} has no tokenizer.json; a workdir needs the model's tokenizer")
   logging.info("imported %s: %s (%.1fM parameters)", source["path"], cfg, cfg.num_params / 1e6)
-  model = model_from_hf(cfg, hf)
+  mesh = mesh_from_flag(f.mesh)
+  model = model_from_hf(cfg, hf, mesh=mesh)
   del hf
   summary = dict(source, config=cfg.to_dict(), num_params=cfg.num_params, tokenizer=repr(tokenizer))
   if f.workdir:
     summary["workdir"] = write_model_workdir(f.workdir, model, tokenizer, source)
   if f.export_safetensors:
     summary["export_safetensors"] = export_safetensors(model, f.export_safetensors, tokenizer)
+  if mesh is not None:
+    summary["mesh"] = dict(mesh.shape)
   print(json.dumps(summary, indent=1) if f.json else "\n".join(f"{k}: {v}" for k, v in summary.items()))
+
+
+def mesh_from_flag(spec: list[str]):
+  """The device mesh of ``--mesh=axis=size,...`` over this host's devices (one size may be -1: the rest), or None.
+  Axes are those the sharding rules map parameters to (``sharding.DEFAULT_RULES``)."""
+  from types import SimpleNamespace
+
+  from tandem_jax import sharding as shd
+
+  if not spec:
+    return None
+  known = sorted({a for _, t in shd.DEFAULT_RULES if t for a in ((t,) if isinstance(t, str) else t)})
+  axes, shape = [], []
+  for part in spec:
+    name, eq, size = part.partition("=")
+    if not eq or name not in known or not size.lstrip("-").isdigit():
+      raise ValueError(f"--mesh entries are axis=size with an axis in {known}, got {part!r}")
+    axes.append(name)
+    shape.append(int(size))
+  if len(set(axes)) != len(axes):
+    raise ValueError(f"--mesh names an axis twice: {spec}")
+  try:
+    shape = shd.resolve_mesh_shape(SimpleNamespace(shape=shape, axes=axes), jax.device_count())
+  except ValueError as e:
+    raise ValueError(str(e).replace("config.mesh.shape", "--mesh")) from None
+  return shd.make_mesh(shape, axes)
 
 
 def _define_flags():
@@ -310,6 +340,8 @@ def _define_flags():
   flags.DEFINE_string("export_safetensors", "", "also write a Hugging Face directory here")
   flags.DEFINE_string("dtype", "float32", "parameter dtype of the imported model: float32, bfloat16 or float16 "
                       "(tensors are read and cast one at a time; no float32 copy of the whole model)")
+  flags.DEFINE_list("mesh", [], "shard the weights over this host's devices as they load, e.g. fsdp=-1 or "
+                    "fsdp=2,model=4 (axis=size; -1: the remaining devices); default: one device")
   flags.DEFINE_integer("max_seq_len", 0, "override the model's max_seq_len (0: the checkpoint's context length)")
   flags.DEFINE_string("dir", "", "with a fetch command (" + ", ".join(
       f"{name}: default {p.default_dir}" for name, p in PINNED.items()) + "): where to keep the GGUF file")

@@ -254,6 +254,32 @@ def test_gguf_import_matches_the_hf_state(arch, tmp_path):
   assert tokenizer.decode(tokenizer.encode("Hi there<|im_end|>", add_bos=True)) == "Hi there"
 
 
+def test_convert_cli_shards_onto_a_mesh_as_it_loads(tmp_path):
+  """`convert --mesh=fsdp=2,model=4`: the weights are placed on the 8 devices as they load, the workdir written
+  from them, and the model read back gives the logits of a single-device import."""
+  import json
+  import subprocess
+  import sys
+
+  pytest.importorskip("gguf")
+  pytest.importorskip("tokenizers")
+  from tandem_jax.workdir import load_workdir
+
+  hf_cfg = tiny_hf_config("Qwen2ForCausalLM")
+  path = write_tiny_gguf(tmp_path / "m.gguf", "qwen2", hf_cfg, random_hf_state(hf_cfg))
+  root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+  out = subprocess.run([sys.executable, "-m", "tandem_jax.convert", f"--gguf={path}", f"--workdir={tmp_path / 'w'}",
+                        "--mesh=fsdp=2,model=4", "--json"], cwd=root, env=dict(os.environ, JAX_PLATFORMS="cpu"),
+                       capture_output=True, text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-3000:]
+  assert json.loads(out.stdout)["mesh"] == {"fsdp": 2, "model": 4}
+  cfg, hf, _ = convert.load_gguf(path)
+  want = convert.model_from_hf(cfg, hf)
+  got = load_workdir(str(tmp_path / "w")).model
+  tokens = jnp.asarray([[5, 9, 3, 70, 12, 1]])
+  np.testing.assert_allclose(np.asarray(got.forward(tokens)[0]), np.asarray(want.forward(tokens)[0]), atol=1e-5)
+
+
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):
   gguf = pytest.importorskip("gguf")
   hf_cfg = tiny_hf_config()

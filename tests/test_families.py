@@ -558,3 +558,9 @@ def test_real_checkpoint_matches_transformers(name):
   with jax.default_matmul_precision("highest"):
     got = list(generate("ar", [ids], primary=model, max_new_tokens=24, eos_id=None).tokens[0])
   assert got == want
+  if name == "qwen25_coder_05b":  # its BPE tokenizer imports from the GGUF file: the same ids as transformers'
+    _, _, tok = convert.load_gguf(path, lazy=True)
+    ref_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=pinned.filename)
+    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # héllo, 世界"
+    assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False)
+    assert tok.decode(tok.encode(text)) == text
