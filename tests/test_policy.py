@@ -51,6 +51,16 @@ def test_expected_tokens_and_choice_follow_leviathan():
   both = jnp.asarray([0.0, 0.95], jnp.float32)
   assert int(costs.choose_gamma(both, jnp.asarray([True, False]), table, 3)) == 0
   assert int(costs.choose_gamma(both, jnp.asarray([True, True]), table, 3)) >= 1
+  # with the rows' remaining budgets, the row that would finish last decides: a slow-accepting row with most of its
+  # budget left switches speculation off although the batch's summed rate favours drafting
+  rem = lambda *r: jnp.asarray(r, jnp.int32)  # noqa: E731
+  mixed = jnp.asarray([0.0, 0.95], jnp.float32)
+  assert int(costs.choose_gamma(mixed, jnp.asarray([True, True]), table, 3)) >= 1  # summed rate
+  assert int(costs.choose_gamma(mixed, jnp.asarray([True, True]), table, 3, remaining_b=rem(40, 40))) == 0
+  assert int(costs.choose_gamma(mixed, jnp.asarray([True, True]), table, 3, remaining_b=rem(1, 40))) == 3
+  for a in (0.0, be - 0.02, be + 0.02, 0.5, 0.95):  # batch 1: the same choice either way
+    x = jnp.asarray([a], jnp.float32)
+    assert int(costs.choose_gamma(x, on, table, 3, remaining_b=rem(17))) == pick(a)
   with pytest.raises(ValueError, match="positive verify costs"):
     costs.cost_table([10.0], 1.0)
 
@@ -101,8 +111,10 @@ def test_auto_policy_calibrates_when_no_table_is_given(models):
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=12).tokens
   out = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=12, block_len=3, policy="auto")
   assert out.tokens == want
-  table = next(e[2] for k, e in costs._calibrated.items() if k[0] == id(tandem.primary) and k[2] == 2)
+  table = out.costs  # measured on the decode loop (calibrate_loop): once per process for these models and shapes
   assert table.max_block_len == 3 and float(table.draft_ms) > 0 and (np.asarray(table.verify_ms)[1:] > 0).all()
+  again = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=12, block_len=3, policy="auto")
+  assert again.costs is table and again.tokens == want
   with pytest.raises(ValueError, match="covers blocks up to 8"):
     generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=4, block_len=3, policy="auto", costs=SWITCHING)
   with pytest.raises(ValueError, match="policy 'auto' applies"):
@@ -119,23 +131,44 @@ def test_calibration_is_not_reused_for_a_new_model_at_a_reused_id(models, monkey
   t1 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
   assert measured == [1, 2, 3, 1]  # verify sizes 1..K+1, then one drafter step
   assert costs.calibrate(tandem.primary, drafter, 1, 2, 16) is t1 and len(measured) == 4  # cached
-  key = (id(tandem.primary), id(drafter), 1, 2, 16)
+  key = ("calls", id(tandem.primary), id(drafter), 1, 2, 16)
 
   class Gone:
     pass
 
   gone = Gone()
-  costs._calibrated[key] = (weakref.ref(gone), weakref.ref(drafter), t1)  # as if the id now named another model
+  costs._calibrated[key] = ((weakref.ref(gone), weakref.ref(drafter)), t1)  # as if the id now named another model
   t2 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
   assert t2 is not t1 and len(measured) == 8  # measured again for the model that holds the id now
   del gone
   gc.collect()
   other = Gone()
-  costs._calibrated[("x",)] = (weakref.ref(other), weakref.ref(drafter), t1)
+  costs._calibrated[("x",)] = ((weakref.ref(other), weakref.ref(drafter)), t1)
   del other
   gc.collect()
   costs.calibrate(tandem.primary, drafter, 1, 2, 16)
   assert ("x",) not in costs._calibrated  # the dead pair's entry is pruned
+
+
+def test_loop_calibration_times_each_gamma_on_the_decode_program(models):
+  """calibrate_loop forces γ = 0..K through the auto program (a forcing table), and the table it returns reproduces
+  each measured iteration as choose_gamma's cost: max(γ, 1) drafter steps + the verify entry."""
+  from tandem_jax.decoding import api
+
+  tandem, _, _ = models
+  forced = costs.forcing_table(2, 3)
+  out = generate("tandem_speed", [[1, 2, 3]] * 2, tandem=tandem, max_new_tokens=10, block_len=3, policy="auto",
+                 costs=forced)
+  hist = out.stats["gamma_hist"]
+  assert hist[:, 2].sum() > 0 and hist[:, [0, 1, 3]].sum() == 0  # γ = 2 in every iteration
+  table = api.calibrate_loop("tandem_speed", dict(tandem=tandem), batch_size=2, prompt_len=3, max_new_tokens=10,
+                             max_block_len=3)
+  assert table.max_block_len == 3
+  assert api.calibrate_loop("tandem_speed", dict(tandem=tandem), batch_size=2, prompt_len=5, max_new_tokens=12,
+                            max_block_len=3) is table  # same buckets: the same program, measured once
+  t = costs.loop_table([2.0, 3.0, 3.5, 4.5], 0.25)
+  g = np.arange(4)
+  np.testing.assert_allclose(np.maximum(g, 1) * float(t.draft_ms) + np.asarray(t.verify_ms)[1:], [2.0, 3.0, 3.5, 4.5])
 
 
 def test_finished_rows_spend_no_drafter_steps(models):

@@ -187,6 +187,42 @@ def _main_and_drafter(models):
   return models["primary"], models.get("drafter")
 
 
+def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: int, max_new_tokens: int,
+                   max_block_len: int, sampling: SamplingParams = SamplingParams(), mesh=None,
+                   rules=shd.DEFAULT_RULES, repeats: int = 2) -> costs_lib.CostTable:
+  """The ``auto`` policy's cost table measured on the decode program itself: the program :func:`generate` runs for
+  these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
+  off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.calibrate`) miss
+  and which grows with the batch. Measured once per process per live models, method, shapes, sampling and mesh; a
+  few decodes of the budget's bucket per γ. ``models``: role -> module, as :func:`generate` takes them."""
+  main_model, draft_model = _main_and_drafter(models)
+  p_pad, m_pad, capacity = buffer_sizes(prompt_len, max_new_tokens, max_block_len)
+  key = ("loop", method, tuple((n, id(m)) for n, m in sorted(models.items())), batch_size, p_pad, m_pad,
+         max_block_len, sampling, mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
+
+  def make():
+    vocab = main_model.cfg.vocab_size
+    prompts = [[(7919 * i) % (vocab - 1) + 1 for i in range(p_pad)]] * batch_size  # p_pad tokens: the same program
+    budget = max(1, m_pad - 15)  # the smallest budget in the same 16-token bucket: the same program, fewer steps
+    kw = dict(sampling=sampling, mesh=mesh, rules=rules)
+    prefill = min(generate("ar", prompts, primary=main_model, max_new_tokens=1, **kw).wall_time
+                  for _ in range(repeats))
+    iteration_ms = []
+    for g in range(max_block_len + 1):
+      per = []
+      for _ in range(repeats):
+        r = generate(method, prompts, **models, max_new_tokens=budget, block_len=max_block_len, policy="auto",
+                     costs=costs_lib.forcing_table(g, max_block_len), **kw)
+        iterations = int(r.stats["gamma_hist"].sum(1).max())
+        per.append((r.wall_time - prefill) / max(iterations, 1) * 1e3)
+      iteration_ms.append(min(per))
+    draft_ms = costs_lib.call_ms(draft_model, batch_size, 1, capacity=capacity, fill=capacity // 2, calls=8,
+                                 repeats=repeats)["median"]
+    return costs_lib.loop_table(iteration_ms, draft_ms)
+
+  return costs_lib.cached(tuple(models.values()), key, make)
+
+
 def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, drafter=None, tandem=None,
              llm_to_slm=None, router=None, max_new_tokens: int | Sequence[int] = 32, block_len: int = 4,
              max_block_len: int | None = None, sampling: SamplingParams = SamplingParams(),
@@ -203,8 +239,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   ``trace`` (speculative methods) adds ``stats["trace"]``: per block the drafts, accepted count and primary token.
   ``policy`` (``speed``, ``tandem_speed``): "fixed" drafts ``block_len`` per block; "auto" chooses γ in
   0..block_len every iteration from running acceptance estimates and ``costs`` (a
-  :class:`~tandem_jax.decoding.costs.CostTable` for K = max_block_len; measured once per process by
-  :func:`~tandem_jax.decoding.costs.calibrate` when not given); ``stats["gamma_hist"]`` counts the choices.
+  :class:`~tandem_jax.decoding.costs.CostTable` for K = max_block_len; when not given, measured on this decode
+  program once per process by :func:`calibrate_loop`); ``stats["gamma_hist"]`` counts the choices.
   ``on_tokens`` streams: it is called on the host during the run, after the prefill and after loop iterations, with
   each row's newly emitted tokens (a list per row, possibly empty; calls with nothing new are skipped); per row the
   concatenation of what it received is ``result.tokens[row]``. Every on_tokens shares one compiled streaming program;
@@ -255,7 +291,9 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     prompt[i, :len(p)] = p
   if policy == "auto":
     if costs is None:
-      costs = costs_lib.calibrate(main_model, draft_model, b, k, capacity)
+      costs = calibrate_loop(method, {n: m for n, m in models.items() if n != "router"}, batch_size=b,
+                             prompt_len=max(lens), max_new_tokens=max(max_new_list), max_block_len=k,
+                             sampling=sampling, mesh=mesh, rules=rules)
     if costs.max_block_len != k:
       raise ValueError(f"the cost table covers blocks up to {costs.max_block_len} drafts, the program {k}: "
                        "calibrate it for this max_block_len")
@@ -273,7 +311,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
           jnp.int32(-1 if eos_id is None else eos_id), costs)
   statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
                  capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
-                 variable_block=k > block_len and method in ("speed", "tandem", "tandem_speed"),
+                 # auto varies the verify size anyway: one program (and key) whatever block_len is
+                 variable_block=(k > block_len or policy == "auto") and method in ("speed", "tandem", "tandem_speed"),
                  stream=on_tokens is not None, policy=policy)
   if mesh is not None:
     batch = batch_sharding(mesh, rules)

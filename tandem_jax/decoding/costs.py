@@ -101,32 +101,50 @@ def call_ms(model, batch: int, k: int, *, capacity: int, fill: int, calls: int, 
   return spread(times)
 
 
-# (id(primary), id(drafter), batch, K, capacity) -> (weakref to primary, weakref to drafter, table). The weak
-# references make an entry die with its models: an id alone can be reused by a later, different model, which would
-# then read a table measured on another one.
+# key -> (weak references to the models the entry was measured on, table). The weak references make an entry die
+# with its models: an id alone can be reused by a later, different model, which would then read a table measured on
+# another one.
 _calibrated: dict = {}
 
 
-def _live(entry, primary, drafter_model) -> bool:
-  return entry[0]() is primary and entry[1]() is drafter_model
+def cached(models, key, make):
+  """``make()``'s result for ``key``, measured once per process while ``models`` (the objects it was measured on,
+  part of ``key`` by id) are alive."""
+  for k in [k for k, (refs, _) in _calibrated.items() if any(r() is None for r in refs)]:
+    del _calibrated[k]  # models that are gone
+  entry = _calibrated.get(key)
+  if entry is None or any(r() is not m for r, m in zip(entry[0], models)):
+    entry = _calibrated[key] = (tuple(weakref.ref(m) for m in models), make())
+  return entry[1]
 
 
 def calibrate(primary, drafter_model, batch: int, max_block_len: int, capacity: int, *, calls: int = 8,
               repeats: int = 3) -> CostTable:
-  """The cost table of these models at this batch size, measured once per process and per pair of live models
-  (medians; a few seconds of compiles and calls). ``drafter_model``: the standalone drafter, or a Tandem's
-  secondary."""
-  for k in [k for k, e in _calibrated.items() if e[0]() is None or e[1]() is None]:
-    del _calibrated[k]  # models that are gone
-  key = (id(primary), id(drafter_model), batch, max_block_len, capacity)
-  entry = _calibrated.get(key)
-  if entry is None or not _live(entry, primary, drafter_model):
-    fill = capacity // 2
-    kw = dict(capacity=capacity, fill=fill, calls=calls, repeats=repeats)
+  """The cost table of these models at this batch size from isolated calls, measured once per process and per pair
+  of live models (medians; a few seconds of compiles and calls). ``drafter_model``: the standalone drafter, or a
+  Tandem's secondary. It leaves out the decode loop's own work per iteration: :func:`loop_table` includes it."""
+  def make():
+    kw = dict(capacity=capacity, fill=capacity // 2, calls=calls, repeats=repeats)
     verify = [call_ms(primary, batch, s, **kw)["median"] for s in range(1, max_block_len + 2)]
-    table = cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
-    entry = _calibrated[key] = (weakref.ref(primary), weakref.ref(drafter_model), table)
-  return entry[2]
+    return cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
+
+  return cached((primary, drafter_model), ("calls", id(primary), id(drafter_model), batch, max_block_len, capacity),
+                make)
+
+
+def loop_table(iteration_ms, draft_ms: float) -> CostTable:
+  """A table from measured decode-loop iterations: ``iteration_ms[g]`` (g = 0..K) is one iteration that drafts g
+  tokens, with its drafter steps, verify call and the loop's own work. Stored as verify_ms[g + 1] =
+  iteration_ms[g] - max(g, 1) * draft_ms, so that :func:`choose_gamma`'s cost of γ = g is the measured iteration."""
+  it = [float(x) for x in iteration_ms]
+  return cost_table([max(t - max(g, 1) * draft_ms, 1e-3) for g, t in enumerate(it)], draft_ms)
+
+
+def forcing_table(gamma: int, max_block_len: int) -> CostTable:
+  """A table under which :func:`choose_gamma` picks ``gamma`` every iteration (for timing the loop at one γ)."""
+  v = [1e9] * (max_block_len + 1)
+  v[gamma] = 1.0
+  return cost_table(v, 0.0)
 
 
 def expected_block_tokens(alpha: float, gamma: int) -> float:
@@ -152,13 +170,22 @@ def expected_tokens(alpha_b: jax.Array, max_block_len: int) -> jax.Array:
 
 
 def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_block_len: int,
-                 cap=None) -> jax.Array:
-  """The γ in 0..min(K, cap) with the most expected tokens per ms over the active rows (int32 scalar)."""
+                 cap=None, remaining_b: jax.Array | None = None) -> jax.Array:
+  """The γ in 0..min(K, cap) that finishes the batch soonest (int32 scalar).
+
+  Without ``remaining_b``: the most expected tokens per ms summed over the active rows. With ``remaining_b`` (each
+  row's tokens still to emit): the least predicted time until the last active row is done, max_r remaining_r /
+  E_r(γ) x cost(γ). A batch runs until its slowest row finishes, so a block length that pays on average but slows
+  the rows with the lowest acceptance loses wall time; at batch 1 the two rules agree."""
   k = max_block_len
-  tokens = jnp.sum(jnp.where(active_b[:, None], expected_tokens(alpha_b, k), 0.0), axis=0)  # [K+1]
   g = jnp.arange(k + 1, dtype=jnp.int32)
   cost = jnp.maximum(g, 1).astype(jnp.float32) * table.draft_ms + table.verify_ms[1:k + 2]
-  rate = tokens / cost
+  expected = expected_tokens(alpha_b, k)  # [B, K+1]
+  if remaining_b is None:
+    rate = jnp.sum(jnp.where(active_b[:, None], expected, 0.0), axis=0) / cost
+  else:
+    rows = jnp.where(active_b[:, None], remaining_b.astype(jnp.float32)[:, None] / expected, 0.0)
+    rate = -jnp.max(rows, axis=0) * cost
   if cap is not None:
     rate = jnp.where(g <= cap, rate, -jnp.inf)
   return jnp.argmax(rate).astype(jnp.int32)

@@ -240,7 +240,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     n = cache_l.lengths
     key, k_draft, k_accept = sampling.split(key, params, 3)
     if auto:
-      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts), active, cost_table, k, cap=block_len)
+      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts), active, cost_table, k, cap=block_len,
+                                     remaining_b=jnp.maximum(max_new_b - em.count, 1))
     else:
       gamma = block_len
     dstate, n_draft, drafts, q, calls, steps = draft(dstate, prev, pending, n, k_draft, gamma, active)
