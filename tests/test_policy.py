@@ -171,6 +171,22 @@ def test_loop_calibration_times_each_gamma_on_the_decode_program(models):
   np.testing.assert_allclose(np.maximum(g, 1) * float(t.draft_ms) + np.asarray(t.verify_ms)[1:], [2.0, 3.0, 3.5, 4.5])
 
 
+def test_buffer_new_tokens_shares_one_program(models):
+  """A budget below the buffer runs the program compiled for the buffer (what the loop calibration times), with the
+  tokens of a run sized for that budget."""
+  from tandem_jax.decoding import api
+
+  tandem, _, _ = models
+  full = generate("tandem_speed", [[1, 2, 3], [4, 5]], tandem=tandem, max_new_tokens=40, block_len=2)
+  programs = len(api._compiled)
+  short = generate("tandem_speed", [[1, 2, 3], [4, 5]], tandem=tandem, max_new_tokens=[5, 9], block_len=2,
+                   buffer_new_tokens=40)
+  assert len(api._compiled) == programs  # no new program
+  assert short.tokens == [full.tokens[0][:5], full.tokens[1][:9]]
+  with pytest.raises(ValueError, match="buffer_new_tokens 3 is below the largest budget 9"):
+    generate("tandem_speed", [[1, 2]], tandem=tandem, max_new_tokens=9, buffer_new_tokens=3)
+
+
 def test_finished_rows_spend_no_drafter_steps(models):
   """Row 0 finishes after one token; with a router that ends blocks early, the batch's drafter steps are those of
   row 1 alone (a finished row used to keep drafting to γ_max every iteration)."""

@@ -187,14 +187,18 @@ def _main_and_drafter(models):
   return models["primary"], models.get("drafter")
 
 
+CALIBRATION_TOKENS = 64  # new tokens per row of each timed calibration run
+
+
 def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: int, max_new_tokens: int,
                    max_block_len: int, sampling: SamplingParams = SamplingParams(), mesh=None,
                    rules=shd.DEFAULT_RULES, repeats: int = 2) -> costs_lib.CostTable:
   """The ``auto`` policy's cost table measured on the decode program itself: the program :func:`generate` runs for
   these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
   off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.calibrate`) miss
-  and which grows with the batch. Measured once per process per live models, method, shapes, sampling and mesh; a
-  few decodes of the budget's bucket per γ. ``models``: role -> module, as :func:`generate` takes them."""
+  and which grows with the batch. Measured once per process per live models, method, shapes, sampling and mesh:
+  two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they run the very program sized
+  for the real budget). ``models``: role -> module, as :func:`generate` takes them."""
   main_model, draft_model = _main_and_drafter(models)
   p_pad, m_pad, capacity = buffer_sizes(prompt_len, max_new_tokens, max_block_len)
   key = ("loop", method, tuple((n, id(m)) for n, m in sorted(models.items())), batch_size, p_pad, m_pad,
@@ -203,8 +207,8 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
   def make():
     vocab = main_model.cfg.vocab_size
     prompts = [[(7919 * i) % (vocab - 1) + 1 for i in range(p_pad)]] * batch_size  # p_pad tokens: the same program
-    budget = max(1, m_pad - 15)  # the smallest budget in the same 16-token bucket: the same program, fewer steps
-    kw = dict(sampling=sampling, mesh=mesh, rules=rules)
+    budget = min(m_pad, CALIBRATION_TOKENS)  # per-row budgets are traced: a short run of the same program
+    kw = dict(sampling=sampling, mesh=mesh, rules=rules, buffer_new_tokens=m_pad)
     prefill = min(generate("ar", prompts, primary=main_model, max_new_tokens=1, **kw).wall_time
                   for _ in range(repeats))
     iteration_ms = []
@@ -229,7 +233,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
              eos_id: int | None = None, seed: int = 0, threshold: float = 0.8, mesh=None,
              rules=shd.DEFAULT_RULES, trace: bool = False,
              on_tokens: Callable[[list[list[int]]], None] | None = None, policy: str = "fixed",
-             costs: costs_lib.CostTable | None = None) -> DecodeResult:
+             costs: costs_lib.CostTable | None = None, buffer_new_tokens: int = 0) -> DecodeResult:
   """Generates continuations of token-id prompts with one of METHODS.
 
   ``block_len`` (γ) is traced. With ``max_block_len`` K > γ (or a router) the program is compiled for every
@@ -241,6 +245,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   0..block_len every iteration from running acceptance estimates and ``costs`` (a
   :class:`~tandem_jax.decoding.costs.CostTable` for K = max_block_len; when not given, measured on this decode
   program once per process by :func:`calibrate_loop`); ``stats["gamma_hist"]`` counts the choices.
+  ``buffer_new_tokens``: size the program for this many new tokens per row (at least the largest budget; 0: that
+  budget), so that calls with different budgets share one compiled program.
   ``on_tokens`` streams: it is called on the host during the run, after the prefill and after loop iterations, with
   each row's newly emitted tokens (a list per row, possibly empty; calls with nothing new are skipped); per row the
   concatenation of what it received is ``result.tokens[row]``. Every on_tokens shares one compiled streaming program;
@@ -279,7 +285,10 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   max_new_list = [int(max_new_tokens)] * b if np.isscalar(max_new_tokens) else [int(m) for m in max_new_tokens]
   if len(max_new_list) != b or min(max_new_list) < 1:
     raise ValueError(f"max_new_tokens must be >= 1 (one value, or one per prompt), got {max_new_tokens!r}")
-  p_pad, max_new, capacity = buffer_sizes(max(lens), max(max_new_list), k)  # the per-row budgets are traced
+  if buffer_new_tokens and buffer_new_tokens < max(max_new_list):
+    raise ValueError(f"buffer_new_tokens {buffer_new_tokens} is below the largest budget {max(max_new_list)}")
+  # the per-row budgets are traced: the program is sized for the buffer
+  p_pad, max_new, capacity = buffer_sizes(max(lens), max(max(max_new_list), buffer_new_tokens), k)
   limits = [main_cfg.max_seq_len] + ([draft_cfg.max_seq_len] if draft_cfg is not None else [])
   if capacity > min(limits):
     raise ValueError(f"prompt length {max(lens)} + max_new_tokens {max(max_new_list)} (+ block slack {k + 2}, "
@@ -292,7 +301,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto":
     if costs is None:
       costs = calibrate_loop(method, {n: m for n, m in models.items() if n != "router"}, batch_size=b,
-                             prompt_len=max(lens), max_new_tokens=max(max_new_list), max_block_len=k,
+                             prompt_len=max(lens), max_new_tokens=max(max(max_new_list), buffer_new_tokens), max_block_len=k,
                              sampling=sampling, mesh=mesh, rules=rules)
     if costs.max_block_len != k:
       raise ValueError(f"the cost table covers blocks up to {costs.max_block_len} drafts, the program {k}: "
