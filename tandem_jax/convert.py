@@ -93,7 +93,11 @@ def load_gguf(path: str | os.PathLike, *, lazy: bool = False,
   """(config, HF state, tokenizer) of a GGUF file (``gguf_format.ARCHITECTURES``). ``config_kw``: max_seq_len,
   param_dtype, dtype. ``lazy``: tensors are dequantized when :func:`model_from_hf` assigns them, one at a time."""
   cfg, hf, f = gguf_format.read_gguf(os.path.expanduser(os.fspath(path)), lazy=True, **config_kw)
-  tokenizer = HFTokenizer.from_gguf_fields(f.tokenizer_fields())  # before any tensor is read: it may be refused
+  fields = f.tokenizer_fields()  # the tokenizer before any tensor is read: it may be refused
+  if fields["model"] == "llama":
+    tokenizer = HFTokenizer.from_gguf_sentencepiece(path, fields)
+  else:
+    tokenizer = HFTokenizer.from_gguf_fields(fields)
   _check_vocab(cfg, tokenizer, os.fspath(path))
   return cfg, (hf if lazy else dict(hf.items())), tokenizer
 

@@ -187,8 +187,9 @@ _GGUF_NAMES = {v: k for k, v in gguf_format._GLOBAL_NAMES.items()}
 _GGUF_LAYER = {v: k for k, v in gguf_format._LAYER_NAMES.items()}
 
 
-def write_tiny_gguf(path, arch, hf_cfg, state, quant=None):
-  """A GGUF file as llama.cpp's converter writes it (llama: q/k rows permuted), some tensors quantized."""
+def write_tiny_gguf(path, arch, hf_cfg, state, quant=None, vocab=None):
+  """A GGUF file as llama.cpp's converter writes it (llama: q/k rows permuted), some tensors quantized.
+  ``vocab(writer, vocab_size)`` writes the tokenizer (default: :func:`add_tiny_gpt2_vocab`)."""
   gguf = pytest.importorskip("gguf")
   cfg = hf_format.config_from_hf(hf_cfg)
   w = gguf.GGUFWriter(str(path), arch)
@@ -200,7 +201,7 @@ def write_tiny_gguf(path, arch, hf_cfg, state, quant=None):
   w.add_head_count_kv(cfg.num_kv_heads)
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
-  add_tiny_gpt2_vocab(w, cfg.vocab_size)
+  (vocab or add_tiny_gpt2_vocab)(w, cfg.vocab_size)
   for name, arr in state.items():
     if name.startswith("model.layers."):
       i, rest = name[len("model.layers."):].split(".", 1)
@@ -278,6 +279,39 @@ def test_convert_cli_shards_onto_a_mesh_as_it_loads(tmp_path):
   got = load_workdir(str(tmp_path / "w")).model
   tokens = jnp.asarray([[5, 9, 3, 70, 12, 1]])
   np.testing.assert_allclose(np.asarray(got.forward(tokens)[0]), np.asarray(want.forward(tokens)[0]), atol=1e-5)
+
+
+def add_tiny_sentencepiece_vocab(w, vocab_size):
+  """A SentencePiece vocabulary as llama.cpp writes one ('llama'): <unk>, <s>, </s>, the 256 byte-fallback tokens,
+  then word pieces scored best-first; no merges (they are recovered from the scores)."""
+  pieces = ["\u2581the", "\u2581", "e", "t", "h", "o", "a", "n", "s", "\u2581a", "he", "th"]
+  tokens = ["<unk>", "<s>", "</s>"] + [f"<0x{i:02X}>" for i in range(256)] + pieces
+  tokens += [f"\u2581w{i}" for i in range(vocab_size - len(tokens))]
+  w.add_tokenizer_model("llama")
+  w.add_token_list(tokens)
+  w.add_token_scores([0.0] * 259 + [-float(i) for i in range(len(tokens) - 259)])
+  w.add_token_types([2, 3, 3] + [6] * 256 + [1] * (len(tokens) - 259))
+  w.add_unk_token_id(0)
+  w.add_bos_token_id(1)
+  w.add_eos_token_id(2)
+
+
+@pytest.mark.interop
+def test_gguf_sentencepiece_tokenizer_matches_transformers(tmp_path):
+  """A GGUF file with a SentencePiece vocabulary (Gemma's and Llama 2's kind) imports with its tokenizer: the ids
+  transformers builds from the same file, byte fallback for what the pieces do not cover, exact decode."""
+  pytest.importorskip("gguf")
+  transformers = pytest.importorskip("transformers")
+  hf_cfg = tiny_hf_config(vocab_size=300)
+  path = write_tiny_gguf(tmp_path / "m.gguf", "llama", hf_cfg, random_hf_state(hf_cfg),
+                         vocab=add_tiny_sentencepiece_vocab)
+  _, _, tok = convert.load_gguf(path)
+  ref = transformers.AutoTokenizer.from_pretrained(str(tmp_path), gguf_file="m.gguf")
+  for text in ("the hat on a seat", "théa \u4e16 notes"):
+    assert tok.encode(text) == ref.encode(text, add_special_tokens=False), text
+    assert tok.decode(tok.encode(text)) == text
+  assert any(3 <= i < 259 for i in tok.encode("théa \u4e16"))  # bytes of what no piece spells
+  assert (tok.bos_id, tok.eos_id, tok.vocab_size) == (1, 2, 300)
 
 
 def test_gguf_quantized_tensors_are_dequantized(tmp_path):

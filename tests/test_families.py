@@ -506,8 +506,7 @@ def _real_gguf(pinned, env):
 # name -> (pinned file, env var for its directory, (layers, d_model, sliding window, layer types), BOS id, id range
 # of the random tokens, lengths of the two sequences)
 REAL = {
-    # Gemma 3: a sequence longer than its 512-token sliding window. Its tokenizer is SentencePiece ('llama' in GGUF),
-    # which HFTokenizer does not build from GGUF: token ids here.
+    # Gemma 3: a sequence longer than its 512-token sliding window; a SentencePiece tokenizer ('llama' in GGUF).
     "gemma3_270m": (convert.GEMMA3_270M, "TANDEM_JAX_GEMMA3_DIR", (18, 640, 512, ("sliding",) * 5 + ("full",)), 2,
                     260000, (40, 600)),
     # Qwen2.5-Coder: qwen2 architecture (q/k/v biases), tied embeddings, 151,936-token vocabulary.
@@ -558,9 +557,11 @@ def test_real_checkpoint_matches_transformers(name):
   with jax.default_matmul_precision("highest"):
     got = list(generate("ar", [ids], primary=model, max_new_tokens=24, eos_id=None).tokens[0])
   assert got == want
-  if name == "qwen25_coder_05b":  # its BPE tokenizer imports from the GGUF file: the same ids as transformers'
-    _, _, tok = convert.load_gguf(path, lazy=True)
-    ref_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=pinned.filename)
-    text = "def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # héllo, 世界"
-    assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False)
+  # The tokenizer imports from the GGUF file (Qwen: byte-level BPE; Gemma: SentencePiece): transformers' ids.
+  _, _, tok = convert.load_gguf(path, lazy=True)
+  ref_tok = transformers.AutoTokenizer.from_pretrained(directory, gguf_file=pinned.filename)
+  for text in ("def fib(n):\n    return n if n < 2 else fib(n - 1) + fib(n - 2)  # héllo, 世界",
+               "The  quick brown fox\n\njumps over   the lazy dog."):
+    assert tok.encode(text) == ref_tok.encode(text, add_special_tokens=False), text
     assert tok.decode(tok.encode(text)) == text
+  assert (tok.bos_id, tok.eos_id) == (ref_tok.bos_token_id, ref_tok.eos_token_id)

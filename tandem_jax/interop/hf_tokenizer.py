@@ -85,12 +85,32 @@ class HFTokenizer:
                chat_template=tcfg.get("chat_template"))
 
   @classmethod
+  def from_gguf_sentencepiece(cls, path: str | os.PathLike, fields: Mapping[str, Any]) -> "HFTokenizer":
+    """A GGUF file's SentencePiece tokenizer (``tokenizer.ggml.model == "llama"``: Gemma, Llama 2, ...), rebuilt by
+    transformers' GGUF tokenizer converter (the ``interop`` extra, pinned), which knows each family's quirks (Gemma
+    stores multi-space tokens as spaces and no merges). ``fields``: :meth:`GGUFFile.tokenizer_fields`."""
+    try:
+      from transformers.integrations.gguf import gguf_tokenizer_mapping as mapping
+    except ImportError as e:
+      raise ValueError(f"GGUF tokenizer model 'llama' (SentencePiece) is rebuilt with transformers' GGUF converter, "
+                       f"which is not importable here ({e}): pip install -e '.[interop]', or import the model "
+                       "from a Hugging Face directory with its tokenizer.json") from None
+    architecture, tokenizer_dict, _ = mapping.get_gguf_tokenizer(os.fspath(path))
+    tok, _ = mapping.convert_gguf_tokenizer(architecture, tokenizer_dict)
+    if tok.get_vocab_size() != len(fields["tokens"]):
+      raise ValueError(f"GGUF tokenizer rebuilt with {tok.get_vocab_size()} ids but the file lists "
+                       f"{len(fields['tokens'])}")
+    return cls(tok, bos_id=fields.get("bos_id"), eos_id=fields["eos_id"], pad_id=fields.get("pad_id"),
+               chat_template=fields.get("chat_template"))
+
+  @classmethod
   def from_gguf_fields(cls, fields: Mapping[str, Any]) -> "HFTokenizer":
     """From :meth:`GGUFFile.tokenizer_fields` (byte-level BPE, ``tokenizer.ggml.model == "gpt2"``)."""
     tk = _tokenizers()
     if fields["model"] != "gpt2":
-      raise ValueError(f"GGUF tokenizer model {fields['model']!r} is not supported (only byte-level BPE, 'gpt2'); "
-                       "import the model from a Hugging Face directory with its tokenizer.json instead")
+      raise ValueError(f"GGUF tokenizer model {fields['model']!r} is not supported (byte-level BPE 'gpt2' here; "
+                       "SentencePiece 'llama' through from_gguf_sentencepiece); import the model from a Hugging "
+                       "Face directory with its tokenizer.json instead")
     pre = fields.get("pre") or "default"
     if pre not in _PRE_SPLITS:
       raise ValueError(f"GGUF pre-tokenizer {pre!r} is not supported; supported: {sorted(_PRE_SPLITS)}")
