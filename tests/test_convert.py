@@ -187,20 +187,28 @@ _GGUF_NAMES = {v: k for k, v in gguf_format._GLOBAL_NAMES.items()}
 _GGUF_LAYER = {v: k for k, v in gguf_format._LAYER_NAMES.items()}
 
 
-def write_tiny_gguf(path, arch, hf_cfg, state, quant=None, vocab=None):
-  """A GGUF file as llama.cpp's converter writes it (llama: q/k rows permuted), some tensors quantized.
-  ``vocab(writer, vocab_size)`` writes the tokenizer (default: :func:`add_tiny_gpt2_vocab`)."""
-  gguf = pytest.importorskip("gguf")
-  cfg = hf_format.config_from_hf(hf_cfg)
-  w = gguf.GGUFWriter(str(path), arch)
+def add_gguf_hparams(w, cfg, head_lengths=False):
+  """The model hyper-parameters llama.cpp writes (``head_lengths``: the explicit key/value head sizes)."""
   w.add_block_count(cfg.num_layers)
   w.add_context_length(cfg.max_seq_len)
   w.add_embedding_length(cfg.d_model)
   w.add_feed_forward_length(cfg.d_ff)
   w.add_head_count(cfg.num_heads)
   w.add_head_count_kv(cfg.num_kv_heads)
+  if head_lengths:
+    w.add_key_length(cfg.head_dim)
+    w.add_value_length(cfg.head_dim)
   w.add_rope_freq_base(cfg.rope_theta)
   w.add_layer_norm_rms_eps(cfg.norm_eps)
+
+
+def write_tiny_gguf(path, arch, hf_cfg, state, quant=None, vocab=None):
+  """A GGUF file as llama.cpp's converter writes it (llama: q/k rows permuted), some tensors quantized.
+  ``vocab(writer, vocab_size)`` writes the tokenizer (default: :func:`add_tiny_gpt2_vocab`)."""
+  gguf = pytest.importorskip("gguf")
+  cfg = hf_format.config_from_hf(hf_cfg)
+  w = gguf.GGUFWriter(str(path), arch)
+  add_gguf_hparams(w, cfg)
   (vocab or add_tiny_gpt2_vocab)(w, cfg.vocab_size)
   for name, arr in state.items():
     if name.startswith("model.layers."):

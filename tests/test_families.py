@@ -311,7 +311,7 @@ def _random_family_state(cfg, seed=0):
 
 def write_family_gguf(path, name, cfg, state):
   gguf = pytest.importorskip("gguf")
-  from test_convert import add_tiny_gpt2_vocab
+  from test_convert import add_gguf_hparams, add_tiny_gpt2_vocab
   from tandem_jax.interop import gguf_format
   from tandem_jax.models.layers import rope_inv_freq
 
@@ -319,16 +319,7 @@ def write_family_gguf(path, name, cfg, state):
   layer_names = gguf_format._GEMMA_LAYER_NAMES if arch in gguf_format._GEMMA else gguf_format._LAYER_NAMES
   to_gguf = {v: k for k, v in layer_names.items()}
   w = gguf.GGUFWriter(str(path), arch)
-  w.add_block_count(cfg.num_layers)
-  w.add_context_length(cfg.max_seq_len)
-  w.add_embedding_length(cfg.d_model)
-  w.add_feed_forward_length(cfg.d_ff)
-  w.add_head_count(cfg.num_heads)
-  w.add_head_count_kv(cfg.num_kv_heads)
-  w.add_key_length(cfg.head_dim)
-  w.add_value_length(cfg.head_dim)
-  w.add_rope_freq_base(cfg.rope_theta)
-  w.add_layer_norm_rms_eps(cfg.norm_eps)
+  add_gguf_hparams(w, cfg, head_lengths=True)
   add_tiny_gpt2_vocab(w, cfg.vocab_size)
   if cfg.rope_scaling == "llama3":  # llama.cpp: one divisor per frequency, as a tensor
     plain = rope_inv_freq(dataclasses.replace(cfg, rope_scaling="default"))

@@ -20,18 +20,16 @@ from __future__ import annotations
 
 import dataclasses
 import json
-import logging
 import os
 import time
 
 import numpy as np
 
 from tandem_jax.bench import timing
-from tandem_jax.bench.run import say as _say, setting_name
-from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.bench.run import decode_settings, say as _say
+from tandem_jax.decoding import generate
 from tandem_jax.decoding.api import buffer_sizes
 from tandem_jax.decoding.costs import leviathan_speedup
-from tandem_jax.progress import Progress
 
 REPORT_FILE = "report_smollm2.md"
 RESULTS_FILE = "results_smollm2.json"
@@ -71,48 +69,37 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
   d = bench.decode
   k = max(int(g) for g in d.gammas)
   table2, table4 = {}, {}
-  bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
-  started = 0
-  for temp in d.temperatures:
-    sampling = SamplingParams(temperature=float(temp))
-    common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
-    for b in d.batch_sizes:
-      name = setting_name(temp, b)
-      ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
-      logging.info("table 2 %s: %d prompts, batch %d, γ in %s", name, len(ps), b, tuple(d.gammas))
-      bar.update(started, now=name)  # settings finished so far; the ETA comes from them
-      started += 1
-      table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], k) if costs else None
-      cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=models["primary"],
-                                         drafter=models["standalone"], tandem=models["tandem"], auto_costs=table)
-      table2[name] = row
-      if b == 1:
-        g = int(row["best_gamma"]["tandem_speed"])
-        kmax = int(bench.gamma_max)
+  for name, b, ps, common in decode_settings(d, prompts, k):
+    table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], k) if costs else None
+    cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=models["primary"],
+                                       drafter=models["standalone"], tandem=models["tandem"], auto_costs=table)
+    table2[name] = row
+    if b == 1:
+      g = int(row["best_gamma"]["tandem_speed"])
+      kmax = int(bench.gamma_max)
 
-        def adaptive(tau, prompts_, common=common, b=b):
-          return timing.decode_cell("tandem_speed", prompts_, b, kmax, models=dict(tandem=models["tandem"]),
-                                    router=models["router"], threshold=tau,
-                                    **dict(common, k=kmax))
+      def adaptive(tau, prompts_, common=common, b=b):
+        return timing.decode_cell("tandem_speed", prompts_, b, kmax, models=dict(tandem=models["tandem"]),
+                                  router=models["router"], threshold=tau,
+                                  **dict(common, k=kmax))
 
-        tuned = timing.tune_threshold(adaptive, d.thresholds, tune_prompts, 1)
-        tau = tuned["chosen"]
-        cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
-        if costs:  # the router inside the auto policy: γ per iteration from the costs, the router's stop within it
-          t4table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], kmax) if kmax <= k else None
-          if t4table is not None:
-            cells4["adaptive_auto"] = timing.decode_cell("tandem_speed", ps, b, kmax,
-                                                         models=dict(tandem=models["tandem"]),
-                                                         router=models["router"], threshold=tau, policy="auto",
-                                                         costs=t4table, **dict(common, k=kmax))
-        res4 = timing.interleaved(cells4, int(d.repeats))
-        t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
-        t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
-                  tuning=tuned,
-                  speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
-                                                  np.median(res4["adaptive"]["times"])))
-        table4[name] = t4
-  bar.update(bar.total)
+      tuned = timing.tune_threshold(adaptive, d.thresholds, tune_prompts, 1)
+      tau = tuned["chosen"]
+      cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
+      if costs:  # the router inside the auto policy: γ per iteration from the costs, the router's stop within it
+        t4table = timing.cost_table(costs[b]["primary"], costs[b]["tandem"], kmax) if kmax <= k else None
+        if t4table is not None:
+          cells4["adaptive_auto"] = timing.decode_cell("tandem_speed", ps, b, kmax,
+                                                       models=dict(tandem=models["tandem"]),
+                                                       router=models["router"], threshold=tau, policy="auto",
+                                                       costs=t4table, **dict(common, k=kmax))
+      res4 = timing.interleaved(cells4, int(d.repeats))
+      t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
+      t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
+                tuning=tuned,
+                speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
+                                                np.median(res4["adaptive"]["times"])))
+      table4[name] = t4
   return dict(table2=table2, table4=table4)
 
 

@@ -38,6 +38,24 @@ def machine() -> dict:
   return out
 
 
+def decode_settings(d, prompts, k: int):
+  """The settings of Tables 2 and 4, in order, with a progress line each: (name, batch, prompts, common decode_cell
+  arguments) for every temperature x batch size of ``d`` (bench.decode); batch 1 times the first batch1_prompts."""
+  bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
+  started = 0
+  for temp in d.temperatures:
+    common = dict(sampling=SamplingParams(temperature=float(temp)), max_new=int(d.max_new_tokens), k=k,
+                  seed=int(d.seed))
+    for b in d.batch_sizes:
+      name = setting_name(temp, b)
+      ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
+      logging.info("table 2 %s: %d prompts, batch %d, γ in %s", name, len(ps), b, tuple(d.gammas))
+      bar.update(started, now=name)  # settings finished so far; the ETA comes from them
+      started += 1
+      yield name, int(b), ps, common
+  bar.update(bar.total)
+
+
 def say(msg: str) -> None:
   print(msg, flush=True)
   logging.info(msg)
@@ -49,43 +67,33 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
   d, k = bench.decode, int(bench.gamma_max)
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
-  bar = Progress(len(d.temperatures) * len(d.batch_sizes), "decode", unit="settings", every_s=0)
-  started = 0
-  for temp in d.temperatures:
-    sampling = SamplingParams(temperature=float(temp))
-    common = dict(sampling=sampling, max_new=int(d.max_new_tokens), k=k, seed=int(d.seed))
-    for b in d.batch_sizes:
-      name = setting_name(temp, b)
-      bar.update(started, now=name)  # settings finished so far; the ETA comes from them
-      started += 1
-      ps = prompts[:int(d.batch1_prompts)] if b == 1 else prompts
-      logging.info("table 2 %s: %d prompts, batch %d", name, len(ps), b)
-      table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k) if costs else None
-      cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=primary, drafter=drafter,
-                                         tandem=tandem, auto=bool(costs), auto_costs=table)
-      table2[name] = row
-      if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
-        g = row["best_gamma"]["tandem_speed"]
+  for name, b, ps, common in decode_settings(d, prompts, k):
+    table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k) if costs else None
+    cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=primary, drafter=drafter,
+                                       tandem=tandem, auto=bool(costs), auto_costs=table)
+    table2[name] = row
+    if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
+      g = row["best_gamma"]["tandem_speed"]
 
-        def adaptive(tau, prompts_, common=common, b=b):
-          return timing.decode_cell("tandem_speed", prompts_, b, k, models=dict(tandem=tandem), router=router,
-                                    threshold=tau, **common)
+      def adaptive(tau, prompts_, common=common, b=b):
+        return timing.decode_cell("tandem_speed", prompts_, b, k, models=dict(tandem=tandem), router=router,
+                                  threshold=tau, **common)
 
-        paper_tau = float(bench.threshold)
-        tuned = (timing.tune_threshold(adaptive, d.thresholds, tune_prompts, int(d.repeats))
-                 if tune_prompts and d.thresholds else None)
-        tau = tuned["chosen"] if tuned else paper_tau
-        cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
-        if tau != paper_tau:
-          cells4["adaptive_paper_tau"] = adaptive(paper_tau, ps)
-        res4 = timing.interleaved(cells4, int(d.repeats))
-        t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
-        over_fixed = lambda n: float(np.median(res4["fixed"]["times"]) / np.median(res4[n]["times"]))  # noqa: E731
-        t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
-                  speedup_adaptive_vs_fixed=over_fixed("adaptive"),
-                  speedup_adaptive_paper_tau_vs_fixed=over_fixed("adaptive_paper_tau" if tau != paper_tau
-                                                                 else "adaptive"))
-        table4[name] = t4
+      paper_tau = float(bench.threshold)
+      tuned = (timing.tune_threshold(adaptive, d.thresholds, tune_prompts, int(d.repeats))
+               if tune_prompts and d.thresholds else None)
+      tau = tuned["chosen"] if tuned else paper_tau
+      cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
+      if tau != paper_tau:
+        cells4["adaptive_paper_tau"] = adaptive(paper_tau, ps)
+      res4 = timing.interleaved(cells4, int(d.repeats))
+      t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
+      over_fixed = lambda n: float(np.median(res4["fixed"]["times"]) / np.median(res4[n]["times"]))  # noqa: E731
+      t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
+                speedup_adaptive_vs_fixed=over_fixed("adaptive"),
+                speedup_adaptive_paper_tau_vs_fixed=over_fixed("adaptive_paper_tau" if tau != paper_tau
+                                                               else "adaptive"))
+      table4[name] = t4
   # Table 3 (speed): standalone Tandem against the mid-size model (and the primary, the secondary) alone.
   g3 = int(d.standalone_block_len)
   common = dict(sampling=SamplingParams(), max_new=int(d.max_new_tokens), k=g3, seed=int(d.seed))
@@ -96,7 +104,6 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
             f"tandem@{g3}": timing.decode_cell("tandem", ps, 1, g3, models=dict(tandem=tandem), **common)}
   res3 = timing.interleaved(cells3, int(d.repeats))
   table3 = {n: timing.summarize(res3[n], res3["primary"]["times"]) for n in cells3}
-  bar.update(bar.total)
   return dict(table2=table2, table3_speed=table3, table4=table4)
 
 
