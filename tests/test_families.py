@@ -516,6 +516,7 @@ def test_real_checkpoint_matches_transformers(name):
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("gguf")
   pytest.importorskip("accelerate")
+  from test_convert import assert_logits_match
   from tandem_jax.decoding.api import generate
   from tandem_jax.interop import gguf_format
 
@@ -529,18 +530,7 @@ def test_real_checkpoint_matches_transformers(name):
                                                           dtype=torch.float32).eval()
   rng = np.random.default_rng(0)
   start = [] if bos is None else [bos]
-  worst, agree, total = 0.0, 0, 0
-  for n in lengths:
-    ids = start + list(rng.integers(3, id_range, n))
-    with torch.no_grad():
-      want = ref(torch.tensor([ids])).logits[0].numpy()
-    with jax.default_matmul_precision("highest"):
-      got = np.asarray(model.forward(jnp.asarray([ids]))[0][0])
-    worst = max(worst, float(np.abs(got - want).max()))
-    agree += int((got.argmax(-1) == want.argmax(-1)).sum())
-    total += len(ids)
-  print(f"{name} logits: max |diff| {worst:.2e}, argmax agreement {agree}/{total}")
-  assert worst < 2e-3 and agree == total
+  assert_logits_match(model, ref, [start + list(rng.integers(3, id_range, n)) for n in lengths], name)
   ids = start + list(rng.integers(3, 20000, 19))
   with torch.no_grad():
     want = ref.generate(torch.tensor([ids]), max_new_tokens=24, do_sample=False, eos_token_id=None,
