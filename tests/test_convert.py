@@ -484,15 +484,23 @@ def test_tiny_random_model_matches_transformers(arch, tmp_path):
   with jax.default_matmul_precision("highest"):
     got = np.asarray(model.forward(jnp.asarray(tokens))[0])
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-  # Export and load back into transformers.
+  assert_export_and_greedy(model, ref, tokens, want, tmp_path, 12)
+
+
+def assert_export_and_greedy(model, ref, tokens, want, tmp_path, max_new, **load_kw):
+  """Our imported ``model`` exported to a Hugging Face directory loads back into transformers (``load_kw``) as the
+  class of ``ref`` with ``ref``'s logits ``want`` on ``tokens``, and our greedy decoding equals ``ref.generate``'s."""
+  import torch
+  import transformers
+
   out = convert.export_safetensors(model, tmp_path / "export")
-  back = transformers.AutoModelForCausalLM.from_pretrained(out).eval()
+  back = transformers.AutoModelForCausalLM.from_pretrained(out, **load_kw).eval()
+  assert type(back).__name__ == type(ref).__name__
   with torch.no_grad():
     np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), want, atol=1e-5, rtol=1e-5)
-  with torch.no_grad():
-    hf_greedy = ref.generate(torch.tensor(tokens), max_new_tokens=12, do_sample=False, eos_token_id=None,
+    hf_greedy = ref.generate(torch.tensor(tokens), max_new_tokens=max_new, do_sample=False, eos_token_id=None,
                              pad_token_id=0)[0, len(tokens[0]):].tolist()
-  assert _greedy(model, tokens[0], 12) == hf_greedy
+  assert _greedy(model, tokens[0], max_new) == hf_greedy
 
 
 SMOLLM2_PROMPTS = [

@@ -452,8 +452,8 @@ def transformers_model(name, seed=0):
 @pytest.mark.parametrize("name", sorted(HF_FAMILIES))
 def test_family_matches_transformers(name, tmp_path):
   torch = pytest.importorskip("torch")
-  transformers = pytest.importorskip("transformers")
-  from test_convert import _greedy
+  pytest.importorskip("transformers")
+  from test_convert import assert_export_and_greedy
 
   ref = transformers_model(name)
   ref.save_pretrained(tmp_path / "hf")
@@ -468,15 +468,7 @@ def test_family_matches_transformers(name, tmp_path):
   if cfg.final_softcap:
     assert np.abs(want).max() > 0.7 * cfg.final_softcap  # the cap is in play
   np.testing.assert_allclose(got, want, atol=1e-4, rtol=1e-4)
-  out = convert.export_safetensors(model, tmp_path / "export")
-  back = transformers.AutoModelForCausalLM.from_pretrained(out, attn_implementation="eager").eval()
-  assert type(back).__name__ == type(ref).__name__
-  with torch.no_grad():
-    np.testing.assert_allclose(back(torch.tensor(tokens)).logits.numpy(), want, atol=1e-5, rtol=1e-5)
-  with torch.no_grad():
-    hf_greedy = ref.generate(torch.tensor(tokens), max_new_tokens=16, do_sample=False, eos_token_id=None,
-                             pad_token_id=0)[0, len(tokens[0]):].tolist()
-  assert _greedy(model, tokens[0], 16) == hf_greedy
+  assert_export_and_greedy(model, ref, tokens, want, tmp_path, 16, attn_implementation="eager")
 
 
 # -- real checkpoints: Gemma-3-270M and Qwen2.5-Coder-0.5B (GGUF, fetched by `convert fetch-...`) -----------------
