@@ -122,31 +122,35 @@ def test_auto_policy_calibrates_when_no_table_is_given(models):
 
 
 def test_calibration_is_not_reused_for_a_new_model_at_a_reused_id(models, monkeypatch):
-  """A table belongs to the live pair of models it was measured on: an entry whose models are gone is dropped, and
-  one whose id now names another object is measured again (ids are reused after garbage collection)."""
+  """A table belongs to the live models it was measured on: an entry whose models are gone is dropped, and one whose
+  id now names another object is measured again (ids are reused after garbage collection)."""
   tandem, drafter, _ = models
   measured = []
-  monkeypatch.setattr(costs, "call_ms", lambda model, b, k, **kw: measured.append(k) or dict(median=1.0 + k))
   monkeypatch.setattr(costs, "_calibrated", {})
-  t1 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
-  assert measured == [1, 2, 3, 1]  # verify sizes 1..K+1, then one drafter step
-  assert costs.calibrate(tandem.primary, drafter, 1, 2, 16) is t1 and len(measured) == 4  # cached
+  pair = (tandem.primary, drafter)
   key = ("calls", id(tandem.primary), id(drafter), 1, 2, 16)
+
+  def make():
+    measured.append(1)
+    return costs.cost_table([1.0 + len(measured), 2.0, 3.0], 1.0)
+
+  t1 = costs.cached(pair, key, make)
+  assert costs.cached(pair, key, make) is t1 and len(measured) == 1  # cached
 
   class Gone:
     pass
 
   gone = Gone()
   costs._calibrated[key] = ((weakref.ref(gone), weakref.ref(drafter)), t1)  # as if the id now named another model
-  t2 = costs.calibrate(tandem.primary, drafter, 1, 2, 16)
-  assert t2 is not t1 and len(measured) == 8  # measured again for the model that holds the id now
+  t2 = costs.cached(pair, key, make)
+  assert t2 is not t1 and len(measured) == 2  # measured again for the model that holds the id now
   del gone
   gc.collect()
   other = Gone()
   costs._calibrated[("x",)] = ((weakref.ref(other), weakref.ref(drafter)), t1)
   del other
   gc.collect()
-  costs.calibrate(tandem.primary, drafter, 1, 2, 16)
+  costs.cached(pair, key, make)
   assert ("x",) not in costs._calibrated  # the dead pair's entry is pruned
 
 

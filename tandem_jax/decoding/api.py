@@ -195,7 +195,7 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
                    rules=shd.DEFAULT_RULES, repeats: int = 2) -> costs_lib.CostTable:
   """The ``auto`` policy's cost table measured on the decode program itself: the program :func:`generate` runs for
   these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
-  off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.calibrate`) miss
+  off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.call_ms`) miss
   and which grows with the batch. Measured once per process per live models, method, shapes, sampling and mesh:
   two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they run the very program sized
   for the real budget). ``models``: role -> module, as :func:`generate` takes them."""

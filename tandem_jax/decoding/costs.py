@@ -1,8 +1,9 @@
 """What a decode step costs, and the block length that pays: the cost table the ``auto`` policy reads.
 
 :func:`call_ms` times a model's cached ``extend`` call of k tokens per row (a compiled loop of calls at a fixed cache
-fill; the benchmark's per-call table uses it too). :func:`calibrate` measures, once per (models, batch, K, capacity)
-in a process, the primary's call for every verify size 1..K+1 and one drafter step: a :class:`CostTable`.
+fill; the benchmark's per-call table uses it). The decode loop's own table is measured on the loop itself
+(:func:`tandem_jax.decoding.api.calibrate_loop`: every γ's iteration, once per process for the live models and
+shapes, kept by :func:`cached`): a :class:`CostTable`.
 
 :func:`choose_gamma` is what the decode loop does with it each iteration (traced, inside ``lax.while_loop``): with
 per-row acceptance estimates α_r, a block of γ drafts yields Σ_r (1 - α_r^{γ+1}) / (1 - α_r) tokens for the active
@@ -116,20 +117,6 @@ def cached(models, key, make):
   if entry is None or any(r() is not m for r, m in zip(entry[0], models)):
     entry = _calibrated[key] = (tuple(weakref.ref(m) for m in models), make())
   return entry[1]
-
-
-def calibrate(primary, drafter_model, batch: int, max_block_len: int, capacity: int, *, calls: int = 8,
-              repeats: int = 3) -> CostTable:
-  """The cost table of these models at this batch size from isolated calls, measured once per process and per pair
-  of live models (medians; a few seconds of compiles and calls). ``drafter_model``: the standalone drafter, or a
-  Tandem's secondary. It leaves out the decode loop's own work per iteration: :func:`loop_table` includes it."""
-  def make():
-    kw = dict(capacity=capacity, fill=capacity // 2, calls=calls, repeats=repeats)
-    verify = [call_ms(primary, batch, s, **kw)["median"] for s in range(1, max_block_len + 2)]
-    return cost_table(verify, call_ms(drafter_model, batch, 1, **kw)["median"])
-
-  return cached((primary, drafter_model), ("calls", id(primary), id(drafter_model), batch, max_block_len, capacity),
-                make)
 
 
 def loop_table(iteration_ms, draft_ms: float) -> CostTable:

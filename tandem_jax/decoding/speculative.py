@@ -154,7 +154,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   if policy not in ("fixed", "auto"):
     raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
   if policy == "auto" and cost_table is None:
-    raise ValueError("policy 'auto' needs a cost table (tandem_jax.decoding.costs.calibrate)")
+    raise ValueError("policy 'auto' needs a cost table (tandem_jax.decoding.api.calibrate_loop)")
   auto = policy == "auto"
   b, k, vocab = prompt_bt.shape[0], max_block_len, primary.cfg.vocab_size
   cache_l = primary.init_cache(b, capacity)
