@@ -213,3 +213,63 @@ def test_router_for_another_drafter_is_refused_before_tracing(models):
     wide = Router(32, top_k=80, hidden=8, rngs=nnx.Rngs(0))
   with pytest.raises(ValueError, match="top 80 drafts but the drafter has 64 outputs"):
     generate("tandem_speed", [[1, 2]], tandem=tandem, router=wide, max_new_tokens=4)
+
+
+def test_auto_runs_the_plain_program_where_speculation_cannot_pay(models, monkeypatch):
+  """With a plain step cheaper than any block even at the prior acceptance, every row of a ragged batch (budgets,
+  EOS) decodes with the plain ``ar`` program: ar's tokens, no drafter call, every iteration counted as γ = 0, and the
+  reason in the result."""
+  tandem, drafter, _ = models
+  monkeypatch.setattr(costs, "_outcomes", {})
+  cheap_plain = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=2.0, prefill_ms=5.0)  # K = 3
+  rng = np.random.default_rng(3)
+  for case in range(3):
+    prompts = _prompts(rng, 3)
+    max_new = rng.integers(4, 20, 3).tolist()
+    eos = int(rng.integers(0, 64)) if case == 2 else None
+    want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos)
+    for method, kw in (("tandem_speed", dict(tandem=tandem)), ("speed", dict(primary=tandem.primary,
+                                                                            drafter=drafter))):
+      out = generate(method, prompts, **kw, max_new_tokens=max_new, eos_id=eos, block_len=3, policy="auto",
+                     costs=cheap_plain)
+      assert out.tokens == want.tokens, (case, method)
+      s = out.stats
+      assert s["drafter_steps"].sum() == 0 and s["secondary_calls"].sum() == 0 and s["drafted"].sum() == 0
+      assert (s["gamma_hist"][:, 0] == want.stats["primary_calls"] - 1).all() and s["gamma_hist"][:, 1:].sum() == 0
+      assert "speculation off" in out.policy_note and "γ = 1" in out.policy_note
+  # a table without the plain program's cost never switches (the loop's own γ = 0 is the only way not to draft)
+  out = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=8, block_len=3, policy="auto",
+                 costs=costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0))
+  assert out.policy_note == "" and out.stats["gamma_hist"].shape == (3, 4)
+
+
+def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch):
+  """After speculative calls, the decision follows their measured speed against the plain program's predicted
+  time: below 1x the plain program runs, with one speculative probe every PROBE_EVERY calls."""
+  tandem, _, _ = models
+  monkeypatch.setattr(costs, "_outcomes", {})
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)  # pays at the prior
+  rec = costs.Outcome()
+  assert costs.speculate(table, rec) == (True, "")
+  rec.record(table, [5, 9], wall_s=0.480)  # the plain program: 8 steps x 30 ms = 240 ms against 480 ms
+  assert rec.speedup == pytest.approx(0.5) and rec.calls == 1
+  on, why = costs.speculate(table, rec)
+  assert not on and "0.50x" in why
+  rec.plain_streak = costs.PROBE_EVERY - 1
+  on, why = costs.speculate(table, rec)
+  assert on and why.startswith("probing")
+  rec.record(table, [9], wall_s=0.060)  # 4x: the decayed mean crosses 1 again
+  assert rec.speedup == pytest.approx(0.5 * 0.5 + 0.5 * 4.0) and costs.speculate(table, rec)[0]
+  assert rec.plain_streak == 0
+  # through generate: the first call speculates and records; a record below 1x sends the next call to ar
+  prompts = [[1, 2, 3], [4, 5]]
+  want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=10).tokens
+  kw = dict(tandem=tandem, max_new_tokens=10, block_len=3, policy="auto", costs=table)
+  first = generate("tandem_speed", prompts, **kw)
+  assert first.tokens == want and first.policy_note == "" and first.stats["drafted"].sum() > 0
+  (_, live), = costs._outcomes.values()
+  assert live.calls == 1
+  live.speedup = 0.8
+  second = generate("tandem_speed", prompts, **kw)
+  assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.80x" in second.policy_note
+  assert live.plain_streak == 1 and live.calls == 1

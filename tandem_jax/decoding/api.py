@@ -33,6 +33,7 @@ class DecodeResult:
   wall_time: float                 # seconds for the compiled call (compilation excluded)
   compile_time: float              # seconds spent compiling in this call (0 when cached)
   costs: costs_lib.CostTable | None = None  # the cost table the "auto" policy read
+  policy_note: str = ""            # "auto": why this call ran the plain program (or probed), else empty
 
   @property
   def summary(self) -> dict[str, float]:
@@ -196,7 +197,8 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
   """The ``auto`` policy's cost table measured on the decode program itself: the program :func:`generate` runs for
   these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
   off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.call_ms`) miss
-  and which grows with the batch. Measured once per process per live models, method, shapes, sampling and mesh:
+  and which grows with the batch; the plain ``ar`` program of the same shapes (what ``generate`` switches to where
+  speculation does not pay) is timed too, its step and prefill. Measured once per process per live models, method, shapes, sampling and mesh:
   two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they run the very program sized
   for the real budget). ``models``: role -> module, as :func:`generate` takes them."""
   main_model, draft_model = _main_and_drafter(models)
@@ -209,8 +211,11 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
     prompts = [[(7919 * i) % (vocab - 1) + 1 for i in range(p_pad)]] * batch_size  # p_pad tokens: the same program
     budget = min(m_pad, CALIBRATION_TOKENS)  # per-row budgets are traced: a short run of the same program
     kw = dict(sampling=sampling, mesh=mesh, rules=rules, buffer_new_tokens=m_pad)
-    prefill = min(generate("ar", prompts, primary=main_model, max_new_tokens=1, **kw).wall_time
+    plain_kw = dict(kw, block_len=max_block_len)  # the plain program generate switches to: same capacity
+    prefill = min(generate("ar", prompts, primary=main_model, max_new_tokens=1, **plain_kw).wall_time
                   for _ in range(repeats))
+    plain_ms = min((generate("ar", prompts, primary=main_model, max_new_tokens=budget, **plain_kw).wall_time
+                    - prefill) / max(budget - 1, 1) * 1e3 for _ in range(repeats))
     iteration_ms = []
     for g in range(max_block_len + 1):
       per = []
@@ -222,7 +227,7 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
       iteration_ms.append(min(per))
     draft_ms = costs_lib.call_ms(draft_model, batch_size, 1, capacity=capacity, fill=capacity // 2, calls=8,
                                  repeats=repeats)["median"]
-    return costs_lib.loop_table(iteration_ms, draft_ms)
+    return costs_lib.loop_table(iteration_ms, draft_ms, max(plain_ms, 1e-3), prefill * 1e3)
 
   return costs_lib.cached(tuple(models.values()), key, make)
 
@@ -308,6 +313,18 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                        "calibrate it for this max_block_len")
   else:
     costs = None
+  outcome = None
+  if policy == "auto" and costs.has_plain and not trace:
+    key = ("outcome", method, tuple((n, id(m)) for n, m in sorted(models.items())), b, p_pad, max_new, k, sampling,
+           mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
+    outcome = costs_lib.outcome(tuple(models.values()), key)
+    on, note = costs_lib.speculate(costs, outcome)
+    if not on:  # the plain program of calibrate_loop's shapes: the one whose step the table holds
+      outcome.plain_streak += 1
+      plain = generate("ar", prompts, primary=main_model, max_new_tokens=max_new_list, block_len=k,
+                       sampling=sampling, eos_id=eos_id, seed=seed, mesh=mesh, rules=rules, on_tokens=on_tokens,
+                       buffer_new_tokens=max_new)
+      return _plain_as_speculative(plain, k, costs, note)
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
   if on_tokens is not None and mesh is None:
@@ -357,6 +374,23 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   else:
     em, stats, wall, compile_time = run()
   tokens_np, count = np.asarray(em.tokens), np.asarray(em.count)
-  return DecodeResult(tokens=[tokens_np[i, :count[i]].tolist() for i in range(b)],
-                      stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
-                      compile_time=compile_time, costs=costs)
+  result = DecodeResult(tokens=[tokens_np[i, :count[i]].tolist() for i in range(b)],
+                        stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
+                        compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "")
+  if outcome is not None:
+    outcome.record(costs, [len(t) for t in result.tokens], wall)
+  return result
+
+
+def _plain_as_speculative(plain: DecodeResult, k: int, costs, note: str) -> DecodeResult:
+  """An ``ar`` result in a speculative call's terms: every iteration a γ = 0 block emitting one token."""
+  s = plain.stats
+  steps = s["primary_calls"] - 1  # the prefill made the first token
+  zeros = np.zeros_like(steps)
+  block_hist = np.zeros((len(steps), k + 2), steps.dtype)
+  block_hist[:, 1] = steps
+  gamma_hist = np.zeros((len(steps), k + 1), steps.dtype)
+  gamma_hist[:, 0] = steps
+  stats = dict(primary_calls=s["primary_calls"], secondary_calls=zeros, drafted=zeros, accepted=zeros,
+               block_hist=block_hist, gamma_hist=gamma_hist, drafter_steps=zeros)
+  return dataclasses.replace(plain, stats=stats, costs=costs, policy_note=note)

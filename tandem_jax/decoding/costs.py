@@ -36,6 +36,8 @@ PRIOR_ACCEPT, PRIOR_REJECT, DECAY = 1.0, 1.0, 0.8
 class CostTable(NamedTuple):
   verify_ms: jax.Array  # [K+2] float32: ms of one primary call of s tokens per row at index s (index 0 unused)
   draft_ms: jax.Array   # [] float32: ms of one drafter step
+  plain_ms: jax.Array = np.float32(np.inf)  # [] ms per token of the plain ``ar`` program (inf: not an option)
+  prefill_ms: jax.Array = np.float32(0.0)    # [] ms of that program's prefill
 
   @property
   def max_block_len(self) -> int:
@@ -47,19 +49,30 @@ class CostTable(NamedTuple):
     c = float(self.draft_ms)
     return float((c + v[2]) / (c + v[1]) - 1.0)
 
+  @property
+  def has_plain(self) -> bool:
+    """Whether the plain ``ar`` program is an alternative :func:`generate` may switch to (its cost is known)."""
+    return bool(np.isfinite(float(self.plain_ms)))
+
   def as_dict(self) -> dict:
-    return dict(verify_ms=[float(x) for x in np.asarray(self.verify_ms)[1:]], draft_ms=float(self.draft_ms))
+    return dict(verify_ms=[float(x) for x in np.asarray(self.verify_ms)[1:]], draft_ms=float(self.draft_ms),
+                plain_ms=float(self.plain_ms), prefill_ms=float(self.prefill_ms))
 
 
-def cost_table(verify_ms, draft_ms: float) -> CostTable:
-  """A table from plain numbers: ``verify_ms`` [K+1] (sizes 1..K+1) or {size: ms}; ``draft_ms`` one drafter step."""
+def cost_table(verify_ms, draft_ms: float, plain_ms: float | None = None, prefill_ms: float = 0.0) -> CostTable:
+  """A table from plain numbers: ``verify_ms`` [K+1] (sizes 1..K+1) or {size: ms}; ``draft_ms`` one drafter step;
+  ``plain_ms`` one token of the plain ``ar`` program and ``prefill_ms`` its prefill (None: the host-level switch to
+  that program is off, the loop's own γ = 0 being the only way not to draft)."""
   if isinstance(verify_ms, dict):
     verify_ms = [float(verify_ms[s]) for s in sorted(verify_ms)]
   v = np.asarray([0.0] + [float(x) for x in verify_ms], np.float32)
   if len(v) < 3 or np.any(v[1:] <= 0) or draft_ms < 0:
     raise ValueError(f"a cost table needs positive verify costs for sizes 1..K+1 (K >= 1) and a drafter cost >= 0, "
                      f"got verify_ms={list(verify_ms)}, draft_ms={draft_ms}")
-  return CostTable(jnp.asarray(v), jnp.float32(draft_ms))
+  if (plain_ms is not None and not plain_ms > 0) or prefill_ms < 0:
+    raise ValueError(f"plain_ms must be > 0 (or None) and prefill_ms >= 0, got {plain_ms}, {prefill_ms}")
+  return CostTable(jnp.asarray(v), jnp.float32(draft_ms), jnp.float32(np.inf if plain_ms is None else plain_ms),
+                   jnp.float32(prefill_ms))
 
 
 @functools.partial(jax.jit, static_argnames=("graphdef", "n"))
@@ -119,19 +132,20 @@ def cached(models, key, make):
   return entry[1]
 
 
-def loop_table(iteration_ms, draft_ms: float) -> CostTable:
+def loop_table(iteration_ms, draft_ms: float, plain_ms: float | None = None, prefill_ms: float = 0.0) -> CostTable:
   """A table from measured decode-loop iterations: ``iteration_ms[g]`` (g = 0..K) is one iteration that drafts g
   tokens, with its drafter steps, verify call and the loop's own work. Stored as verify_ms[g + 1] =
-  iteration_ms[g] - max(g, 1) * draft_ms, so that :func:`choose_gamma`'s cost of γ = g is the measured iteration."""
+  iteration_ms[g] - max(g, 1) * draft_ms, so that :func:`choose_gamma`'s cost of γ = g is the measured iteration.
+  ``plain_ms``, ``prefill_ms``: the plain ``ar`` program's step and prefill (see :func:`cost_table`)."""
   it = [float(x) for x in iteration_ms]
-  return cost_table([max(t - max(g, 1) * draft_ms, 1e-3) for g, t in enumerate(it)], draft_ms)
+  return cost_table([max(t - max(g, 1) * draft_ms, 1e-3) for g, t in enumerate(it)], draft_ms, plain_ms, prefill_ms)
 
 
 def forcing_table(gamma: int, max_block_len: int) -> CostTable:
   """A table under which :func:`choose_gamma` picks ``gamma`` every iteration (for timing the loop at one γ)."""
   v = [1e9] * (max_block_len + 1)
   v[gamma] = 1.0
-  return cost_table(v, 0.0)
+  return cost_table(v, 0.0)  # no plain_ms: the host-level switch never replaces the timed program
 
 
 def expected_block_tokens(alpha: float, gamma: int) -> float:
@@ -189,3 +203,73 @@ def update_counts(accepted_b, rejected_b, n_draft_b, active_b, accept_count_b, r
 def estimate(accept_count_b, reject_count_b) -> jax.Array:
   """[B] running acceptance estimates α from the decayed counts and the prior."""
   return (accept_count_b + PRIOR_ACCEPT) / (accept_count_b + reject_count_b + PRIOR_ACCEPT + PRIOR_REJECT)
+
+
+# -- the host-level switch: the plain ``ar`` program where speculation does not pay -----------------------------------
+# A γ = 0 iteration of the speculative loop still runs the drafter's catch-up step and the loop's bookkeeping, so at a
+# batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
+# chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with the same
+# models and shapes measured: each speculative call records the ratio (plain program's predicted time for the tokens
+# it emitted) / (its wall time); their decayed mean below 1 switches speculation off. The first call has no record and
+# speculates when the cost table says a block pays at PRIOR_ALPHA; a call in every PROBE_EVERY speculates anyway so
+# that the record follows the data (a switched-off program measures nothing).
+PRIOR_ALPHA, OUTCOME_DECAY, PROBE_EVERY = 0.5, 0.5, 16
+
+
+class Outcome:
+  """What speculative calls measured for one (models, shapes, sampling) key, and the current run of plain calls."""
+
+  def __init__(self):
+    self.speedup: float | None = None  # decayed mean of predicted plain time / measured speculative time
+    self.calls = 0                     # speculative calls recorded
+    self.plain_streak = 0              # plain calls since the last speculative one
+
+  def record(self, table: CostTable, emitted_per_row, wall_s: float) -> None:
+    """Adds one speculative call: ``emitted_per_row`` tokens per row (the plain program needs one step per token
+    after the first, until its longest row is done), ``wall_s`` its wall time."""
+    plain = float(table.prefill_ms) + float(table.plain_ms) * max(max(emitted_per_row) - 1, 0)
+    ratio = plain / max(wall_s * 1e3, 1e-9)
+    self.speedup = ratio if self.speedup is None else OUTCOME_DECAY * self.speedup + (1 - OUTCOME_DECAY) * ratio
+    self.calls += 1
+    self.plain_streak = 0
+
+
+_outcomes: dict = {}
+
+
+def outcome(models, key) -> Outcome:
+  """The :class:`Outcome` record of ``key`` while ``models`` (part of ``key`` by id) are alive."""
+  for k in [k for k, (refs, _) in _outcomes.items() if any(r() is None for r in refs)]:
+    del _outcomes[k]
+  entry = _outcomes.get(key)
+  if entry is None or any(r() is not m for r, m in zip(entry[0], models)):
+    entry = _outcomes[key] = (tuple(weakref.ref(m) for m in models), Outcome())
+  return entry[1]
+
+
+def best_block_ms_per_token(table: CostTable, alpha: float) -> tuple[int, float]:
+  """(γ >= 1, ms per expected token) of the best block length at acceptance α for every row."""
+  v, c = np.asarray(table.verify_ms, np.float64), float(table.draft_ms)
+  per = {g: (g * c + v[g + 1]) / expected_block_tokens(alpha, g) for g in range(1, table.max_block_len + 1)}
+  g = min(per, key=per.get)
+  return g, per[g]
+
+
+def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
+  """Whether this call runs the speculative program (else the plain ``ar`` one), and why in words."""
+  plain = float(table.plain_ms)
+  if not table.has_plain:
+    return True, ""
+  if rec.speedup is None:
+    g, ms = best_block_ms_per_token(table, PRIOR_ALPHA)
+    if ms < plain:
+      return True, ""
+    return False, (f"speculation off: even at acceptance {PRIOR_ALPHA} the best block (γ = {g}) would cost "
+                   f"{ms:.2f} ms per token against {plain:.2f} ms for a plain primary step")
+  if rec.speedup >= 1.0:
+    return True, ""
+  if rec.plain_streak + 1 >= PROBE_EVERY:
+    return True, f"probing: speculation was off for {rec.plain_streak} calls"
+  return False, (f"speculation off: the last speculative calls ran at {rec.speedup:.2f}x the plain program "
+                 f"(predicted at {plain:.2f} ms per token), so this call ran the plain program (ar); one call in "
+                 f"{PROBE_EVERY} speculates to re-measure")
