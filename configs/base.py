@@ -30,7 +30,8 @@ def _model(vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq_len,
 # tiny: runs in seconds (tests). cpu: a 4-layer d256 primary (~6M params) and a 2-layer d128 secondary (~10x
 # cheaper per decoded token, ENVIRONMENT.md), trained in minutes on 2 cores. v5e16 / v5e256: PaLM2-like ratios
 # (the secondary ~1/10-1/20 of the primary's parameters), layers scanned (one layer body per program: compiles in
-# minutes instead of tens of minutes) and rematerialised in training; `python -m tandem_jax.aot` compiles them.
+# minutes instead of tens of minutes) and rematerialised in training; `python -m tandem_jax.aot` compiles them;
+# they decode with bf16 weights on a (data, fsdp, model) = (hosts, 1, 4) mesh (config.serving).
 _PRESETS = {
     "tiny": dict(
         vocab=384, seq_len=33, max_documents=6,
@@ -51,6 +52,7 @@ _PRESETS = {
         secondary=lambda v: _model(v, 768, 8, 6, 2, 128, 3072, 2048, "bfloat16", scan=True),
         batch_size=64, steps=20_000, warmup=1000, lr=3e-4, eval_every=1000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 1), mesh_axes=("data", "fsdp", "model"),
+        serving_dtype="bfloat16", decode_mesh=(4, 1, 4),
         projector_hidden=1536, prompt_len=512, gamma_max=17),
     "v5e256": dict(
         vocab=32768, seq_len=2049, max_documents=0,
@@ -58,6 +60,7 @@ _PRESETS = {
         secondary=lambda v: _model(v, 1536, 12, 12, 4, 128, 6144, 2048, "bfloat16", scan=True),
         batch_size=256, steps=50_000, warmup=2000, lr=2e-4, eval_every=2000, eval_batches=16,
         checkpoint_every=1000, log_every=50, mesh_shape=(1, -1, 4), mesh_axes=("data", "fsdp", "model"),
+        serving_dtype="bfloat16", decode_mesh=(64, 1, 4),
         projector_hidden=3072, prompt_len=512, gamma_max=27),
 }
 
@@ -122,5 +125,10 @@ def get_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
 
   c.init = dict(primary_workdir="", secondary_workdir="", tandem_workdir="")
   c.mesh = dict(shape=tuple(p["mesh_shape"]), axes=tuple(p["mesh_axes"]), rules=tuple(DEFAULT_RULES))
+  # Decoding (tandem_jax.generate, the decode programs of tandem_jax.aot): weights cast once at load to `dtype`
+  # ("": the training dtypes) and laid out on `mesh_shape` over config.mesh.axes (): the training mesh for aot,
+  # one device for generate). TPU presets: bf16 weights, model-parallel inside a 4-chip host, data across hosts,
+  # so no decode call all-gathers FSDP-sharded weights.
+  c.serving = dict(dtype=p.get("serving_dtype", ""), mesh_shape=tuple(p.get("decode_mesh", ())))
   c.lock()
   return c

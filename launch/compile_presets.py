@@ -44,9 +44,10 @@ def summary_table(reports: dict) -> str:
   from tandem_jax import tpu_estimates as tp
   gib = lambda b: f"{b / tp.GIB:.2f}"  # noqa: E731
   lines = [f"_{tp.LABEL}_", "",
-           "| preset | topology | stage | train HBM GiB/chip | fits | est. ms/step | est. MFU | tokens/s (est.) | "
-           "decode HBM GiB/chip (ar / tandem_speed / adaptive) | projected best speedup | compile wall s |",
-           "|---|---|---|---|---|---|---|---|---|---|---|"]
+           "| preset | topology | stage | train HBM GiB/chip | fits | est. ms/step | est. MFU (XLA FLOPs / useful "
+           "FLOPs) | tokens/s (est.) | decode HBM GiB/chip (ar / tandem_speed / adaptive) | primary_step, "
+           "primary_block: bytes / minimum, est. / roofline ms | projected best speedup | compile wall s |",
+           "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for (preset, stage), r in reports.items():
     progs = r["programs"]
     train = progs.get("train_step", {})
@@ -54,6 +55,10 @@ def summary_table(reports: dict) -> str:
     fits = "yes" if train.get("fits") else "**NO**"
     est = f"{train['step_ms']:.0f}" if "step_ms" in train else "-"
     mfu = f"{100 * train['mfu']:.1f}%" if "mfu" in train else "-"
+    if "mfu_useful" in train:
+      mfu += f" / {100 * train['mfu_useful']:.1f}%"
+    roof = ", ".join(f"{progs[n]['roofline']['bytes_over_min']:.2f}x {progs[n]['roofline']['ms_over_roofline']:.2f}x"
+                     for n in ("primary_step", "primary_block") if "roofline" in progs.get(n, {})) or "-"
     tps = f"{train['tokens_per_second']:,.0f}" if "tokens_per_second" in train else "-"
     dec = [progs.get(n) for n in ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")]
     dec = " / ".join(gib(d["memory"]["total"]) for d in dec if d and "memory" in d) or "-"
@@ -64,7 +69,7 @@ def summary_table(reports: dict) -> str:
       row = max(proj["rows"], key=lambda x: x["projected_speedup"])
       best = f"{row['projected_speedup']:.2f}x (γ={row['gamma']}, α={proj['acceptance']:.2f})"
     lines.append(f"| {preset} | {r['topology']} | {stage} | {mem} | {fits} | {est} | {mfu} | {tps} | {dec} | "
-                 f"{best} | {wall} |")
+                 f"{roof} | {best} | {wall} |")
   return "\n".join(lines)
 
 

@@ -3,14 +3,20 @@
   pip install -e ".[tpu]"   # jax[tpu]: libtpu compiles for TPU topologies with no TPU attached
   python -m tandem_jax.aot --config=configs/tandem.py:v5e16 --topology=v5e:4x4 [--json] [--acceptance=0.75]
 
-Programs compiled on the topology's mesh (``config.mesh``, its -1 filled with the chip count):
-- ``train_step``: the configured stage's jitted step with its abstract, sharded train state;
+Programs compiled on the topology's mesh (``config.mesh``, its -1 filled with the chip count) for training, and on
+the decode mesh (``config.serving.mesh_shape`` or ``--decode_mesh_shape``; the training mesh when neither is set)
+with the serving weights (``config.serving.dtype``: cast once at load, see :func:`bundle.serving_config`) for
+decoding:
+- ``train_step``: the configured stage's jitted step with its abstract, sharded train state, with its MFU counted
+  from XLA's FLOPs (remat recompute included) and from useful FLOPs (:func:`useful_train_flops`);
 - ``decode_ar``, ``decode_tandem_speed``, ``decode_tandem_speed_adaptive`` (with a router): whole generate
   programs (prefill + ``lax.while_loop``), for their memory; XLA's cost model counts a loop body once, so their
   time comes from the per-call programs below;
 - ``primary_step`` (1 token), ``primary_block`` (K+1 tokens with hidden states: Tandem + SPEED's verify call),
   ``secondary_step`` (one Tandem secondary draft step) and ``tandem_commit`` (projecting a verified block into the
-  secondary's cache), each one call with a full KV cache, so per-call costs are explicit.
+  secondary's cache), each one call with a full KV cache, so per-call costs are explicit. Each is set against its
+  HBM roofline (:func:`tandem_jax.tpu_estimates.decode_roofline`: its model's weights and KV cache read once) and
+  its weight-sized converts and all-gathers are counted (:func:`loop_weight_ops`; a serving layout has none).
 
 Scanned layers (``scan_layers``, what the TPU presets use): XLA's cost analysis counts a ``lax.scan`` body once
 (jax-ml/jax#18672), so for those models FLOPs, bytes and estimated time come from the same program compiled with
@@ -28,7 +34,9 @@ from __future__ import annotations
 
 import json
 import logging
+import math
 import os
+import re
 import sys
 import time
 import types
@@ -56,6 +64,10 @@ from tandem_jax.training.validate import validate
 
 DECODE_PROGRAMS = ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")
 CALL_PROGRAMS = ("primary_step", "primary_block", "secondary_step", "tandem_commit")
+# Whose weights and KV cache bound a call from below (tandem_commit reads only the projection and the secondary's
+# key/value weights of the secondary: its floor is an upper bound of the true one).
+CALL_MODELS = {"primary_step": "primary", "primary_block": "primary", "secondary_step": "secondary",
+               "tandem_commit": "secondary"}
 GROUPS = ("train", "decode", "calls")
 
 
@@ -77,7 +89,9 @@ _COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
 def _cost_of(compiled) -> dict:
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
-  return {k: float(cost[k]) for k in _COST_KEYS if cost.get(k) is not None}
+  # XLA reports a negative optimal_seconds (e.g. -3.0) where its time model gave up: no estimate, not a time.
+  return {k: float(cost[k]) for k in _COST_KEYS
+          if cost.get(k) is not None and (k != "optimal_seconds" or float(cost[k]) > 0)}
 
 
 def extrapolated_cost(lower_at) -> dict:
@@ -90,14 +104,17 @@ def extrapolated_cost(lower_at) -> dict:
   c11 = _cost_of(c11.compile())
   c21 = _cost_of(lower_at(2, 1)[0].compile())
   c12 = _cost_of(lower_at(1, 2)[0].compile())
-  return {k: c11[k] + (lp - 1) * (c21.get(k, 0.0) - c11[k]) + (ls - 1) * (c12.get(k, 0.0) - c11[k])
-          for k in c11}
+  return {k: c11[k] + (lp - 1) * (c21[k] - c11[k]) + (ls - 1) * (c12[k] - c11[k])
+          for k in c11 if k in c21 and k in c12}
 
 
-def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lower_at=None) -> dict:
+def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lower_at=None,
+            weight_sizes=None) -> dict:
   """Compiles ``lowered`` and returns its per-device memory and cost figures (or the compiler's OOM message).
 
   ``cost_lower_at`` (scanned models): costs by :func:`extrapolated_cost` instead of from ``lowered`` itself.
+  ``weight_sizes`` (a per-call decode program): also counts the weight-sized converts and all-gathers it runs
+  (:func:`loop_weight_ops` over the whole program), which a serving layout should have none of.
   """
   t0 = time.perf_counter()
   try:
@@ -114,6 +131,9 @@ def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lowe
   rec["fits"] = problem is None
   if problem:
     rec["error"] = problem
+  if weight_sizes:
+    ops = loop_weight_ops(compiled.as_text(), weight_sizes, whole_program=True)
+    rec.update(weight_ops_per_call=len(ops), weight_ops=ops[:8])
   if with_cost:
     t1 = time.perf_counter()
     cost = extrapolated_cost(cost_lower_at) if cost_lower_at else _cost_of(compiled)
@@ -123,6 +143,118 @@ def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lowe
                cost_source="depth-extrapolated from unrolled 1-2 layer compiles" if cost_lower_at
                else "this program", cost_compile_seconds=time.perf_counter() - t1)
   return rec
+
+
+# -- what a decode loop does to its weights, read from the compiled HLO --------------------------------------------
+_COMPUTATION = re.compile(r"^(?:ENTRY\s+)?%?([\w.\-]+)\s*\(.*\{\s*$")
+_CALLEE = re.compile(r"(?:body|condition|calls|to_apply|branch_computations)=\{?%?([\w.\-]+(?:,\s*%?[\w.\-]+)*)\}?")
+_OP = re.compile(r"^\s*(?:ROOT\s+)?%?[\w.\-]+\s*=\s*(.*?)\s+([a-z][\w\-]*)\(")
+_SHAPE = re.compile(r"\b([a-z]+\d*)\[([\d,]*)\]")
+
+
+def _computations(hlo_text: str) -> dict[str, list[str]]:
+  comps, name = {}, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+    elif line.strip() == "}":
+      name = None
+    elif name is not None:
+      comps[name].append(line)
+  return comps
+
+
+def loop_weight_ops(hlo_text: str, weight_elements, opcodes=("convert", "all-gather", "all-gather-done"),
+                    whole_program: bool = False, result_dtypes=None) -> list[dict]:
+  """The ``opcodes`` ops that write a weight-sized array (as many elements as a weight: ``weight_elements``, the
+  counts per device and whole) inside ``while`` loop bodies and what they call: a weight converted or gathered
+  on every iteration, where it should be done once before the loop. ``whole_program``: the whole program instead
+  (a per-call program runs once per decoding step: all of it is the iteration).
+
+  Only results that reach memory count: top-level ops and fusions whose root is such an op. Inside a fusion a
+  convert is a register value (TPU computes a 1-row matmul as a fused multiply-reduce in f32, converting the bf16
+  weight on the fly while reading it once). ``result_dtypes`` (e.g. {"bf16"}): only results of these HLO dtypes
+  (the CPU backend upcasts bf16 dot operands to f32 itself, a lowering the TPU does not have).
+
+  Reads the optimized HLO text (``compiled.as_text()``); returns [{computation, opcode, shape, elements}]."""
+  comps = _computations(hlo_text)
+  sizes = {int(n) for n in weight_elements}
+
+  def root_op(name):
+    for line in comps.get(name, ()):
+      if line.lstrip().startswith("ROOT"):
+        m = _OP.match(line)
+        return m.group(2) if m else None
+    return None
+
+  roots = set()
+  for line in hlo_text.splitlines():
+    if whole_program and line.startswith("ENTRY"):
+      roots.add(_COMPUTATION.match(line).group(1))
+    elif not whole_program and " while(" in line:
+      roots.update(re.findall(r"body=%?([\w.\-]+)", line))
+  found, seen, todo = [], set(), sorted(roots)
+  while todo:
+    name = todo.pop()
+    if name in seen or name not in comps:
+      continue
+    seen.add(name)
+    for line in comps[name]:
+      m = _OP.match(line)
+      callees = [c.strip().lstrip("%") for group in _CALLEE.findall(line) for c in group.split(",")]
+      if m and m.group(2) == "fusion":
+        opcode = next((root_op(c) for c in callees if root_op(c) in opcodes), None)
+      else:
+        todo += callees
+        opcode = m.group(2) if m and m.group(2) in opcodes else None
+      if opcode is None:
+        continue
+      for dtype, dims in _SHAPE.findall(m.group(1)):
+        n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+        if n in sizes and (result_dtypes is None or dtype in result_dtypes):
+          found.append(dict(computation=name, opcode=opcode, shape=f"{dtype}[{dims}]", elements=n))
+  return found
+
+
+# Weight matrices smaller than this are not looked for in the compiled programs: converting one costs nothing and
+# their element counts collide with small activations' (a [1, 1, 32] state and a [16, 2] weight).
+MIN_WEIGHT_ELEMENTS = 256
+
+
+def weight_elements(module, min_rank: int = 2, min_elements: int = 0) -> set[int]:
+  """Element counts of ``module``'s weight matrices (rank >= ``min_rank``), whole and per device (its shardings),
+  and of one layer's slice of a stacked (scan_layers) weight."""
+  sizes = set()
+  for x in jax.tree.leaves(nnx.state(module)):
+    if len(x.shape) < min_rank:
+      continue
+    sharding_ = getattr(x, "sharding", None)
+    shapes = [tuple(x.shape)] + ([tuple(sharding_.shard_shape(x.shape))] if sharding_ is not None else [])
+    for shape in shapes:
+      sizes.add(math.prod(shape))
+      if len(shape) > min_rank:
+        sizes.add(math.prod(shape[1:]))
+  return {n for n in sizes if n >= min_elements}
+
+
+def useful_train_flops(config) -> float:
+  """Model FLOPs of one train step of ``config`` (:func:`tandem_jax.tpu_estimates.useful_train_flops`): its
+  bundle's trainable and frozen parameters, and the attention of the models the stage runs (trained: the primary
+  in stage "primary", the secondary in the stages that train it)."""
+  _, trainable, frozen = bundle_lib.abstract_bundle(config)
+  count = lambda state: sum(math.prod(x.shape) for x in jax.tree.leaves(state))  # noqa: E731
+  pcfg, scfg, _ = bundle_lib.model_configs(config)
+  stage, spec = config.stage, bundle_lib.spec(config.stage)
+  keys = int(config.data.seq_len) - 1
+  attention = []
+  if spec.uses_primary and stage != "secondary":
+    attention.append((pcfg.num_layers, pcfg.num_heads, pcfg.head_dim, keys, stage == "primary"))
+  if spec.uses_secondary and stage != "primary":
+    attention.append((scfg.num_layers, scfg.num_heads, scfg.head_dim, keys, stage != "router"))
+  tokens = int(config.train.batch_size) * keys
+  return tp.useful_train_flops(tokens, count(trainable), count(frozen), attention)
 
 
 def lower_train(config, mesh):
@@ -196,11 +328,13 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
   n = mesh.devices.size
   validate(with_placeholder_inits(config), num_devices=n, check_workdirs=False)
   rules = sharding.rules_of(config)
-  dmesh = mesh
-  if decode_mesh_shape:
-    # Decoding may use another layout than training (e.g. model-parallel instead of FSDP, which would
-    # all-gather every weight on every decode call).
-    dmesh = topology_mesh(topology, types.SimpleNamespace(shape=tuple(decode_mesh_shape), axes=config.mesh.axes))
+  # Decoding uses its own layout (config.serving.mesh_shape, or --decode_mesh_shape): model-parallel instead of
+  # FSDP, which would all-gather every weight on every decode call.
+  dmesh_cfg = (types.SimpleNamespace(shape=tuple(decode_mesh_shape), axes=config.mesh.axes) if decode_mesh_shape
+               else bundle_lib.decode_mesh_config(config))
+  dmesh = mesh if dmesh_cfg is config.mesh else topology_mesh(topology, dmesh_cfg)
+  # ... and its own weights: cast once at load to config.serving.dtype (bundle.serving_config).
+  serving = bundle_lib.serving_config(config)
   shape = dict(dmesh.shape)
   shards = sharding.batch_shards(rules, shape)
   batch = decode_batch or shards
@@ -208,13 +342,14 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
     raise ValueError(f"--decode_batch {batch} must be a multiple of the {shards} batch shards of the decode mesh "
                      f"{shape}")
   capacity = api.buffer_sizes(prompt_len, max_new_tokens, block_len)[2]
-  pcfg, scfg, tcfg = bundle_lib.model_configs(config)
+  pcfg, scfg, tcfg = bundle_lib.model_configs(serving)
   if capacity > min(pcfg.max_seq_len, scfg.max_seq_len):
     raise ValueError(f"--prompt_len {prompt_len} + --max_new_tokens {max_new_tokens} (+ block slack, padded to "
                      f"{capacity}) exceeds the models' max_seq_len {min(pcfg.max_seq_len, scfg.max_seq_len)}")
 
   report = dict(label=tp.LABEL, config=f"{config.stage}:{config.preset}", topology=topology, chips=n,
-                mesh=dict(mesh.shape), decode_mesh=dict(dmesh.shape), chip=dict(name=chip.name, hbm_gib=chip.hbm_bytes / tp.GIB,
+                mesh=dict(mesh.shape), decode_mesh=dict(dmesh.shape),
+                serving_dtype=bundle_lib.serving_dtype(config) or "training dtypes", chip=dict(name=chip.name, hbm_gib=chip.hbm_bytes / tp.GIB,
                                                  peak_bf16_tflops=chip.peak_bf16_flops / 1e12),
                 params=dict(primary=pcfg.num_params, secondary=scfg.num_params),
                 decode=dict(batch=batch, prompt_len=prompt_len, max_new_tokens=max_new_tokens,
@@ -223,8 +358,8 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
 
   scanned = pcfg.scan_layers or scfg.scan_layers
 
-  def add(name, lowered, with_cost=True, cost_lower_at=None):
-    rec = analyse(name, lowered, chip, with_cost, cost_lower_at if scanned else None)
+  def add(name, lowered, with_cost=True, cost_lower_at=None, weight_sizes=None):
+    rec = analyse(name, lowered, chip, with_cost, cost_lower_at if scanned else None, weight_sizes)
     report["programs"][name] = rec
     log("compiled %s in %.1fs", name, rec.get("compile_seconds", 0.0))
     return rec
@@ -236,6 +371,9 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
     if "seconds" in rec:
       tokens = int(config.train.batch_size) * (int(config.data.seq_len) - 1)
       rec["mfu"] = rec["flops"] / (rec["seconds"] * chip.peak_bf16_flops)
+      # per device: the step's model FLOPs are spread over every chip of the training mesh
+      rec["useful_flops"] = useful_train_flops(config) / n
+      rec["mfu_useful"] = rec["useful_flops"] / (rec["seconds"] * chip.peak_bf16_flops)
       rec["step_ms"] = rec["seconds"] * 1e3
       rec["tokens_per_second"] = tokens / rec["seconds"]
   if "decode" in groups or "calls" in groups:
@@ -252,15 +390,23 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
 
     def call_at(name):
       def lower_at(lp, ls):
-        p, s_, t = bundle_lib.model_configs(depth_variant(config, lp, ls))
+        p, s_, t = bundle_lib.model_configs(depth_variant(serving, lp, ls))
         small = abstract_module(lambda r: TandemLM(p, s_, t, r), dmesh, rules)
         return lower_calls(small, **call_kw)[name], pcfg.num_layers, scfg.num_layers
       return lower_at
 
+    # A call's floor: its model's weights and its KV cache, each read once (per device, in the serving dtype).
+    primary_w = tp.bytes_per_device(nnx.state(tandem.primary))
+    secondary_w = tp.bytes_per_device(nnx.state(tandem)) - primary_w  # + the projection
+    floors = {"primary": (primary_w, tp.bytes_per_device(abstract_cache(pcfg, batch, capacity, dmesh, rules))),
+              "secondary": (secondary_w, tp.bytes_per_device(abstract_cache(scfg, batch, capacity, dmesh, rules)))}
+    sizes = weight_elements(tandem, min_elements=MIN_WEIGHT_ELEMENTS)
     for name, lowered in lower_calls(tandem, **call_kw).items():
-      rec = add(name, lowered, cost_lower_at=call_at(name))
+      rec = add(name, lowered, cost_lower_at=call_at(name), weight_sizes=sizes)
       if "seconds" in rec:
         rec["ms_per_call"] = rec["seconds"] * 1e3
+        rec["roofline"] = tp.decode_roofline(rec["bytes_accessed"], rec["seconds"],
+                                             *floors[CALL_MODELS[name]], chip)
     progs = report["programs"]
     if all("seconds" in progs[c] for c in CALL_PROGRAMS):
       step = progs["primary_step"]["seconds"]
@@ -282,7 +428,8 @@ def format_report(report: dict) -> str:
   """The report as markdown tables."""
   chip = report["chip"]
   lines = [f"# AOT compile of {report['config']} for {report['topology']} ({report['chips']} x {chip['name']}, "
-           f"mesh {report['mesh']}, decode mesh {report.get('decode_mesh', report['mesh'])})",
+           f"mesh {report['mesh']}, decode mesh {report.get('decode_mesh', report['mesh'])}, decode weights "
+           f"{report.get('serving_dtype', 'training dtypes')})",
            f"_{report['label']}._",
            f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
            f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
@@ -304,7 +451,21 @@ def format_report(report: dict) -> str:
   tr = report["programs"].get("train_step", {})
   if "mfu" in tr:
     lines += ["", f"Training: est. {tr['step_ms']:.1f} ms/step, {tr['tokens_per_second']:,.0f} tokens/s, "
-                  f"est. MFU {tr['mfu'] * 100:.1f}% (XLA flops / (est. seconds x peak))."]
+                  f"est. MFU {tr['mfu'] * 100:.1f}% (XLA flops / (est. seconds x peak)), est. MFU "
+                  f"{tr['mfu_useful'] * 100:.1f}% counting useful FLOPs (6 N tokens + attention, no remat "
+                  f"recompute: {tr['useful_flops'] / 1e9:.1f} GFLOP/device against XLA's "
+                  f"{tr['flops'] / 1e9:.1f})."]
+  calls = [(name, r) for name, r in report["programs"].items() if "roofline" in r]
+  if calls:
+    lines += ["", "Decode calls against the HBM roofline (minimum bytes = the model's weights once + its KV cache "
+                  "once, per device; roofline ms = minimum bytes / HBM bandwidth):", "",
+              "| program | GB accessed | minimum GB | bytes / minimum | est. ms | roofline ms | est. / roofline | "
+              "weight converts + gathers per call |", "|---|---|---|---|---|---|---|---|"]
+    for name, r in calls:
+      rf = r["roofline"]
+      lines.append(f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {rf['min_bytes'] / 1e9:.3f} | "
+                   f"{rf['bytes_over_min']:.2f}x | {r['seconds'] * 1e3:.3f} | {rf['roofline_ms']:.3f} | "
+                   f"{rf['ms_over_roofline']:.2f}x | {r.get('weight_ops_per_call', '-')} |")
   if "per_token" in report:
     pt = report["per_token"]
     lines += ["", f"Decoding: primary step {pt['ar_ms_per_token']:.3f} ms/call (= ms/token autoregressive); "

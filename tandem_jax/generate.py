@@ -3,7 +3,9 @@
 The workdir decides what is available: a tandem (or tandem_distil) workdir gives ``ar``, ``tandem``,
 ``tandem_speed`` and, with a drafter (``--drafter_workdir``, default the secondary the tandem was initialised from),
 ``speed``; a router workdir adds ``--adaptive``; an llm_to_slm workdir gives ``llm_to_slm``; a primary workdir
-gives ``ar`` (and ``speed`` with ``--drafter_workdir``).
+gives ``ar`` (and ``speed`` with ``--drafter_workdir``). The models are loaded for decoding as the workdir's
+``config.serving`` says: weights cast once to its dtype and placed on its decode mesh (the TPU presets: bf16,
+model-parallel inside a host); unset (the CPU presets), they decode as trained, on one device.
 
 ``--compare_ar`` also runs ``ar`` on the same prompts and prints the wall-clock speedup (compiled programs, medians
 of interleaved repeats). ``--show_drafts`` prints the stream with accepted drafts (green), rejected drafts (red,
@@ -19,6 +21,7 @@ buckets); a tokenizer with a chat template (SmolLM2-Instruct) wraps each line as
 from __future__ import annotations
 
 import dataclasses
+import functools
 import json
 import os
 import statistics
@@ -82,6 +85,8 @@ class Generator:
   tokenizer: Any
   threshold: float = 0.8
   gamma_max: int | None = None
+  mesh: Any = None   # the decode mesh the models were placed on (config.serving.mesh_shape); None: one device
+  rules: Any = None  # its logical axis rules
 
   def encode(self, prompt: str, chat: bool = False) -> list[int]:
     """Token ids of ``prompt`` after BOS; with ``chat`` (and a tokenizer that has a chat template) the prompt is
@@ -98,6 +103,8 @@ class Generator:
     models = self.models_for(method, adaptive)
     if adaptive:
       kw.setdefault("threshold", self.threshold)
+    if self.mesh is not None:
+      kw.update(mesh=self.mesh, rules=self.rules)
     return generate(method, ids, eos_id=self.tokenizer.eos_id, **models, **kw)
 
   def models_for(self, method: str, adaptive: bool = False) -> dict[str, Any]:
@@ -125,8 +132,15 @@ class Generator:
 
 
 def load(workdir: str, drafter_workdir: str | None = None, router_workdir: str | None = None) -> Generator:
-  from tandem_jax.workdir import load_workdir
-  main = load_workdir(workdir)
+  """Loads the models for decoding: on the main workdir's decode mesh (``config.serving.mesh_shape``; one device
+  when empty), each workdir's weights cast once to its ``config.serving.dtype`` (when set) as they are placed."""
+  from tandem_jax import sharding
+  from tandem_jax.workdir import decode_mesh, load_config, load_workdir
+  config = load_config(workdir)
+  mesh = decode_mesh(config)
+  spread = mesh.devices.size > 1
+  load_one = functools.partial(load_workdir, mesh=mesh, serving=True)
+  main = load_one(workdir)
   models, threshold, gamma_max = {}, 0.8, None
   if main.stage in ("tandem", "tandem_distil"):
     models.update(tandem=main.model, primary=main.model.primary)
@@ -142,17 +156,18 @@ def load(workdir: str, drafter_workdir: str | None = None, router_workdir: str |
                      f"tandem_distil, router or llm_to_slm workdir (use it as --drafter_workdir for speed)")
   drafter_workdir = drafter_workdir or (main.config.init.secondary_workdir if main.stage != "primary" else None)
   if drafter_workdir and os.path.isdir(os.path.expanduser(drafter_workdir)):
-    d = load_workdir(drafter_workdir)
+    d = load_one(drafter_workdir)
     if d.stage not in ("secondary", "secondary_distil", "primary"):
       raise ValueError(f"--drafter_workdir {drafter_workdir!r} holds a {d.stage!r} model, not a standalone LM")
     models["drafter"] = d.model
   if router_workdir:
-    r = load_workdir(router_workdir)
+    r = load_one(router_workdir)
     if r.stage != "router":
       raise ValueError(f"--router_workdir {router_workdir!r} holds a {r.stage!r} model, not a router")
     models["router"] = r.model.router
     threshold, gamma_max = r.config.router.threshold, r.config.router.gamma_max
-  return Generator(models, main.tokenizer, threshold, gamma_max)
+  return Generator(models, main.tokenizer, threshold, gamma_max, mesh=mesh if spread else None,
+                   rules=sharding.rules_of(config) if spread else None)
 
 
 # -- presentation ------------------------------------------------------------------------------------------------

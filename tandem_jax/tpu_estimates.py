@@ -9,8 +9,11 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import os
 from typing import Any, Iterable
+
+import jax
 
 from tandem_jax.decoding.costs import expected_block_tokens, leviathan_speedup
 
@@ -72,6 +75,43 @@ def estimated_seconds(cost: dict, chip: Chip) -> tuple[float, str]:
     return float(t), "xla_optimal_seconds"
   flops, nbytes = float(cost.get("flops", 0.0)), float(cost.get("bytes accessed", 0.0))
   return max(flops / chip.peak_bf16_flops, nbytes / chip.hbm_bandwidth), "roofline"
+
+
+# -- how far from the roofline ---------------------------------------------------------------------------------------
+def bytes_per_device(tree) -> int:
+  """Bytes one device holds of a tree of (abstract) arrays: each leaf's shard (its ``sharding``), or all of it."""
+  total = 0
+  for x in jax.tree.leaves(tree):
+    sharding = getattr(x, "sharding", None)
+    shape = sharding.shard_shape(x.shape) if sharding is not None else x.shape
+    total += math.prod(int(d) for d in shape) * x.dtype.itemsize
+  return total
+
+
+def decode_roofline(bytes_accessed: float, seconds: float, weight_bytes: int, cache_bytes: int, chip: Chip) -> dict:
+  """A decode call against its floor: it must read its model's weights once (in their serving dtype) and its KV
+  cache once, per device. minimum bytes = weight_bytes + cache_bytes (per device); roofline seconds = minimum bytes /
+  the chip's HBM bandwidth. Returns both and the ratios of XLA's estimates to them (1.0: on the roofline)."""
+  minimum = weight_bytes + cache_bytes
+  roof = minimum / chip.hbm_bandwidth
+  return dict(min_bytes=minimum, weight_bytes=weight_bytes, cache_bytes=cache_bytes, roofline_ms=roof * 1e3,
+              bytes_over_min=bytes_accessed / minimum, ms_over_roofline=seconds / roof)
+
+
+def useful_train_flops(tokens: int, trainable_params: int, frozen_params: int, attention) -> float:
+  """Model FLOPs of one training step, without rematerialisation's recompute (the MFU convention of PaLM, App. B):
+
+    useful = tokens * (6 N_trained + 2 N_frozen + sum_models a * L * H * Q * T)
+
+  N_trained / N_frozen: parameters that get gradients / that only run forward (a frozen primary); every parameter
+  counts as a matmul weight (the presets tie embeddings, so the table is the vocab x d output matmul; norms and
+  biases are noise). Attention per model: L layers, H query heads of size Q, T keys per query (the full sequence,
+  as PaLM counts it, not the causal half); a = 12 for a trained model (2 matmuls x 2 FLOPs forward, x3 with the
+  backward), 4 for a forward-only one. ``attention``: [(L, H, Q, T, trained)].
+  """
+  attn = sum((12 if trained else 4) * layers * heads * head_dim * keys
+             for layers, heads, head_dim, keys, trained in attention)
+  return float(tokens) * (6 * trainable_params + 2 * frozen_params + attn)
 
 
 # -- the speedup projection: Leviathan et al. (2211.17192) §3, PAPER_NOTES §2.2 ---------------------------------------

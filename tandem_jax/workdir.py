@@ -101,13 +101,30 @@ def default_mesh(config) -> jax.sharding.Mesh:
   return sharding.make_mesh((1,) * len(axes), axes, devices=jax.local_devices()[:1])
 
 
-def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None) -> Loaded:
+def decode_mesh(config, devices=None) -> jax.sharding.Mesh:
+  """The mesh decoding runs on: ``config.serving.mesh_shape`` over all devices where the config names one (the TPU
+  presets: model-parallel inside a host, data across hosts), else one local device (:func:`default_mesh`)."""
+  mesh_cfg = bundle_lib.decode_mesh_config(config)
+  if mesh_cfg is config.mesh:
+    return default_mesh(config)
+  devices = list(jax.devices()) if devices is None else list(devices)
+  try:
+    return sharding.mesh_from_config(mesh_cfg, devices)
+  except ValueError as e:
+    raise ValueError(f"config.serving.mesh_shape: {str(e).split(': ', 1)[-1]} (set --config.serving.mesh_shape "
+                     f"to fit, or () for one device)") from None
+
+
+def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh | None = None,
+                 serving: bool = False) -> Loaded:
   """Loads the model of a training workdir at ``step`` (default: the latest checkpoint).
 
   Args:
     workdir: a directory written by ``python -m tandem_jax.train`` or :func:`write_workdir`.
     step: a checkpointed step; None for the latest.
     mesh: where to place the parameters (sharded by the workdir's logical rules); default one local device.
+    serving: for decoding: the weights are cast once to ``config.serving.dtype`` (when set; see
+      :func:`tandem_jax.models.bundle.serving_config`) as they are placed on ``mesh``.
 
   Raises:
     FileNotFoundError: the workdir, its config.json, its tokenizer or its checkpoints are missing (names the path).
@@ -133,7 +150,11 @@ def load_workdir(workdir: str, step: int | None = None, mesh: jax.sharding.Mesh 
   }
   restored = checkpoint.restore(mngr, step, abstract, with_optimizer=False)
   mngr.close()
-  bundle = bundle_lib.merge_bundle(graphdef, restored["params"], restored["frozen"])
+  params, frozen = restored["params"], restored["frozen"]
+  if serving:
+    shardings = jax.tree.map(lambda a: a.sharding, abstract)
+    graphdef, params, frozen = bundle_lib.to_serving(config, graphdef, params, frozen, shardings)
+  bundle = bundle_lib.merge_bundle(graphdef, params, frozen)
   return Loaded(config=config, stage=config.stage, model=bundle_lib.public_model(config.stage, bundle),
                 tokenizer=load_tokenizer(workdir), step=step, workdir=workdir)
 

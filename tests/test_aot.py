@@ -135,3 +135,39 @@ def test_bad_topology_and_args_fail_before_compiling():
     aot.run(base.get_config("primary", "tiny"), "v5e:3x3", groups=("calls",))
   with pytest.raises(ValueError, match="max_seq_len"):
     aot.run(base.get_config("primary", "tiny"), "v5e:2x2", prompt_len=60, max_new_tokens=16, groups=("calls",))
+
+
+def test_roofline_and_useful_flops_arithmetic():
+  """The floors, by hand, for the tiny tandem (tie_embeddings, bf16 serving, one device)."""
+  import jax
+  from configs import base
+  from tandem_jax import aot, sharding
+  from tandem_jax.models import bundle as bundle_lib
+  from tandem_jax.models.tandem import TandemLM
+  from tandem_jax.topology import abstract_cache, abstract_module
+  c = base.get_config("tandem", "tiny")
+  with c.unlocked():
+    c.serving.dtype = "bfloat16"
+  p, s, t = bundle_lib.model_configs(bundle_lib.serving_config(c))
+  mesh = sharding.make_mesh((1, 1), ("data", "model"), devices=jax.devices()[:1])
+  rules = sharding.rules_of(c)
+  tandem = abstract_module(lambda r: TandemLM(p, s, t, r), mesh, rules)
+  # primary: embed 384x32 + 2 layers x (q 32x32, k,v 32x16, o 32x32, MLP 3 x 32x64, 2 norms of 32) + final norm
+  primary = 384 * 32 + 2 * (1024 + 512 + 512 + 1024 + 3 * 2048 + 64) + 32
+  assert primary == 30880 and tp.bytes_per_device(jax.tree.leaves(tandem.primary)) == 2 * primary
+  # KV cache: k and v, 2 layers x [batch 2, 48 slots, 2 kv heads, 8] in bf16, + 2 int32 lengths
+  cache = tp.bytes_per_device(abstract_cache(p, 2, 48, mesh, rules))
+  assert cache == 2 * 2 * (2 * 48 * 2 * 8) * 2 + 2 * 4
+  rf = tp.decode_roofline(3 * (2 * primary + cache), 1e-3, 2 * primary, cache, tp.CHIPS["v5e"])
+  assert rf["min_bytes"] == 2 * primary + cache and rf["bytes_over_min"] == pytest.approx(3.0)
+  assert rf["roofline_ms"] == pytest.approx((2 * primary + cache) / 819e9 * 1e3)
+  assert rf["ms_over_roofline"] == pytest.approx(1e-3 / ((2 * primary + cache) / 819e9))
+  # useful FLOPs: tokens (6 N_trained + 2 N_frozen + 12 L H Q T (trained) + 4 L H Q T (frozen))
+  assert tp.useful_train_flops(10, 100, 1000, [(2, 4, 8, 32, True), (3, 2, 8, 32, False)]) == \
+      10 * (600 + 2000 + 12 * 2 * 4 * 8 * 32 + 4 * 3 * 2 * 8 * 32)
+  # the tandem stage: the secondary (+ projection) trained, the primary frozen, 8 rows x 32 tokens
+  _, trainable, frozen = bundle_lib.abstract_bundle(c)
+  n_train = sum(x.size for x in jax.tree.leaves(trainable))
+  assert sum(x.size for x in jax.tree.leaves(frozen)) == primary
+  want = 8 * 32 * (6 * n_train + 2 * primary + 12 * 2 * 2 * 8 * 32 + 4 * 2 * 4 * 8 * 32)
+  assert aot.useful_train_flops(c) == want

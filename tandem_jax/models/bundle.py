@@ -18,13 +18,15 @@ neither gradients nor optimizer state (a checkpoint stores the two parts apart: 
 from __future__ import annotations
 
 import dataclasses
+import types
 from typing import Callable
 
+import jax
 import ml_collections
 from flax import nnx
 
 from tandem_jax.models import router as router_lib
-from tandem_jax.models.config import TandemConfig, TransformerConfig
+from tandem_jax.models.config import TandemConfig, TransformerConfig, dtype_of
 from tandem_jax.models.llm_to_slm import LLMToSLM
 from tandem_jax.models.tandem import TandemLM
 from tandem_jax.models.transformer import Transformer
@@ -153,3 +155,66 @@ def abstract_bundle(config):
     bundle = nnx.eval_shape(lambda: build_bundle(config, nnx.Rngs(0)))
   graphdef, trainable, frozen = nnx.split(bundle, trainable_filter(config.stage), ...)
   return graphdef, trainable, frozen
+
+
+# -- serving: the decode programs' weights and layout ----------------------------------------------------------------
+def _serving(config) -> dict:
+  """``config.serving`` as a dict; empty for a config without one (a workdir written before the field existed)."""
+  serving = config.get("serving") if hasattr(config, "get") else None
+  return dict(serving) if serving else {}
+
+
+def serving_dtype(config) -> str:
+  """``config.serving.dtype``: the dtype decode programs hold weights (and compute, and keep KV caches) in;
+  "" keeps the models' training dtypes. Raises ValueError naming the field for an unknown dtype."""
+  name = str(_serving(config).get("dtype") or "")
+  if name:
+    try:
+      dtype_of(name)
+    except ValueError as e:
+      raise ValueError(f"config.serving.dtype: {e} (or '' for the training dtypes)") from None
+  return name
+
+
+def serving_config(config: ml_collections.ConfigDict) -> ml_collections.ConfigDict:
+  """``config`` with both models' parameter and compute dtypes set to ``config.serving.dtype`` (``config`` itself
+  when that is empty).
+
+  Training keeps float32 master weights (``param_dtype``); a decode program reading them would convert every
+  weight on every call, so decoding builds its modules from this config and casts the weights once at load
+  (:func:`to_serving`). The compute dtype follows so that no layer converts a weight back; the KV cache takes the
+  compute dtype (``Transformer.init_cache``)."""
+  dtype = serving_dtype(config)
+  if not dtype:
+    return config
+  c = config.copy_and_resolve_references()
+  with c.unlocked():
+    for model in (c.primary, c.secondary):
+      model.param_dtype = model.dtype = dtype
+  return c
+
+
+def decode_mesh_config(config):
+  """The mesh (shape, axes) decode programs run on: ``config.serving.mesh_shape`` over ``config.mesh.axes`` (a -1
+  filled with the device count), or the training mesh ``config.mesh`` when that is empty."""
+  shape = tuple(int(s) for s in (_serving(config).get("mesh_shape") or ()))
+  if not shape:
+    return config.mesh
+  axes = tuple(config.mesh.axes)
+  if len(shape) != len(axes):
+    raise ValueError(f"config.serving.mesh_shape {shape} must give one size per config.mesh.axes {axes}")
+  return types.SimpleNamespace(shape=shape, axes=axes)
+
+
+def to_serving(config: ml_collections.ConfigDict, graphdef, params: dict, frozen: dict, shardings: dict):
+  """(serving graphdef, params, frozen): the bundle's weights cast to :func:`serving_config`'s dtypes and placed
+  on ``shardings`` ({"params": ..., "frozen": ...} of the serving layout) in one jitted call, so the decode
+  programs take them as they are (no per-call convert or reshard). Unchanged without ``config.serving.dtype``."""
+  if not serving_dtype(config):
+    return graphdef, params, frozen
+  s_graphdef, s_trainable, s_frozen = abstract_bundle(serving_config(config))
+  want = {"params": s_trainable.to_pure_dict(), "frozen": s_frozen.to_pure_dict()}
+  cast = jax.jit(lambda tree: jax.tree.map(lambda x, a: x.astype(a.dtype), tree, want), out_shardings=shardings,
+                 donate_argnums=0)
+  out = cast({"params": params, "frozen": frozen})
+  return s_graphdef, out["params"], out["frozen"]
