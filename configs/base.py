@@ -94,7 +94,10 @@ def get_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
       block_len=2,  # training γ (paper: 2)
       projection_bias=False)
   c.llm_to_slm = dict(projector_hidden=p["projector_hidden"], prompt_len=p["prompt_len"])
-  c.router = dict(top_k=4, hidden=64, threshold=0.8, gamma_max=p["gamma_max"])
+  # sampling: the setting whose warped distributions the sampled head's label (TV) compares, as acceptance does;
+  # decoding with another sampling setting refuses the router (greedy decoding reads the greedy head)
+  c.router = dict(top_k=4, hidden=64, threshold=0.8, gamma_max=p["gamma_max"],
+                  sampling=dict(temperature=1.0, top_k=0, top_p=1.0))
 
   c.data = dict(
       source="default",  # default | text | tfds | seqio
@@ -126,9 +129,9 @@ def get_config(stage: str, arg: str | None = None) -> ml_collections.ConfigDict:
   c.init = dict(primary_workdir="", secondary_workdir="", tandem_workdir="")
   c.mesh = dict(shape=tuple(p["mesh_shape"]), axes=tuple(p["mesh_axes"]), rules=tuple(DEFAULT_RULES))
   # Decoding (tandem_jax.generate, the decode programs of tandem_jax.aot): weights cast once at load to `dtype`
-  # ("": the training dtypes) and laid out on `mesh_shape` over config.mesh.axes (): the training mesh for aot,
-  # one device for generate). TPU presets: bf16 weights, model-parallel inside a 4-chip host, data across hosts,
-  # so no decode call all-gathers FSDP-sharded weights.
+  # ("": the training dtypes) and laid out on a mesh of `mesh_shape` over config.mesh.axes (empty: aot decodes on
+  # the training mesh, generate on one device). TPU presets: bf16 weights, model-parallel inside a 4-chip host,
+  # data across hosts, so no decode call all-gathers FSDP-sharded weights.
   c.serving = dict(dtype=p.get("serving_dtype", ""), mesh_shape=tuple(p.get("decode_mesh", ())))
   c.lock()
   return c

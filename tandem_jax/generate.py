@@ -276,7 +276,9 @@ def policy_lines(result) -> list[str]:
     return []
   hist = result.stats["gamma_hist"].sum(0)
   lines = ["block length γ per iteration: " + ", ".join(f"{g}: {int(n)}" for g, n in enumerate(hist) if n)]
-  if hist[0] and result.costs is not None:
+  if result.policy_note:  # the whole call ran the plain program (or probed speculation)
+    lines.append(result.policy_note)
+  elif hist[0] and result.costs is not None:
     t = result.costs
     v = np.asarray(t.verify_ms)
     lines.append(f"speculation off (γ = 0) in {int(hist[0])} of {int(hist.sum())} iterations: the running acceptance "

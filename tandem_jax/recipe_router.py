@@ -1,5 +1,11 @@
 """The adaptive block-length router of a recipe Tandem (:mod:`tandem_jax.recipe`), trained on the recipe's cached
-data: no primary forward, labels from the secondary's teacher-forced drafts against the cached primary outputs."""
+data: no primary forward, labels from the secondary's teacher-forced drafts against the cached primary outputs.
+
+The data are the primary's own greedy continuations, the contexts a router decides in under greedy decoding: a block
+stops at its first rejected draft, so every draft whose stop decision matters follows drafts equal to the primary's
+greedy tokens. The sampled head's label is TV of the raw softmaxes (temperature 1, the router's default
+``sampling``): the cache holds the primary's top-k log-probabilities, not the logits another temperature would
+need, so a router for another sampling setting is trained by the ``router`` stage (``config.router.sampling``)."""
 
 from __future__ import annotations
 

@@ -273,3 +273,71 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   second = generate("tandem_speed", prompts, **kw)
   assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.80x" in second.policy_note
   assert live.plain_streak == 1 and live.calls == 1
+
+
+@pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.6),
+                                     dict(temperature=1.3, top_k=5), dict(temperature=0.8, top_p=0.7),
+                                     dict(temperature=1.0, top_k=7, top_p=0.9)])
+def test_router_label_is_the_rejection_probability_of_the_warped_distributions(setting):
+  """The sampled head's label is TV(p', q') of the distributions acceptance uses (sampling.probs): measured against
+  the empirical rejection rate of speculative_accept on one draft, and against the formula."""
+  import jax
+
+  from tandem_jax.decoding.sampling import SamplingParams, probs, speculative_accept
+  from tandem_jax.models import router as router_lib
+
+  params = SamplingParams(**setting)
+  rng = np.random.default_rng(int(setting["temperature"] * 10) + setting.get("top_k", 0))
+  p_logits = jnp.asarray(rng.normal(0, 2, (6, 12)), jnp.float32)
+  q_logits = p_logits + jnp.asarray(rng.normal(0, 1.5, (6, 12)), jnp.float32)
+  y = np.asarray(router_lib.labels(p_logits, q_logits, params))
+  pw, qw = np.asarray(probs(p_logits, params)), np.asarray(probs(q_logits, params))
+  np.testing.assert_allclose(y[:, 0], 0.5 * np.abs(pw - qw).sum(-1), rtol=1e-5, atol=1e-6)
+  np.testing.assert_array_equal(y[:, 1], np.argmax(p_logits, -1) != np.argmax(q_logits, -1))
+  if setting != dict(temperature=1.0):  # warping changes the label: a router for raw softmaxes would mispredict
+    assert np.abs(y[:, 0] - np.asarray(router_lib.tv_distance(p_logits, q_logits))).max() > 0.02
+  # the label is what acceptance does: one draft from q', accepted against p', n times per row
+  n = 20_000
+  keys = jax.random.split(jax.random.key(0), 2)
+  drafts = jax.random.categorical(keys[0], jnp.log(jnp.asarray(qw))[:, None, :].repeat(n, 1))  # [6, n]
+  pb, qb = (jnp.asarray(x)[:, None, None, :].repeat(n, 1).reshape(6 * n, 1, 12) for x in (pw, qw))
+  p2 = jnp.concatenate([pb, pb], 1)  # the bonus position's distribution (unused by the rate)
+  accepted, _ = speculative_accept(keys[1], p2, qb, drafts.reshape(-1, 1), jnp.ones((6 * n,), jnp.int32))
+  rejected = 1.0 - np.asarray(accepted).reshape(6, n).mean(1)
+  np.testing.assert_allclose(rejected, y[:, 0], atol=0.015)
+
+
+def test_router_for_another_sampling_setting_is_refused_before_tracing(models):
+  from tandem_jax.decoding.sampling import SamplingParams
+
+  tandem, _, router = models  # trained (config default) for the raw softmax: temperature 1
+  kw = dict(tandem=tandem, router=router, max_new_tokens=4)
+  with pytest.raises(ValueError, match=r"trained on distributions warped by .*temperature=1\.0.* samples with "
+                                       r".*temperature=0\.7"):
+    generate("tandem_speed", [[1, 2]], sampling=SamplingParams(temperature=0.7), **kw)
+  generate("tandem_speed", [[1, 2]], **kw)  # greedy: the greedy head
+  generate("tandem_speed", [[1, 2]], sampling=SamplingParams(temperature=1.0), **kw)
+  with nnx.use_eager_sharding(False):
+    warm = Router(32, top_k=4, hidden=8, rngs=nnx.Rngs(0), sampling=SamplingParams(temperature=0.7))
+  generate("tandem_speed", [[1, 2]], tandem=tandem, router=warm, max_new_tokens=4,
+           sampling=SamplingParams(temperature=0.7))
+  with pytest.raises(ValueError, match="temperature must be > 0"):
+    Router(32, rngs=nnx.Rngs(0), sampling=SamplingParams())
+
+
+def test_router_stage_trains_for_the_configured_sampling_setting():
+  from configs import base
+  from tandem_jax.decoding.sampling import SamplingParams
+  from tandem_jax.models import bundle
+  from tandem_jax.topology import with_placeholder_inits
+  from tandem_jax.training.validate import ConfigError, validate
+
+  c = base.get_config("router", "tiny")
+  assert bundle.router_lib.sampling_of(c.router) == SamplingParams(temperature=1.0)
+  c.router.sampling.temperature, c.router.sampling.top_p = 0.5, 0.9
+  with nnx.use_eager_sharding(False):
+    built = nnx.eval_shape(lambda: bundle.build_bundle(c, nnx.Rngs(0)))
+  assert built.router.sampling == SamplingParams(temperature=0.5, top_p=0.9)
+  c.router.sampling.temperature = 0.0
+  with pytest.raises(ConfigError, match="router.sampling.temperature"):
+    validate(with_placeholder_inits(c), num_devices=1, check_workdirs=False)

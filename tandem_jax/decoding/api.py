@@ -168,8 +168,9 @@ def lower(method: str, models: dict, *, batch_size: int, prompt_len: int, max_ne
     return fn()
 
 
-def _check_router(router, drafter) -> None:
-  """A router reads the drafter's top-k output embeddings: refuse one trained for another drafter's width."""
+def _check_router(router, drafter, sampling: SamplingParams) -> None:
+  """A router reads the drafter's top-k output embeddings: refuse one trained for another drafter's width; and its
+  sampled head predicts rejections of one sampling setting's warped distributions: refuse it for another."""
   width, size = drafter.cfg.d_model, drafter.cfg.output_size
   want = 1 + router.top_k + router.top_k * width
   if router.hidden.in_features != want:
@@ -178,6 +179,11 @@ def _check_router(router, drafter) -> None:
                      "works with the drafter it was trained on (its tandem's secondary)")
   if router.top_k > size:
     raise ValueError(f"the router reads the top {router.top_k} drafts but the drafter has {size} outputs")
+  trained = getattr(router, "sampling", None)
+  if not sampling.greedy and trained is not None and trained != sampling:
+    raise ValueError(f"the router's sampled head was trained on distributions warped by {trained}, this call "
+                     f"samples with {sampling}: acceptance would differ from what it predicts. Train a router for "
+                     f"this setting (config.router.sampling), or decode without the router")
 
 
 def _main_and_drafter(models):
@@ -277,7 +283,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" and method not in ("speed", "tandem_speed"):
     raise ValueError(f"policy 'auto' applies to 'speed' and 'tandem_speed', not {method!r}")
   if router is not None:
-    _check_router(router, draft_model)
+    _check_router(router, draft_model, sampling)
   if not prompts:
     raise ValueError("no prompts given")
   lens = [len(p) for p in prompts]

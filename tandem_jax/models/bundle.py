@@ -121,7 +121,8 @@ def build_bundle(config: ml_collections.ConfigDict, rngs: nnx.Rngs) -> nnx.Modul
     return LLMToSLM(p, s, rngs, projector_hidden=config.llm_to_slm.projector_hidden)
   if stage == "router":
     return RouterBundle(TandemLM(p, s, t, rngs),
-                        router_lib.Router(s.d_model, config.router.top_k, config.router.hidden, rngs=rngs))
+                        router_lib.Router(s.d_model, config.router.top_k, config.router.hidden, rngs=rngs,
+                                          sampling=router_lib.sampling_of(config.router)))
   raise ValueError(f"config.stage must be one of {STAGES}, got {stage!r}")
 
 

@@ -4,7 +4,10 @@ Features of the secondary's next-token distribution q: its entropy, its top-k pr
 embeddings of those top-k tokens. The MLP has two heads, each a soft-target binary cross-entropy on one rejection
 label at the same position (p = the primary's distribution there):
 
-* ``sampled`` (the paper's): TV(q, p), the probability that speculative sampling rejects the draft (β = 1 - TV, §2.2);
+* ``sampled`` (the paper's): TV(q, p), the probability that speculative sampling rejects the draft (β = 1 - TV, §2.2),
+  computed on the distributions acceptance uses: both warped by the sampling setting the router is trained for
+  (``Router.sampling``: temperature, top-k, top-p; the paper's raw softmax is temperature 1). Decoding refuses a
+  router whose setting differs from the call's (the greedy head serves every greedy call);
 * ``greedy`` (ours, CHOICE): 1[argmax q != argmax p], the rejection event of greedy verification. The TV label
   is a poor proxy there: a drafter whose argmax agrees 93% of the time still has TV ~0.2, so a TV router at τ = 0.8
   stops most greedy blocks after a draft or two.
@@ -19,6 +22,10 @@ import jax
 import jax.numpy as jnp
 import optax
 from flax import nnx
+
+from tandem_jax.decoding.sampling import SamplingParams, probs
+
+RAW = SamplingParams(temperature=1.0)  # the paper's label: TV of the raw softmaxes
 
 
 def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array:
@@ -44,17 +51,31 @@ def tv_distance(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
   return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 
-def labels(p_logits_bv: jax.Array, q_logits_bv: jax.Array) -> jax.Array:
-  """[B, 2] rejection labels per head (HEADS): TV(q, p) and whether the argmaxes differ."""
+def labels(p_logits_bv: jax.Array, q_logits_bv: jax.Array, sampling: SamplingParams = RAW) -> jax.Array:
+  """[B, 2] rejection labels per head (HEADS): TV(q', p') of the distributions ``sampling`` draws from (the
+  warped ones speculative sampling accepts on) and whether the argmaxes differ."""
+  if sampling.greedy:
+    raise ValueError("the sampled head's label needs a sampling setting with temperature > 0")
   mismatch = jnp.argmax(p_logits_bv, -1) != jnp.argmax(q_logits_bv, -1)
-  return jnp.stack([tv_distance(p_logits_bv, q_logits_bv), mismatch.astype(jnp.float32)], axis=-1)
+  if sampling == RAW:
+    tv = tv_distance(p_logits_bv, q_logits_bv)
+  else:
+    tv = 0.5 * jnp.sum(jnp.abs(probs(p_logits_bv, sampling) - probs(q_logits_bv, sampling)), axis=-1)
+  return jnp.stack([tv, mismatch.astype(jnp.float32)], axis=-1)
 
 
 class Router(nnx.Module):
-  def __init__(self, d_embed: int, top_k: int = 4, hidden: int = 64, *, rngs: nnx.Rngs):
+  """``sampling``: the setting (temperature > 0, top-k, top-p) whose warped distributions the sampled head's label
+  compares; a sampling call with another setting is refused (:func:`tandem_jax.decoding.api.generate`)."""
+
+  def __init__(self, d_embed: int, top_k: int = 4, hidden: int = 64, *, rngs: nnx.Rngs,
+               sampling: SamplingParams = RAW):
     if top_k < 1 or hidden < 1:
       raise ValueError(f"Router needs top_k >= 1 and hidden >= 1, got top_k={top_k}, hidden={hidden}")
+    if sampling.greedy:
+      raise ValueError("Router.sampling is the setting of its sampled head: temperature must be > 0")
     self.top_k = top_k
+    self.sampling = sampling
     d_in = 1 + top_k + top_k * d_embed
     self.norm = nnx.LayerNorm(d_in, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(),
                                                                                    ("norm",)),
@@ -83,3 +104,13 @@ def router_loss(r_logits_b2, labels_b2, weights_b=None) -> jax.Array:
   if weights_b is None:
     return jnp.mean(loss)
   return jnp.sum(loss * weights_b) / jnp.maximum(jnp.sum(weights_b), 1.0)
+
+
+def sampling_of(router_config) -> SamplingParams:
+  """The sampled head's setting from a config's ``router`` section (``sampling``: temperature, top_k, top_p; the
+  raw softmax when absent, as in configs written before the field existed)."""
+  s = router_config.get("sampling", None)
+  if not s:
+    return RAW
+  return SamplingParams(temperature=float(s.get("temperature", 1.0)), top_k=int(s.get("top_k", 0)),
+                        top_p=float(s.get("top_p", 1.0)))

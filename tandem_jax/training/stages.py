@@ -29,8 +29,8 @@ def prompt_lens(config, batch_size: int):
 
 
 def router_terms(bundle: RouterBundle, config, inputs_bt):
-  """(router logits [B*T, 2], labels [B*T, 2]: TV and argmax mismatch, router_lib.HEADS) from the frozen tandem's
-  parallel forward at block length γ_max.
+  """(router logits [B*T, 2], labels [B*T, 2]: TV of the distributions warped by the router's sampling setting and
+  argmax mismatch, router_lib.HEADS) from the frozen tandem's parallel forward at block length γ_max.
 
   γ_max puts every within-block draft offset 1..γ_max in the data, as the router sees them while drafting.
   """
@@ -39,7 +39,7 @@ def router_terms(bundle: RouterBundle, config, inputs_bt):
   v = q.shape[-1]
   q2, p2 = q.reshape(-1, v), p.reshape(-1, v)
   embed = jax.lax.stop_gradient(bundle.tandem.secondary.embed.embedding[...])
-  return bundle.router(q2, embed), router_lib.labels(p2, q2)
+  return bundle.router(q2, embed), router_lib.labels(p2, q2, bundle.router.sampling)
 
 
 def loss_fn(config, bundle: nnx.Module, batch: dict):

@@ -122,6 +122,12 @@ def validate(config: ml_collections.ConfigDict, num_devices: int | None = None, 
     _check(r.hidden >= 1, "router.hidden", f"must be >= 1, got {r.hidden}")
     _check(0.0 < r.threshold < 1.0, "router.threshold", f"must be in (0, 1), got {r.threshold}")
     _check(r.gamma_max >= 1, "router.gamma_max", f"must be >= 1, got {r.gamma_max}")
+    s = r.get("sampling", None) or {}
+    _check(float(s.get("temperature", 1.0)) > 0, "router.sampling.temperature",
+           f"must be > 0 (the sampled head's setting; greedy decoding reads the greedy head), got "
+           f"{s.get('temperature')}")
+    _check(int(s.get("top_k", 0)) >= 0, "router.sampling.top_k", f"must be >= 0, got {s.get('top_k')}")
+    _check(0 < float(s.get("top_p", 1.0)) <= 1, "router.sampling.top_p", f"must be in (0, 1], got {s.get('top_p')}")
 
   # Training.
   for name in ("batch_size", "steps", "log_every", "checkpoint_every", "keep_checkpoints"):
