@@ -14,6 +14,7 @@ import jax.numpy as jnp
 ROPE_SCALINGS = ("default", "linear", "llama3", "yarn")
 LAYER_TYPES = ("full", "sliding")
 MLP_ACTIVATIONS = ("silu", "gelu_tanh")
+ATTENTION_IMPLS = ("plain", "blockwise")
 
 _DTYPES = {"float32": jnp.float32, "bfloat16": jnp.bfloat16, "float16": jnp.float16}
 
@@ -61,6 +62,12 @@ class TransformerConfig:
   # The token embedding and output layer are constants (``Frozen`` variables: no gradient and no optimizer state
   # in any stage): a drafter reusing its primary's (EAGLE), copied in by ``tandem_jax.recipe``.
   freeze_embeddings: bool = False
+  # How attention is computed (same function, tested): "plain" materialises [B, heads, T, S] fp32 scores;
+  # "blockwise" (tandem_jax.models.attention) visits attention_block keys at a time with an online softmax and a
+  # flash-attention backward, so no [T, S] scores exist, for calls whose queries and keys both exceed
+  # attention_block (training, prefill, the secondary's mixed key set; cached decode steps stay plain).
+  attention_impl: str = "plain"
+  attention_block: int = 512
   # -- RoPE frequency scaling of the full-attention layers (Hugging Face ``rope_parameters``). "default": none;
   # "linear": frequencies / rope_factor; "llama3" (Llama 3.1+): low frequencies / rope_factor, high ones kept,
   # smoothed between (rope_low_freq_factor, rope_high_freq_factor, rope_original_max_len); "yarn": NTK-by-parts
@@ -155,6 +162,11 @@ class TransformerConfig:
     if self.rope_local_theta and "sliding" not in self.layer_types:
       raise ValueError("TransformerConfig.rope_local_theta is the sliding layers' RoPE base, but layer_types has no "
                        "'sliding' layer")
+    if self.attention_impl not in ATTENTION_IMPLS:
+      raise ValueError(f"TransformerConfig.attention_impl must be one of {ATTENTION_IMPLS}, got "
+                       f"{self.attention_impl!r}")
+    if not isinstance(self.attention_block, int) or self.attention_block < 1:
+      raise ValueError(f"TransformerConfig.attention_block must be a positive integer, got {self.attention_block!r}")
     if self.mlp_activation not in MLP_ACTIVATIONS:
       raise ValueError(f"TransformerConfig.mlp_activation must be one of {MLP_ACTIVATIONS}, got "
                        f"{self.mlp_activation!r}")

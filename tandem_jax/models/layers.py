@@ -1,8 +1,9 @@
 """Building blocks: RMSNorm, rotary embeddings, a gated MLP, grouped-query attention.
 
 Attention is split into its projections (:meth:`Attention.qkv`, :meth:`Attention.kv`) and one masked softmax
-(:func:`attend`), so the plain transformer, the KV-cached step and Tandem's mixed key/value set are three
-compositions of the same pieces rather than three attention implementations.
+(:func:`~tandem_jax.models.attention.attend`, or its blockwise form for long sequences, chosen by
+``TransformerConfig.attention_impl``), so the plain transformer, the KV-cached step and Tandem's mixed key/value set
+are three compositions of the same pieces rather than three attention implementations.
 
 The family switches of :class:`~tandem_jax.models.config.TransformerConfig` (RoPE scaling, q/k norms, soft-capping,
 sliding windows, GeGLU, Gemma's norms) live here. Per-layer differences (a sliding layer's window and RoPE base)
@@ -18,10 +19,9 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tandem_jax.models.attention import attend, blockwise_attend, softcap  # noqa: F401 (attend: re-exported)
 from tandem_jax.models.config import TransformerConfig, dtype_of
 from tandem_jax.sharding import constrain
-
-_NEG_INF = -1e30
 
 
 def _linear(cfg: TransformerConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs, bias: bool = False,
@@ -38,10 +38,6 @@ def pick(local, if_local, if_full):
   if local is None or isinstance(local, bool):
     return if_local if local else if_full
   return jnp.where(local, if_local, if_full)
-
-
-def softcap(x: jax.Array, cap: float) -> jax.Array:
-  return cap * jnp.tanh(x / cap) if cap else x
 
 
 class RMSNorm(nnx.Module):
@@ -115,23 +111,6 @@ def sliding_mask(mask_bts: jax.Array, q_positions_bt: jax.Array, k_positions_bs:
                  window: int) -> jax.Array:
   """``mask`` further limited to keys less than ``window`` positions behind their query (a sliding layer's mask)."""
   return mask_bts & (q_positions_bt[:, :, None] - k_positions_bs[:, None, :] < window)
-
-
-def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: jax.Array, *,
-           scale: float | None = None, cap: float = 0.0) -> jax.Array:
-  """Softmax attention with grouped query heads. Scores and softmax in fp32. Returns [B, T, N, H].
-
-  ``scale``: the scores' factor (default head_dim ** -0.5); ``cap``: soft-capping of the scores (0: off)."""
-  b, t, n, h = q_btnh.shape
-  kh = k_bskh.shape[2]
-  q = q_btnh.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * (
-      h ** -0.5 if scale is None else scale)
-  scores = softcap(scores, cap)
-  scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-  return out.reshape(b, t, n, h)
 
 
 class Attention(nnx.Module):
@@ -223,11 +202,15 @@ class Block(nnx.Module):
 
   def attend(self, q_btnh, k_bskh, v_bskh, masks, local=None):
     """:func:`attend` with this layer's score scale, soft-capping and mask: ``masks`` is (full, sliding) (the
-    sliding one None when the model has no sliding layer); ``local`` picks."""
+    sliding one None when the model has no sliding layer); ``local`` picks. With ``attention_impl="blockwise"``,
+    queries and keys both longer than ``attention_block`` go through :func:`blockwise_attend`."""
     c = self.cfg
     mask = masks[0] if masks[1] is None else pick(local, masks[1], masks[0])
-    return attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap,
-                  scale=c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None)
+    scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
+    # Blockwise only where a [T, S] score tensor would be large: cached decode steps (T of a few tokens) stay plain.
+    if c.attention_impl == "blockwise" and min(q_btnh.shape[1], k_bskh.shape[1]) > c.attention_block:
+      return blockwise_attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale, block=c.attention_block)
+    return attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale)
 
   def finish(self, x_btd, o_btnh):
     """Residual after attention output ``o``, then the MLP residual."""
