@@ -258,8 +258,9 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   rec.plain_streak = costs.PROBE_EVERY - 1
   on, why = costs.speculate(table, rec)
   assert on and why.startswith("probing")
-  rec.record(table, [9], wall_s=0.060)  # 4x: the decayed mean crosses 1 again
-  assert rec.speedup == pytest.approx(0.5 * 0.5 + 0.5 * 4.0) and costs.speculate(table, rec)[0]
+  rec.record(table, [9], wall_s=0.030)  # 8x: the decayed mean crosses 1 again
+  d = costs.OUTCOME_DECAY
+  assert rec.speedup == pytest.approx(d * 0.5 + (1 - d) * 8.0) and rec.speedup > 1 and costs.speculate(table, rec)[0]
   assert rec.plain_streak == 0
   # through generate: the first call speculates and records; a record below 1x sends the next call to ar
   prompts = [[1, 2, 3], [4, 5]]

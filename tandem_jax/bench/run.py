@@ -62,15 +62,14 @@ def say(msg: str) -> None:
 
 
 def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict | None = None) -> dict:
-  """Tables 2-4. ``costs`` (the per-call table by batch) gives Table 2's ``auto`` cell its cost table (the
-  standalone secondary's step stands for the Tandem secondary's: the toy presets give both the same shape)."""
+  """Tables 2-4. With ``costs`` (the per-call table by batch, reported beside) Table 2 gains the ``auto`` cell,
+  calibrated on its own decode program (``api.calibrate_loop``, generate's default)."""
   d, k = bench.decode, int(bench.gamma_max)
   primary, drafter, tandem, router, mid = (models[n] for n in ("primary", "drafter", "tandem", "router", "mid"))
   table2, table4 = {}, {}
   for name, b, ps, common in decode_settings(d, prompts, k):
-    table = timing.cost_table(costs[b]["primary"], costs[b]["drafter"], k) if costs else None
     cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=primary, drafter=drafter,
-                                       tandem=tandem, auto=bool(costs), auto_costs=table)
+                                       tandem=tandem, auto=bool(costs), auto_costs=None)
     table2[name] = row
     if b == 1:  # Table 4: adaptive against the best fixed γ, re-timed side by side
       g = row["best_gamma"]["tandem_speed"]

@@ -31,12 +31,14 @@ def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int
 
 def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict:
   """Decodes ``prompts`` in batches of ``batch``; sums wall time, tokens and the per-row counters."""
-  wall, agg = 0.0, {}
+  wall, agg = 0.0, {"calls": 0, "plain_calls": 0}
   for i in range(0, len(prompts), batch):
     r = generate(method, prompts[i:i + batch], **kw)
     wall += r.wall_time
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
+    agg["calls"] += 1
+    agg["plain_calls"] += int(r.policy_note.startswith("speculation off"))  # auto ran the plain program
     for name, v in r.stats.items():
       if name == "trace":
         continue
@@ -128,8 +130,9 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 # -- per-call costs ---------------------------------------------------------------------------------------------
 def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) -> dict:
   """Table 2's ``auto`` cell: its summary, the γ chosen per iteration and its ratio to the best fixed γ's cell."""
-  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max,
-              gamma_hist=np.asarray(res["auto"]["run"]["gamma_hist"]).tolist(),
+  run = res["auto"]["run"]
+  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, calls=int(run["calls"]),
+              plain_calls=int(run["plain_calls"]), gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
               vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])))
 
 

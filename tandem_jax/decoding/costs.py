@@ -213,7 +213,7 @@ def estimate(accept_count_b, reject_count_b) -> jax.Array:
 # it emitted) / (its wall time); their decayed mean below 1 switches speculation off. The first call has no record and
 # speculates when the cost table says a block pays at PRIOR_ALPHA; a call in every PROBE_EVERY speculates anyway so
 # that the record follows the data (a switched-off program measures nothing).
-PRIOR_ALPHA, OUTCOME_DECAY, PROBE_EVERY = 0.5, 0.5, 16
+PRIOR_ALPHA, OUTCOME_DECAY, PROBE_EVERY = 0.5, 0.8, 16
 
 
 class Outcome:
