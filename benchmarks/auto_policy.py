@@ -1,11 +1,17 @@
-"""The ``auto`` block-length policy (cost table measured on the decode loop) against ``ar`` and fixed γ, on the
-real-model benchmark's trained models: greedy (or the temperatures given), batch 1 (6 held-out prompts) and batch 8
-(24), 64 new tokens, interleaved repeats (tandem_jax.bench.timing), ratios of median wall times.
+"""The ``auto`` block-length policy (γ per iteration from the decode loop's own calibration, the plain ``ar`` program
+for calls where earlier calls measured speculation below 1x) against ``ar`` and fixed γ, on the real-model
+benchmark's trained models. Ratios of median wall times over interleaved repeats (tandem_jax.bench.timing), 64 new
+tokens per row.
 
-  python benchmarks/auto_policy.py WORKDIR [TEMPERATURE ...]
+  python benchmarks/auto_policy.py WORKDIR [--temperatures=0,1] [--batches=1,8,40] [--repeats=2]
 
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
+Prompts: batch 1 the first 6 held-out prompts (tandem_jax.data.heldout), batch 8 all 24; batch 40 the first 24 tokens
+of 40 validation rows of the recipe's cached data (the primary's own continuations of topic prompts, rows the
+drafter was not trained on): another corpus, and more rows than the held-out set has.
 """
+import argparse
+import json
 import os
 import sys
 import time
@@ -17,35 +23,68 @@ import numpy as np  # noqa: E402
 from tandem_jax.bench import timing  # noqa: E402
 from tandem_jax.data.heldout import PROMPTS  # noqa: E402
 from tandem_jax.decoding import SamplingParams, costs  # noqa: E402
+from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, split_rows  # noqa: E402
 from tandem_jax.workdir import load_workdir  # noqa: E402
 
 
-def main(workdir: str, temperatures):
-  run = load_workdir(os.path.join(workdir, "tandem"))
+def recipe_prompts(tandem_dir: str, n: int, length: int = 24) -> list[list[int]]:
+  """The first ``length`` tokens of ``n`` validation rows of the recipe's cached data."""
+  with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
+    rc = RecipeConfig(**json.load(fh))
+  tokens = np.load(os.path.join(tandem_dir, DATA_DIR, "tokens.npy"))
+  _, val_rows = split_rows(len(tokens), rc.val_fraction)
+  if len(val_rows) < n:
+    raise ValueError(f"the recipe data has {len(val_rows)} validation rows, fewer than {n}")
+  return [[int(t) for t in tokens[r, :length]] for r in val_rows[:n]]
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("workdir")
+  ap.add_argument("--temperatures", default="0")
+  ap.add_argument("--batches", default="1,8")
+  ap.add_argument("--repeats", type=int, default=2)
+  args = ap.parse_args(argv)
+  tandem_dir = os.path.join(args.workdir, "tandem")
+  run = load_workdir(tandem_dir)
   tandem, primary, tok = run.model, run.model.primary, run.tokenizer
-  prompts = [tok.encode(p, add_bos=True) for p in PROMPTS[:24]]
-  for temp in temperatures:
+  held = [tok.encode(p, add_bos=True) for p in PROMPTS[:24]]
+  rows = []
+  for temp in [float(t) for t in args.temperatures.split(",")]:
     common = dict(sampling=SamplingParams(temperature=temp), max_new=64, k=4, seed=0)
-    for b in (1, 8):
-      ps = prompts[:6] if b == 1 else prompts
+    for b in [int(x) for x in args.batches.split(",")]:
+      ps = held[:6] if b == 1 else held if b <= 24 else recipe_prompts(tandem_dir, b)
       t0 = time.perf_counter()
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)}
-      for g in (1, 2):
+      for g in (1, 2, 3):
         cells[f"fixed γ={g}"] = timing.decode_cell("tandem_speed", ps, b, g, models=dict(tandem=tandem), **common)
       cells["auto (≤ 4)"] = timing.decode_cell("tandem_speed", ps, b, 4, models=dict(tandem=tandem),
                                                policy="auto", costs=None, **common)
-      res = timing.interleaved(cells, 2)
+      res = timing.interleaved(cells, args.repeats)
       ar = np.median(res["ar"]["times"])
-      line = ", ".join(f"{n} {ar / np.median(r['times']):.3f}x" for n, r in res.items())
-      hist = np.asarray(res["auto (≤ 4)"]["run"]["gamma_hist"]).tolist()
-      print(f"T={temp:g} batch {b}: {line}; auto's γ per iteration {hist} ({time.perf_counter() - t0:.0f} s)",
-            flush=True)
+      ratio = {n: float(ar / np.median(r["times"])) for n, r in res.items()}
+      auto_run = res["auto (≤ 4)"]["run"]
+      best = max((n for n in ratio if n.startswith("fixed")), key=ratio.get)
+      rows.append((temp, b, len(ps), ratio, best, auto_run, time.perf_counter() - t0))
+      hist = np.asarray(auto_run["gamma_hist"]).tolist()
+      print(f"T={temp:g} batch {b} ({len(ps)} prompts): "
+            + ", ".join(f"{n} {v:.3f}x" for n, v in ratio.items())
+            + f"; auto / best fixed ({best}) {ratio['auto (≤ 4)'] / ratio[best]:.3f}; auto ran the plain program in "
+            f"{auto_run['plain_calls']} of {auto_run['calls']} calls, γ per iteration {hist} "
+            f"({time.perf_counter() - t0:.0f} s)", flush=True)
+  print("\n| T | batch | prompts | ar | fixed γ=1 | fixed γ=2 | fixed γ=3 | auto | auto / best fixed | auto calls on ar |")
+  print("|---|---|---|---|---|---|---|---|---|---|")
+  for temp, b, n, ratio, best, auto_run, _ in rows:
+    print(f"| {temp:g} | {b} | {n} | 1.000 | {ratio['fixed γ=1']:.3f} | {ratio['fixed γ=2']:.3f} | "
+          f"{ratio['fixed γ=3']:.3f} | **{ratio['auto (≤ 4)']:.3f}** | {ratio['auto (≤ 4)'] / ratio[best]:.3f} | "
+          f"{auto_run['plain_calls']} / {auto_run['calls']} |")
   for key, (_, table) in costs._calibrated.items():
     if key[0] == "loop":
       t = table.as_dict()
-      print(f"loop calibration, batch {key[3]}: iteration ms for γ = 0.. "
-            f"{[round(v + max(g, 1) * t['draft_ms'], 2) for g, v in enumerate(t['verify_ms'])]}")
+      print(f"loop calibration, batch {key[3]}, {key[-3]}: iteration ms for γ = 0.. "
+            f"{[round(v + max(g, 1) * t['draft_ms'], 2) for g, v in enumerate(t['verify_ms'])]}; plain ar step "
+            f"{t['plain_ms']:.2f} ms, prefill {t['prefill_ms']:.1f} ms")
 
 
 if __name__ == "__main__":
-  main(sys.argv[1], [float(t) for t in sys.argv[2:]] or [0.0])
+  main()
