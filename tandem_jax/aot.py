@@ -309,9 +309,12 @@ def lower_decode(tandem, router, *, batch, prompt_len, max_new_tokens, max_block
 
 def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, max_new_tokens: int = 128,
         block_len: int = 8, groups=GROUPS, hbm_gib: float | None = None, acceptance: str | None = None,
-        decode_programs=DECODE_PROGRAMS, decode_mesh_shape=None, log=logging.info) -> dict:
+        decode_programs=DECODE_PROGRAMS, decode_mesh_shape=None, check_depth: bool = False,
+        log=logging.info) -> dict:
   """Compiles the selected program groups of ``config`` for ``topology``; returns the report (see :func:`main`).
 
+  ``check_depth`` (scanned models): also compiles each per-call program unrolled at the real depths and records
+  its own cost (``unrolled``) beside the depth-extrapolated one, to check the extrapolation.
   Raises ConfigError for a bad config and ValueError for bad arguments before compiling anything.
   """
   bad = [g for g in groups if g not in GROUPS]
@@ -407,6 +410,11 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
         rec["ms_per_call"] = rec["seconds"] * 1e3
         rec["roofline"] = tp.decode_roofline(rec["bytes_accessed"], rec["seconds"],
                                              *floors[CALL_MODELS[name]], chip)
+      if check_depth and scanned and "seconds" in rec:
+        full = _cost_of(call_at(name)(pcfg.num_layers, scfg.num_layers)[0].compile())
+        rec["unrolled"] = dict(bytes_accessed=full.get("bytes accessed", 0.0), flops=full.get("flops", 0.0),
+                               bytes_over_min=full.get("bytes accessed", 0.0) / rec["roofline"]["min_bytes"])
+        log("compiled %s unrolled at full depth", name)
     progs = report["programs"]
     if all("seconds" in progs[c] for c in CALL_PROGRAMS):
       step = progs["primary_step"]["seconds"]
@@ -466,6 +474,12 @@ def format_report(report: dict) -> str:
       lines.append(f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {rf['min_bytes'] / 1e9:.3f} | "
                    f"{rf['bytes_over_min']:.2f}x | {r['seconds'] * 1e3:.3f} | {rf['roofline_ms']:.3f} | "
                    f"{rf['ms_over_roofline']:.2f}x | {r.get('weight_ops_per_call', '-')} |")
+    unrolled = [(name, r) for name, r in calls if "unrolled" in r]
+    if unrolled:
+      lines += ["", "Depth extrapolation against the program unrolled at full depth (GB accessed per device):", "",
+                "| program | extrapolated | unrolled | unrolled / minimum |", "|---|---|---|---|"]
+      lines += [f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {r['unrolled']['bytes_accessed'] / 1e9:.3f} | "
+                f"{r['unrolled']['bytes_over_min']:.2f}x |" for name, r in unrolled]
   if "per_token" in report:
     pt = report["per_token"]
     lines += ["", f"Decoding: primary step {pt['ar_ms_per_token']:.3f} ms/call (= ms/token autoregressive); "
@@ -486,7 +500,7 @@ def main(argv):
                max_new_tokens=f.max_new_tokens, block_len=f.block_len, groups=tuple(f.programs),
                hbm_gib=f.hbm_gib, acceptance=f.acceptance,
                log=lambda fmt, *a: print(fmt % a, file=sys.stderr, flush=True),  # progress; stdout: the report
-               decode_mesh_shape=[int(x) for x in f.decode_mesh_shape] or None)
+               decode_mesh_shape=[int(x) for x in f.decode_mesh_shape] or None, check_depth=f.check_depth)
   print(json.dumps(report, indent=1, default=float) if f.json else format_report(report))
   if report["failures"]:
     print("\n".join(report["failures"]), file=sys.stderr)
@@ -502,6 +516,8 @@ def _define_flags():
   flags.DEFINE_integer("decode_batch", 0, "decode batch (0: one row per batch shard of the decode mesh)")
   flags.DEFINE_list("decode_mesh_shape", [], "mesh shape over config.mesh.axes for the decode programs "
                     "(default: the training mesh), e.g. 4,1,4")
+  flags.DEFINE_bool("check_depth", False, "scanned models: also compile each per-call program unrolled at full "
+                    "depth and report its bytes beside the depth-extrapolated estimate")
   flags.DEFINE_integer("prompt_len", 128, "decode prompt length")
   flags.DEFINE_integer("max_new_tokens", 128, "decode budget")
   flags.DEFINE_integer("block_len", 8, "K: the largest γ (drafts per block); the block call verifies K+1 tokens")

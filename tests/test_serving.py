@@ -94,11 +94,15 @@ def test_aot_decodes_the_presets_on_their_serving_layout():
                                        "(pip install -e '.[tpu]')")
   c = _config()
   with c.unlocked():
-    c.serving.mesh_shape = (1, 4)
-  r = aot.run(c, "v5e:2x2", prompt_len=8, max_new_tokens=16, block_len=4, groups=("calls",),
+    # model 2: the tiny models' 2 kv heads split over it (over 4 the scanned KV cache is replicated and gathered)
+    c.serving.mesh_shape = (2, 2)
+    c.primary.scan_layers = c.secondary.scan_layers = True  # as the presets: costs extrapolated in depth
+  r = aot.run(c, "v5e:2x2", prompt_len=8, max_new_tokens=16, block_len=4, groups=("calls",), check_depth=True,
               log=lambda *a: None)
-  assert r["decode_mesh"] == {"data": 1, "model": 4} and r["serving_dtype"] == "bfloat16" and not r["failures"]
-  assert r["programs"]["primary_step"]["weight_ops_per_call"] == 0
+  assert r["decode_mesh"] == {"data": 2, "model": 2} and r["serving_dtype"] == "bfloat16" and not r["failures"]
+  step = r["programs"]["primary_step"]
+  assert step["weight_ops_per_call"] == 0 and step["roofline"]["bytes_over_min"] > 1
+  assert step["unrolled"]["bytes_accessed"] > 0 and "unrolled / minimum" in aot.format_report(r)
 
 
 # -- loading a workdir for decoding ----------------------------------------------------------------------------
