@@ -291,7 +291,7 @@ def test_router_label_is_the_rejection_probability_of_the_warped_distributions(s
   rng = np.random.default_rng(int(setting["temperature"] * 10) + setting.get("top_k", 0))
   p_logits = jnp.asarray(rng.normal(0, 2, (6, 12)), jnp.float32)
   q_logits = p_logits + jnp.asarray(rng.normal(0, 1.5, (6, 12)), jnp.float32)
-  y = np.asarray(router_lib.labels(p_logits, q_logits, params))
+  y = np.asarray(router_lib.labels(p_logits, q_logits, lambda x: probs(x, params)))
   pw, qw = np.asarray(probs(p_logits, params)), np.asarray(probs(q_logits, params))
   np.testing.assert_allclose(y[:, 0], 0.5 * np.abs(pw - qw).sum(-1), rtol=1e-5, atol=1e-6)
   np.testing.assert_array_equal(y[:, 1], np.argmax(p_logits, -1) != np.argmax(q_logits, -1))
@@ -319,26 +319,25 @@ def test_router_for_another_sampling_setting_is_refused_before_tracing(models):
   generate("tandem_speed", [[1, 2]], **kw)  # greedy: the greedy head
   generate("tandem_speed", [[1, 2]], sampling=SamplingParams(temperature=1.0), **kw)
   with nnx.use_eager_sharding(False):
-    warm = Router(32, top_k=4, hidden=8, rngs=nnx.Rngs(0), sampling=SamplingParams(temperature=0.7))
+    warm = Router(32, top_k=4, hidden=8, rngs=nnx.Rngs(0), sampling=(0.7, 0, 1.0))
   generate("tandem_speed", [[1, 2]], tandem=tandem, router=warm, max_new_tokens=4,
            sampling=SamplingParams(temperature=0.7))
   with pytest.raises(ValueError, match="temperature must be > 0"):
-    Router(32, rngs=nnx.Rngs(0), sampling=SamplingParams())
+    Router(32, rngs=nnx.Rngs(0), sampling=(0.0, 0, 1.0))
 
 
 def test_router_stage_trains_for_the_configured_sampling_setting():
   from configs import base
-  from tandem_jax.decoding.sampling import SamplingParams
   from tandem_jax.models import bundle
   from tandem_jax.topology import with_placeholder_inits
   from tandem_jax.training.validate import ConfigError, validate
 
   c = base.get_config("router", "tiny")
-  assert bundle.router_lib.sampling_of(c.router) == SamplingParams(temperature=1.0)
+  assert bundle.router_lib.sampling_of(c.router) == (1.0, 0, 1.0)
   c.router.sampling.temperature, c.router.sampling.top_p = 0.5, 0.9
   with nnx.use_eager_sharding(False):
     built = nnx.eval_shape(lambda: bundle.build_bundle(c, nnx.Rngs(0)))
-  assert built.router.sampling == SamplingParams(temperature=0.5, top_p=0.9)
+  assert built.router.sampling == (0.5, 0, 0.9)
   c.router.sampling.temperature = 0.0
   with pytest.raises(ConfigError, match="router.sampling.temperature"):
     validate(with_placeholder_inits(c), num_devices=1, check_workdirs=False)

@@ -180,6 +180,7 @@ def _check_router(router, drafter, sampling: SamplingParams) -> None:
   if router.top_k > size:
     raise ValueError(f"the router reads the top {router.top_k} drafts but the drafter has {size} outputs")
   trained = getattr(router, "sampling", None)
+  trained = None if trained is None else SamplingParams(*trained)
   if not sampling.greedy and trained is not None and trained != sampling:
     raise ValueError(f"the router's sampled head was trained on distributions warped by {trained}, this call "
                      f"samples with {sampling}: acceptance would differ from what it predicts. Train a router for "

@@ -23,9 +23,9 @@ import jax.numpy as jnp
 import optax
 from flax import nnx
 
-from tandem_jax.decoding.sampling import SamplingParams, probs
-
-RAW = SamplingParams(temperature=1.0)  # the paper's label: TV of the raw softmaxes
+# A sampling setting as (temperature, top_k, top_p), the fields of decoding.sampling.SamplingParams (models sit below
+# decoding: a plain tuple keeps them apart). RAW, the paper's label: TV of the raw softmaxes.
+RAW = (1.0, 0, 1.0)
 
 
 def features(logits_bv: jax.Array, embed_vd: jax.Array, top_k: int) -> jax.Array:
@@ -51,31 +51,31 @@ def tv_distance(p_logits: jax.Array, q_logits: jax.Array) -> jax.Array:
   return 0.5 * jnp.sum(jnp.abs(p - q), axis=-1)
 
 
-def labels(p_logits_bv: jax.Array, q_logits_bv: jax.Array, sampling: SamplingParams = RAW) -> jax.Array:
-  """[B, 2] rejection labels per head (HEADS): TV(q', p') of the distributions ``sampling`` draws from (the
-  warped ones speculative sampling accepts on) and whether the argmaxes differ."""
-  if sampling.greedy:
-    raise ValueError("the sampled head's label needs a sampling setting with temperature > 0")
+def labels(p_logits_bv: jax.Array, q_logits_bv: jax.Array, warp=None) -> jax.Array:
+  """[B, 2] rejection labels per head (HEADS): TV(q', p') of the distributions sampling draws from (``warp``:
+  logits -> probabilities, e.g. decoding.sampling.probs at the router's setting; None: the raw softmax) and whether
+  the argmaxes differ."""
   mismatch = jnp.argmax(p_logits_bv, -1) != jnp.argmax(q_logits_bv, -1)
-  if sampling == RAW:
+  if warp is None:
     tv = tv_distance(p_logits_bv, q_logits_bv)
   else:
-    tv = 0.5 * jnp.sum(jnp.abs(probs(p_logits_bv, sampling) - probs(q_logits_bv, sampling)), axis=-1)
+    tv = 0.5 * jnp.sum(jnp.abs(warp(p_logits_bv) - warp(q_logits_bv)), axis=-1)
   return jnp.stack([tv, mismatch.astype(jnp.float32)], axis=-1)
 
 
 class Router(nnx.Module):
-  """``sampling``: the setting (temperature > 0, top-k, top-p) whose warped distributions the sampled head's label
+  """``sampling``: the setting (temperature > 0, top_k, top_p) whose warped distributions the sampled head's label
   compares; a sampling call with another setting is refused (:func:`tandem_jax.decoding.api.generate`)."""
 
   def __init__(self, d_embed: int, top_k: int = 4, hidden: int = 64, *, rngs: nnx.Rngs,
-               sampling: SamplingParams = RAW):
+               sampling: tuple = RAW):
     if top_k < 1 or hidden < 1:
       raise ValueError(f"Router needs top_k >= 1 and hidden >= 1, got top_k={top_k}, hidden={hidden}")
-    if sampling.greedy:
+    temperature, k, top_p = sampling
+    if not temperature > 0:
       raise ValueError("Router.sampling is the setting of its sampled head: temperature must be > 0")
     self.top_k = top_k
-    self.sampling = sampling
+    self.sampling = (float(temperature), int(k), float(top_p))
     d_in = 1 + top_k + top_k * d_embed
     self.norm = nnx.LayerNorm(d_in, rngs=rngs, scale_init=nnx.with_partitioning(nnx.initializers.ones_init(),
                                                                                    ("norm",)),
@@ -106,11 +106,10 @@ def router_loss(r_logits_b2, labels_b2, weights_b=None) -> jax.Array:
   return jnp.sum(loss * weights_b) / jnp.maximum(jnp.sum(weights_b), 1.0)
 
 
-def sampling_of(router_config) -> SamplingParams:
-  """The sampled head's setting from a config's ``router`` section (``sampling``: temperature, top_k, top_p; the
+def sampling_of(router_config) -> tuple:
+  """The sampled head's setting (temperature, top_k, top_p) from a config's ``router`` section (``sampling``; the
   raw softmax when absent, as in configs written before the field existed)."""
   s = router_config.get("sampling", None)
   if not s:
     return RAW
-  return SamplingParams(temperature=float(s.get("temperature", 1.0)), top_k=int(s.get("top_k", 0)),
-                        top_p=float(s.get("top_p", 1.0)))
+  return (float(s.get("temperature", 1.0)), int(s.get("top_k", 0)), float(s.get("top_p", 1.0)))

@@ -7,10 +7,13 @@ The modules themselves (what each stage trains and freezes) are built by :mod:`t
 
 from __future__ import annotations
 
+import functools
+
 import jax
 import jax.numpy as jnp
 from flax import nnx
 
+from tandem_jax.decoding import sampling as sampling_lib
 from tandem_jax.models import router as router_lib
 from tandem_jax.models.bundle import STAGES, TANDEM_STAGES, RouterBundle
 from tandem_jax.models.transformer import Transformer
@@ -39,7 +42,10 @@ def router_terms(bundle: RouterBundle, config, inputs_bt):
   v = q.shape[-1]
   q2, p2 = q.reshape(-1, v), p.reshape(-1, v)
   embed = jax.lax.stop_gradient(bundle.tandem.secondary.embed.embedding[...])
-  return bundle.router(q2, embed), router_lib.labels(p2, q2, bundle.router.sampling)
+  setting = bundle.router.sampling
+  warp = None if setting == router_lib.RAW else functools.partial(sampling_lib.probs,
+                                                                   params=sampling_lib.SamplingParams(*setting))
+  return bundle.router(q2, embed), router_lib.labels(p2, q2, warp)
 
 
 def loss_fn(config, bundle: nnx.Module, batch: dict):
