@@ -244,24 +244,33 @@ def test_auto_runs_the_plain_program_where_speculation_cannot_pay(models, monkey
 
 
 def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch):
-  """After speculative calls, the decision follows their measured speed against the plain program's predicted
-  time: below 1x the plain program runs, with one speculative probe every PROBE_EVERY calls."""
+  """After speculative calls, the decision follows the speed their loops reached (the block lengths they ran at the
+  calibrated iteration costs) against the plain program's: below 1x the plain program runs (at once for a clear loss,
+  after MIN_CALLS calls for a small one), with one speculative probe every PROBE_EVERY calls."""
   tandem, _, _ = models
   monkeypatch.setattr(costs, "_outcomes", {})
-  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)  # pays at the prior
+  # iterations: γ = 0 11 ms, 1 12 ms, 2 14 ms, 3 16 ms; a plain step 30 ms: pays at the prior
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
   rec = costs.Outcome()
   assert costs.speculate(table, rec) == (True, "")
-  rec.record(table, [5, 9], wall_s=0.480)  # the plain program: 8 steps x 30 ms = 240 ms against 480 ms
+  # rows of 5 and 9 tokens: the plain program takes 8 steps = 240 ms; the loop ran 30 iterations at γ = 3 (the
+  # longer row's histogram is the loop's) = 480 ms
+  rec.record(table, [5, 9], np.asarray([[0, 0, 0, 12], [0, 0, 0, 30]]))
   assert rec.speedup == pytest.approx(0.5) and rec.calls == 1
   on, why = costs.speculate(table, rec)
-  assert not on and "0.50x" in why
+  assert not on and "0.50x" in why  # a clear loss: off after one call
   rec.plain_streak = costs.PROBE_EVERY - 1
   on, why = costs.speculate(table, rec)
   assert on and why.startswith("probing")
-  rec.record(table, [9], wall_s=0.030)  # 8x: the decayed mean crosses 1 again
+  rec.record(table, [33], np.asarray([[0, 0, 0, 10]]))  # 960 ms plain against 160 ms: 6x
   d = costs.OUTCOME_DECAY
-  assert rec.speedup == pytest.approx(d * 0.5 + (1 - d) * 8.0) and rec.speedup > 1 and costs.speculate(table, rec)[0]
+  assert rec.speedup == pytest.approx(d * 0.5 + (1 - d) * 6.0) and rec.speedup > 1 and costs.speculate(table, rec)[0]
   assert rec.plain_streak == 0
+  mild = costs.Outcome()  # 240 ms plain against 21 iterations at γ = 1 (252 ms): 0.95x
+  for n in range(costs.MIN_CALLS):
+    assert costs.speculate(table, mild)[0], n  # a small loss from fewer than MIN_CALLS calls: keep measuring
+    mild.record(table, [9], np.asarray([[0, 21, 0, 0]]))
+  assert mild.speedup == pytest.approx(240 / 252) and not costs.speculate(table, mild)[0]
   # through generate: the first call speculates and records; a record below 1x sends the next call to ar
   prompts = [[1, 2, 3], [4, 5]]
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=10).tokens
@@ -270,10 +279,10 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   assert first.tokens == want and first.policy_note == "" and first.stats["drafted"].sum() > 0
   (_, live), = costs._outcomes.values()
   assert live.calls == 1
-  live.speedup = 0.8
+  live.speedup, live.calls = 0.95, costs.MIN_CALLS
   second = generate("tandem_speed", prompts, **kw)
-  assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.80x" in second.policy_note
-  assert live.plain_streak == 1 and live.calls == 1
+  assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.95x" in second.policy_note
+  assert live.plain_streak == 1 and live.calls == costs.MIN_CALLS
 
 
 @pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.6),

@@ -385,7 +385,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                         stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
                         compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "")
   if outcome is not None:
-    outcome.record(costs, [len(t) for t in result.tokens], wall)
+    outcome.record(costs, [len(t) for t in result.tokens], result.stats["gamma_hist"])
   return result
 
 

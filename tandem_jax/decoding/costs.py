@@ -209,11 +209,14 @@ def estimate(accept_count_b, reject_count_b) -> jax.Array:
 # A γ = 0 iteration of the speculative loop still runs the drafter's catch-up step and the loop's bookkeeping, so at a
 # batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
 # chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with the same
-# models and shapes measured: each speculative call records the ratio (plain program's predicted time for the tokens
-# it emitted) / (its wall time); their decayed mean below 1 switches speculation off. The first call has no record and
-# speculates when the cost table says a block pays at PRIOR_ALPHA; a call in every PROBE_EVERY speculates anyway so
-# that the record follows the data (a switched-off program measures nothing).
-PRIOR_ALPHA, OUTCOME_DECAY, PROBE_EVERY = 0.5, 0.8, 16
+# models and shapes did: each speculative call records the ratio of the plain program's time for the tokens it
+# emitted (its longest row's, one step each) to the speculative loop's time for the iterations it ran (the block
+# lengths it chose, at the calibrated iteration costs). Both come from the same calibration, so the ratio carries the
+# acceptance the call met, including that a batch runs until its slowest row is done, and no wall-clock noise.
+# Their decayed mean below 1 switches speculation off, once MIN_CALLS calls agree or sooner for a clear loss (below
+# CLEAR_LOSS): single prompts' acceptance varies. The first call has no record and speculates when the table says a
+# block pays at PRIOR_ALPHA; one call in PROBE_EVERY speculates anyway so that the record follows the data.
+PRIOR_ALPHA, OUTCOME_DECAY, PROBE_EVERY, MIN_CALLS, CLEAR_LOSS = 0.5, 0.8, 16, 3, 0.9
 
 
 class Outcome:
@@ -224,11 +227,18 @@ class Outcome:
     self.calls = 0                     # speculative calls recorded
     self.plain_streak = 0              # plain calls since the last speculative one
 
-  def record(self, table: CostTable, emitted_per_row, wall_s: float) -> None:
+  def record(self, table: CostTable, emitted_per_row, gamma_hist_bk) -> None:
     """Adds one speculative call: ``emitted_per_row`` tokens per row (the plain program needs one step per token
-    after the first, until its longest row is done), ``wall_s`` its wall time."""
-    plain = float(table.prefill_ms) + float(table.plain_ms) * max(max(emitted_per_row) - 1, 0)
-    ratio = plain / max(wall_s * 1e3, 1e-9)
+    after the first, until its longest row is done) and ``gamma_hist_bk`` [B, K+1] its block lengths per row (the
+    row with the most iterations was active in all of them: its histogram is the loop's)."""
+    hist = np.asarray(gamma_hist_bk)
+    loop = hist[int(np.argmax(hist.sum(1)))]
+    v, c = np.asarray(table.verify_ms, np.float64), float(table.draft_ms)
+    spec = float(sum(n * (max(g, 1) * c + v[g + 1]) for g, n in enumerate(loop)))
+    plain = float(table.plain_ms) * max(max(emitted_per_row) - 1, 0)
+    if spec <= 0:
+      return
+    ratio = plain / spec
     self.speedup = ratio if self.speedup is None else OUTCOME_DECAY * self.speedup + (1 - OUTCOME_DECAY) * ratio
     self.calls += 1
     self.plain_streak = 0
@@ -266,10 +276,10 @@ def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
       return True, ""
     return False, (f"speculation off: even at acceptance {PRIOR_ALPHA} the best block (γ = {g}) would cost "
                    f"{ms:.2f} ms per token against {plain:.2f} ms for a plain primary step")
-  if rec.speedup >= 1.0:
+  if rec.speedup >= 1.0 or (rec.calls < MIN_CALLS and rec.speedup >= CLEAR_LOSS):
     return True, ""
   if rec.plain_streak + 1 >= PROBE_EVERY:
     return True, f"probing: speculation was off for {rec.plain_streak} calls"
-  return False, (f"speculation off: the last speculative calls ran at {rec.speedup:.2f}x the plain program "
-                 f"(predicted at {plain:.2f} ms per token), so this call ran the plain program (ar); one call in "
-                 f"{PROBE_EVERY} speculates to re-measure")
+  return False, (f"speculation off: at the acceptance the last speculative calls met, their loop ran at "
+                 f"{rec.speedup:.2f}x the plain program's speed (calibrated costs: plain step {plain:.2f} ms), so "
+                 f"this call ran the plain program (ar); one call in {PROBE_EVERY} speculates to re-measure")
