@@ -73,13 +73,19 @@ def test_no_weight_sized_converts_or_gathers_per_call_on_cpu():
   assert master["primary_step"] and {op["opcode"] for op in master["primary_step"]} == {"convert"}
 
 
-def test_no_weight_sized_converts_or_gathers_on_v5e():
+def _v5e_config(mesh_shape):
+  """The tiny config decoding on ``mesh_shape``, for a deviceless v5e compile (skipped, saying why, without libtpu)."""
   pytest.importorskip("libtpu", reason="libtpu is not installed: the deviceless v5e compile needs the tpu extra "
                                        "(pip install -e '.[tpu]')")
-  from tandem_jax.topology import topology_mesh
   c = _config()
   with c.unlocked():
-    c.serving.mesh_shape = (1, 4)
+    c.serving.mesh_shape = mesh_shape
+  return c
+
+
+def test_no_weight_sized_converts_or_gathers_on_v5e():
+  from tandem_jax.topology import topology_mesh
+  c = _v5e_config((1, 4))
   mesh = topology_mesh("v5e:2x2", bundle_lib.decode_mesh_config(c))
   found = _weight_ops(c, mesh, batch=1)  # every dtype
   assert not any(found.values()), found
@@ -90,12 +96,9 @@ def test_no_weight_sized_converts_or_gathers_on_v5e():
 
 
 def test_aot_decodes_the_presets_on_their_serving_layout():
-  pytest.importorskip("libtpu", reason="libtpu is not installed: the deviceless v5e compile needs the tpu extra "
-                                       "(pip install -e '.[tpu]')")
-  c = _config()
+  # model 2: the tiny models' 2 kv heads split over it (over 4 the scanned KV cache is replicated and gathered)
+  c = _v5e_config((2, 2))
   with c.unlocked():
-    # model 2: the tiny models' 2 kv heads split over it (over 4 the scanned KV cache is replicated and gathered)
-    c.serving.mesh_shape = (2, 2)
     c.primary.scan_layers = c.secondary.scan_layers = True  # as the presets: costs extrapolated in depth
   r = aot.run(c, "v5e:2x2", prompt_len=8, max_new_tokens=16, block_len=4, groups=("calls",), check_depth=True,
               log=lambda *a: None)
