@@ -245,44 +245,65 @@ def test_auto_runs_the_plain_program_where_speculation_cannot_pay(models, monkey
 
 def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch):
   """After speculative calls, the decision follows the speed their loops reached (the block lengths they ran at the
-  calibrated iteration costs) against the plain program's: below 1x the plain program runs (at once for a clear loss,
-  after MIN_CALLS calls for a small one), with one speculative probe every PROBE_EVERY calls."""
+  calibrated iteration costs) against the plain program's, by an upper confidence bound: a clear loss switches off
+  after one call and is re-measured ever more rarely; a small loss with a wide spread keeps measuring; a loss the
+  calls agree on switches off."""
   tandem, _, _ = models
   monkeypatch.setattr(costs, "_outcomes", {})
   # iterations: γ = 0 11 ms, 1 12 ms, 2 14 ms, 3 16 ms; a plain step 30 ms: pays at the prior
   table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
+
+  def call(rec, emitted, hist):
+    """What generate does: decide, count the call, record it when it speculated."""
+    on, why = costs.speculate(table, rec)
+    rec.calls += 1
+    if on:
+      rec.record(table, emitted, np.asarray(hist))
+    return on, why
+
   rec = costs.Outcome()
-  assert costs.speculate(table, rec) == (True, "")
+  assert costs.speculate(table, rec) == (True, "") and rec.bound() == float("inf")
   # rows of 5 and 9 tokens: the plain program takes 8 steps = 240 ms; the loop ran 30 iterations at γ = 3 (the
   # longer row's histogram is the loop's) = 480 ms
-  rec.record(table, [5, 9], np.asarray([[0, 0, 0, 12], [0, 0, 0, 30]]))
-  assert rec.speedup == pytest.approx(0.5) and rec.calls == 1
+  assert call(rec, [5, 9], [[0, 0, 0, 12], [0, 0, 0, 30]])[0]
+  assert rec.speedup == pytest.approx(0.5) and rec.ratios == [pytest.approx(0.5)]
   on, why = costs.speculate(table, rec)
-  assert not on and "0.50x" in why  # a clear loss: off after one call
-  rec.plain_streak = costs.PROBE_EVERY - 1
+  assert not on and why.startswith("speculation off") and "0.50x" in why  # a clear loss: off after one call
+  for _ in range(200):  # a 0.5x loss is not re-measured within hundreds of calls
+    assert not call(rec, [9], [[0, 0, 0, 30]])[0]
+  # a bound that reached 1x (here: a key with many calls and one record) probes, and a fast call turns it on
+  rec.calls = 10 ** 6
   on, why = costs.speculate(table, rec)
-  assert on and why.startswith("probing")
-  rec.record(table, [33], np.asarray([[0, 0, 0, 10]]))  # 960 ms plain against 160 ms: 6x
-  d = costs.OUTCOME_DECAY
-  assert rec.speedup == pytest.approx(d * 0.5 + (1 - d) * 6.0) and rec.speedup > 1 and costs.speculate(table, rec)[0]
-  assert rec.plain_streak == 0
-  mild = costs.Outcome()  # 240 ms plain against 21 iterations at γ = 1 (252 ms): 0.95x
-  for n in range(costs.MIN_CALLS):
-    assert costs.speculate(table, mild)[0], n  # a small loss from fewer than MIN_CALLS calls: keep measuring
-    mild.record(table, [9], np.asarray([[0, 21, 0, 0]]))
-  assert mild.speedup == pytest.approx(240 / 252) and not costs.speculate(table, mild)[0]
-  # through generate: the first call speculates and records; a record below 1x sends the next call to ar
+  assert on and why.startswith("probing") and rec.bound() >= 1.0
+  call(rec, [33], [[0, 0, 0, 10]])  # 960 ms plain against 160 ms: 6x
+  assert rec.speedup == pytest.approx(3.25) and costs.speculate(table, rec) == (True, "")
+
+  # single prompts: ratios 0.84, 1.15, 0.95, ... (mean below 1 after the first, spread wide): speculation stays on
+  noisy = costs.Outcome()
+  noisy.ratios, noisy.calls = [0.84, 1.15, 0.95, 0.90, 1.10], 5
+  assert noisy.speedup == pytest.approx(0.988) and costs.speculate(table, noisy)[0]
+  # a loss every call agrees on: 240 ms plain against 21 iterations at γ = 1 (252 ms), 0.95x: off after two calls,
+  # re-measured rarely, and ever more rarely
+  mild = costs.Outcome()
+  ons = [call(mild, [9], [[0, 21, 0, 0]])[0] for _ in range(200)]
+  assert ons[:2] == [True, True] and not ons[2] and mild.speedup == pytest.approx(240 / 252)
+  probes = [i for i, on in enumerate(ons) if on]
+  assert 2 < len(probes) < 10, probes
+  assert np.all(np.diff(np.diff(probes[1:])) >= 0), probes  # the gaps between probes grow
+
+  # through generate: the first call speculates and records; a record clearly below 1x sends the next call to ar
   prompts = [[1, 2, 3], [4, 5]]
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=10).tokens
   kw = dict(tandem=tandem, max_new_tokens=10, block_len=3, policy="auto", costs=table)
   first = generate("tandem_speed", prompts, **kw)
-  assert first.tokens == want and first.policy_note == "" and first.stats["drafted"].sum() > 0
+  assert first.tokens == want and first.policy_note == "" and not first.ran_plain
+  assert first.stats["drafted"].sum() > 0
   (_, live), = costs._outcomes.values()
-  assert live.calls == 1
-  live.speedup, live.calls = 0.95, costs.MIN_CALLS
+  assert live.calls == 1 and len(live.ratios) == 1
+  live.ratios = [0.95, 0.95, 0.95]
   second = generate("tandem_speed", prompts, **kw)
   assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.95x" in second.policy_note
-  assert live.plain_streak == 1 and live.calls == costs.MIN_CALLS
+  assert second.ran_plain and live.calls == 2 and len(live.ratios) == 3
 
 
 @pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.6),

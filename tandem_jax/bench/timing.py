@@ -38,7 +38,7 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
     agg["calls"] += 1
-    agg["plain_calls"] += int(r.policy_note.startswith("speculation off"))  # auto ran the plain program
+    agg["plain_calls"] += int(r.ran_plain)  # auto ran the plain program
     for name, v in r.stats.items():
       if name == "trace":
         continue

@@ -34,6 +34,7 @@ class DecodeResult:
   compile_time: float              # seconds spent compiling in this call (0 when cached)
   costs: costs_lib.CostTable | None = None  # the cost table the "auto" policy read
   policy_note: str = ""            # "auto": why this call ran the plain program (or probed), else empty
+  ran_plain: bool = False          # "auto": this call ran the plain ``ar`` program instead of speculating
 
   @property
   def summary(self) -> dict[str, float]:
@@ -326,8 +327,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
            mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
     outcome = costs_lib.outcome(tuple(models.values()), key)
     on, note = costs_lib.speculate(costs, outcome)
+    outcome.calls += 1
     if not on:  # the plain program of calibrate_loop's shapes: the one whose step the table holds
-      outcome.plain_streak += 1
       plain = generate("ar", prompts, primary=main_model, max_new_tokens=max_new_list, block_len=k,
                        sampling=sampling, eos_id=eos_id, seed=seed, mesh=mesh, rules=rules, on_tokens=on_tokens,
                        buffer_new_tokens=max_new)
@@ -400,4 +401,4 @@ def _plain_as_speculative(plain: DecodeResult, k: int, costs, note: str) -> Deco
   gamma_hist[:, 0] = steps
   stats = dict(primary_calls=s["primary_calls"], secondary_calls=zeros, drafted=zeros, accepted=zeros,
                block_hist=block_hist, gamma_hist=gamma_hist, drafter_steps=zeros)
-  return dataclasses.replace(plain, stats=stats, costs=costs, policy_note=note)
+  return dataclasses.replace(plain, stats=stats, costs=costs, policy_note=note, ran_plain=True)
