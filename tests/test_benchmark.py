@@ -83,11 +83,9 @@ def test_rerun_reuses_every_stage(smoke):
 
 
 def test_alpha_from_blocks():
-  # γ = 2: blocks accepted 2, 0, 1, 2 drafts -> 5 accepted, 2 rejections -> α = 5/7.
-  hist = np.array([0, 1, 1, 2])  # index j = accepted + 1
-  run = dict(block_hist=hist, drafted=8, accepted=5, full_blocks=2)
-  assert timing.alpha_mle(run) == pytest.approx(5 / 7)
-  assert np.isnan(timing.alpha_mle(dict(block_hist=hist, drafted=8, accepted=5)))  # adaptive: undefined
+  # γ = 2: blocks accepted 2, 0, 1, 2 drafts -> 5 accepted, 2 rejections -> α = 5/7 (a full block is censored).
+  assert timing.alpha_mle(dict(drafted=8, accepted=5, rejections=2)) == pytest.approx(5 / 7)
+  assert np.isnan(timing.alpha_mle(dict(drafted=0, accepted=0, rejections=0)))  # nothing drafted: undefined
 
 
 def test_prompts_from_rows():

@@ -70,12 +70,15 @@ def test_estimate_decays_to_the_prior_without_drafts():
   for _ in range(5):  # row 0: every draft rejected at once; row 1: 3 of 3 accepted
     a, r = costs.update_counts(jnp.asarray([0, 3]), jnp.asarray([True, False]), jnp.asarray([3, 3]),
                                jnp.asarray([True, True]), a, r)
-  est = np.asarray(costs.estimate(a, r))
+  table = costs.cost_table([10.0, 11.0], 1.0)
+  est = np.asarray(costs.estimate(a, r, table))
   assert est[0] < 0.25 and est[1] > 0.85
   for _ in range(40):  # speculation off (no drafts): both drift back to the prior 0.5
     a, r = costs.update_counts(jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.int32),
                                jnp.asarray([True, True]), a, r)
-  np.testing.assert_allclose(np.asarray(costs.estimate(a, r)), 0.5, atol=0.01)
+  np.testing.assert_allclose(np.asarray(costs.estimate(a, r, table)), 0.5, atol=0.01)
+  primed = table._replace(prior_alpha=np.float32(0.3), prior_weight=np.float32(6.0))  # a recorded prior
+  np.testing.assert_allclose(np.asarray(costs.estimate(a, r, primed)), 0.3, atol=0.01)
 
 
 # A table where a plain primary step is cheap next to any block: drafting pays only at a high acceptance estimate,
@@ -114,7 +117,9 @@ def test_auto_policy_calibrates_when_no_table_is_given(models):
   table = out.costs  # measured on the decode loop (calibrate_loop): once per process for these models and shapes
   assert table.max_block_len == 3 and float(table.draft_ms) > 0 and (np.asarray(table.verify_ms)[1:] > 0).all()
   again = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=12, block_len=3, policy="auto")
-  assert again.costs is table and again.tokens == want
+  # the measured costs are reused (the acceptance prior may come from the first call's record)
+  assert again.costs.verify_ms is table.verify_ms and again.costs.plain_ms is table.plain_ms
+  assert again.tokens == want
   with pytest.raises(ValueError, match="covers blocks up to 8"):
     generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=4, block_len=3, policy="auto", costs=SWITCHING)
   with pytest.raises(ValueError, match="policy 'auto' applies"):
@@ -203,6 +208,41 @@ def test_finished_rows_spend_no_drafter_steps(models):
   assert int(both.stats["drafter_steps"][1]) == int(alone.stats["drafter_steps"][0])
   assert int(both.stats["drafter_steps"][0]) == 0  # finished at the prefill: never active in the loop
   assert int(alone.stats["drafter_steps"][0]) < 8 * int(alone.stats["primary_calls"][0] - 1)  # the router stopped
+
+
+def test_rejection_counter_and_the_prior_the_loop_starts_from(models):
+  """stats["rejections"] counts the blocks that ended at a rejected draft (from the draft trace, per row, for fixed
+  γ, auto and a router that stops blocks early); the auto loop's acceptance estimate starts from the table's prior,
+  which a key's recorded calls set (pooled accepted / (accepted + rejections))."""
+  tandem, drafter, router = models
+  prompts = _prompts(np.random.default_rng(11), 3)
+  k = 4
+  runs = [generate("speed", prompts, primary=tandem.primary, drafter=drafter, max_new_tokens=20, block_len=3,
+                   max_block_len=k, trace=True),
+          generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=20, block_len=k, policy="auto", trace=True,
+                   costs=costs.cost_table([10.0, 10.5, 11.0, 11.5, 12.0], 0.1)),
+          generate("tandem_speed", prompts, tandem=tandem, router=router, threshold=0.6, max_new_tokens=20,
+                   block_len=k, trace=True)]
+  for out in runs:
+    tr = out.stats["trace"]  # [B, iterations, K+3]: drafts, n_draft, accepted, token; -1 where inactive
+    live = tr[..., k] >= 0
+    want = np.sum(live & (tr[..., k + 1] < tr[..., k]), axis=1)
+    np.testing.assert_array_equal(out.stats["rejections"], want)
+    assert want.sum() > 0  # random models: rejections happen
+  rec = costs.Outcome()
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0)
+  assert rec.prior(table) is table and float(table.prior_alpha) == costs.PRIOR_ALPHA
+  rec.record(table, [9], np.asarray([[0, 4, 0, 0]]), accepted=3, rejections=9)
+  rec.record(table, [9], np.asarray([[0, 4, 0, 0]]), accepted=1, rejections=3)
+  primed = rec.prior(table)
+  assert float(primed.prior_alpha) == pytest.approx(4 / 16) and float(primed.prior_weight) == costs.RECORDED_WEIGHT
+  counts = (jnp.asarray([0.0, 2.0]), jnp.asarray([0.0, 0.0]))
+  np.testing.assert_allclose(costs.estimate(*counts, primed), [0.25, (2 + 6 * 0.25) / (2 + 6)], rtol=1e-6)
+  # a low prior shortens the first block the loop chooses (the prior is the only evidence before it drafts)
+  flat = costs.cost_table([10.0, 10.2, 10.4, 10.6], 0.5)  # γ = 3 best at α = 0.5, γ = 1 at 0.25
+  first = [int(costs.choose_gamma(costs.estimate(*counts, t)[:1], jnp.asarray([True]), t, 3))
+           for t in (flat, rec.prior(flat))]
+  assert first == [3, 1], first
 
 
 def test_router_for_another_drafter_is_refused_before_tracing(models):

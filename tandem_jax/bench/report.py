@@ -101,7 +101,7 @@ def markdown(r: dict, plots: list[str]) -> str:
       a = row["auto"]
       hist = ", ".join(f"{g}: {n}" for g, n in enumerate(a["gamma_hist"]) if n)
       L += [f"| auto (≤ {a['gamma_max']}) | | | | {a['speedup']:.3f} ({_spread(a['speedup_per_round'], 1, '{:.2f}')}) "
-            f"| {a['tokens_per_primary_call']:.2f} | |", "",
+            f"| {a['tokens_per_primary_call']:.2f} | {_f(a.get('alpha'))} |", "",
             f"auto: tandem_speed with γ chosen per iteration from its decode loop's calibration, the plain ar program "
             f"where earlier calls measured speculation below 1x ({a.get('plain_calls', 0)} of {a.get('calls', '?')} "
             f"timed calls; γ per iteration: {hist}); "

@@ -68,17 +68,12 @@ def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str
 
 
 def alpha_mle(run: dict) -> float:
-  """Per-draft acceptance α from a fixed-γ run: accepted / (accepted + rejections), a block being a rejection when
-  it accepted fewer drafts than it drafted (each draft position is a Bernoulli(α) trial until the first reject)."""
-  hist = np.asarray(run.get("block_hist", []))
-  blocks = int(hist.sum()) if hist.size else 0
-  drafted, accepted = int(run.get("drafted", 0)), int(run.get("accepted", 0))
-  if not blocks or not drafted:
+  """Per-draft acceptance α: accepted / (accepted + rejections), each draft position being a Bernoulli(α) trial until
+  the first reject (a block that ends on its γ or the router's word without a reject is censored, not a failure)."""
+  accepted, rejections = int(run.get("accepted", 0)), int(run.get("rejections", 0))
+  if not int(run.get("drafted", 0)) or not accepted + rejections:
     return float("nan")
-  if "full_blocks" not in run:  # adaptive blocks also end on the router's word, not only on a rejection
-    return float("nan")
-  rejections = blocks - int(run["full_blocks"])
-  return accepted / max(accepted + rejections, 1)
+  return accepted / (accepted + rejections)
 
 
 def summarize(cell: dict, ar_times: list[float] | None = None) -> dict:
@@ -120,8 +115,6 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
       return run_batches(method, prompts[:batch], batch, **kw)
     run = run_batches(method, prompts, batch, **kw)
     run["rows"] = len(prompts)  # the prefill counted once per row in primary_calls
-    if gamma is not None and router is None and policy == "fixed" and "block_hist" in run:
-      run["full_blocks"] = int(np.asarray(run["block_hist"])[int(gamma) + 1:].sum())
     return run
 
   return cell

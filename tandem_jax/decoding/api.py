@@ -328,6 +328,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     outcome = costs_lib.outcome(tuple(models.values()), key)
     on, note = costs_lib.speculate(costs, outcome)
     outcome.calls += 1
+    costs = outcome.prior(costs)
     if not on:  # the plain program of calibrate_loop's shapes: the one whose step the table holds
       plain = generate("ar", prompts, primary=main_model, max_new_tokens=max_new_list, block_len=k,
                        sampling=sampling, eos_id=eos_id, seed=seed, mesh=mesh, rules=rules, on_tokens=on_tokens,
@@ -386,7 +387,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                         stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
                         compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "")
   if outcome is not None:
-    outcome.record(costs, [len(t) for t in result.tokens], result.stats["gamma_hist"])
+    outcome.record(costs, [len(t) for t in result.tokens], result.stats["gamma_hist"],
+                   int(result.stats["accepted"].sum()), int(result.stats["rejections"].sum()))
   return result
 
 
@@ -400,5 +402,5 @@ def _plain_as_speculative(plain: DecodeResult, k: int, costs, note: str) -> Deco
   gamma_hist = np.zeros((len(steps), k + 1), steps.dtype)
   gamma_hist[:, 0] = steps
   stats = dict(primary_calls=s["primary_calls"], secondary_calls=zeros, drafted=zeros, accepted=zeros,
-               block_hist=block_hist, gamma_hist=gamma_hist, drafter_steps=zeros)
+               block_hist=block_hist, gamma_hist=gamma_hist, drafter_steps=zeros, rejections=zeros)
   return dataclasses.replace(plain, stats=stats, costs=costs, policy_note=note, ran_plain=True)

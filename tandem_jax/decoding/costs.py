@@ -26,11 +26,14 @@ import jax.numpy as jnp
 import numpy as np
 from flax import nnx
 
-# Running acceptance estimate per row: α = (A + PRIOR_ACCEPT) / (A + R + PRIOR_ACCEPT + PRIOR_REJECT), where A and R
-# count accepted drafts and rejection events (a block that stopped short of its drafts), both decayed by DECAY each
-# iteration. Without drafts the estimate drifts back to the prior (0.5), so a row whose speculation was switched off
-# is probed again after a few iterations.
-PRIOR_ACCEPT, PRIOR_REJECT, DECAY = 1.0, 1.0, 0.8
+# Running acceptance estimate per row: α = (A + w α0) / (A + R + w), where A and R count accepted drafts and rejection
+# events (a block that stopped short of its drafts), both decayed by DECAY each iteration, and α0 with weight w is
+# the prior: PRIOR_ALPHA with weight 2 before this key's first speculative call, then the acceptance its earlier calls
+# met (:class:`Outcome`, pooled) with weight RECORDED_WEIGHT. Without drafts the estimate drifts back to the prior, so
+# a row whose speculation was switched off is probed again after a few iterations. A measured prior is worth ~1.5%
+# at batch 1 on the real-model benchmark (the tandem drafter's α is 0.34 there, far below 0.5: the first iterations
+# of every call used to draft too long).
+DECAY, PRIOR_ALPHA, FIRST_WEIGHT, RECORDED_WEIGHT = 0.8, 0.5, 2.0, 6.0
 
 
 class CostTable(NamedTuple):
@@ -38,6 +41,8 @@ class CostTable(NamedTuple):
   draft_ms: jax.Array   # [] float32: ms of one drafter step
   plain_ms: jax.Array = np.float32(np.inf)  # [] ms per token of the plain ``ar`` program (inf: not an option)
   prefill_ms: jax.Array = np.float32(0.0)    # [] ms of that program's prefill
+  prior_alpha: jax.Array = np.float32(PRIOR_ALPHA)   # [] the acceptance the loop's estimates start from ...
+  prior_weight: jax.Array = np.float32(FIRST_WEIGHT)  # [] ... worth this many drafts (see :func:`estimate`)
 
   @property
   def max_block_len(self) -> int:
@@ -56,7 +61,8 @@ class CostTable(NamedTuple):
 
   def as_dict(self) -> dict:
     return dict(verify_ms=[float(x) for x in np.asarray(self.verify_ms)[1:]], draft_ms=float(self.draft_ms),
-                plain_ms=float(self.plain_ms), prefill_ms=float(self.prefill_ms))
+                plain_ms=float(self.plain_ms), prefill_ms=float(self.prefill_ms), prior_alpha=float(self.prior_alpha),
+                prior_weight=float(self.prior_weight))
 
 
 def cost_table(verify_ms, draft_ms: float, plain_ms: float | None = None, prefill_ms: float = 0.0) -> CostTable:
@@ -200,9 +206,10 @@ def update_counts(accepted_b, rejected_b, n_draft_b, active_b, accept_count_b, r
   return a, r
 
 
-def estimate(accept_count_b, reject_count_b) -> jax.Array:
-  """[B] running acceptance estimates α from the decayed counts and the prior."""
-  return (accept_count_b + PRIOR_ACCEPT) / (accept_count_b + reject_count_b + PRIOR_ACCEPT + PRIOR_REJECT)
+def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
+  """[B] running acceptance estimates α from the decayed counts and the table's prior."""
+  w = table.prior_weight
+  return (accept_count_b + w * table.prior_alpha) / (accept_count_b + reject_count_b + w)
 
 
 # -- the host-level switch: the plain ``ar`` program where speculation does not pay -----------------------------------
@@ -224,7 +231,7 @@ def estimate(accept_count_b, reject_count_b) -> jax.Array:
 # it loses. A fixed count (this module's first rule: off after 3 calls whose decayed mean was below 1x) switched the
 # real-model benchmark's batch 1 off on its three hardest prompts while twelve averaged 1.02x. The first call has no
 # record and speculates when the table says a block pays at PRIOR_ALPHA.
-PRIOR_ALPHA, FIRST_SPREAD, SD_FLOOR, WINDOW = 0.5, 0.1, 0.03, 32
+FIRST_SPREAD, SD_FLOOR, WINDOW = 0.1, 0.03, 32
 
 
 class Outcome:
@@ -233,6 +240,7 @@ class Outcome:
   def __init__(self):
     self.ratios: list[float] = []  # the last WINDOW speculative calls: predicted plain time / speculative time
     self.calls = 0                 # calls decided for this key (both programs)
+    self.trials: list[tuple[int, int]] = []  # the same calls' (accepted drafts, rejection events), all rows
 
   @property
   def speedup(self) -> float | None:
@@ -253,10 +261,24 @@ class Outcome:
     t = self.calls + 1
     return self.speedup + self.spread * math.sqrt(2.0 * math.log(t) / len(self.ratios))
 
-  def record(self, table: CostTable, emitted_per_row, gamma_hist_bk) -> None:
+  @property
+  def alpha(self) -> float | None:
+    """The acceptance the recorded calls met: accepted / (accepted + rejections), pooled (None without drafts)."""
+    acc, rej = (sum(x) for x in zip(*self.trials)) if self.trials else (0, 0)
+    return acc / (acc + rej) if acc + rej else None
+
+  def prior(self, table: CostTable) -> CostTable:
+    """``table`` with the loop's acceptance prior set from the recorded calls (unchanged before any)."""
+    a = self.alpha
+    if a is None:
+      return table
+    return table._replace(prior_alpha=np.float32(a), prior_weight=np.float32(RECORDED_WEIGHT))
+
+  def record(self, table: CostTable, emitted_per_row, gamma_hist_bk, accepted: int = 0, rejections: int = 0) -> None:
     """Adds one speculative call: ``emitted_per_row`` tokens per row (the plain program needs one step per token
-    after the first, until its longest row is done) and ``gamma_hist_bk`` [B, K+1] its block lengths per row (the
-    row with the most iterations was active in all of them: its histogram is the loop's)."""
+    after the first, until its longest row is done), ``gamma_hist_bk`` [B, K+1] its block lengths per row (the
+    row with the most iterations was active in all of them: its histogram is the loop's), and its accepted drafts
+    and rejection events (all rows)."""
     hist = np.asarray(gamma_hist_bk)
     loop = hist[int(np.argmax(hist.sum(1)))]
     v, c = np.asarray(table.verify_ms, np.float64), float(table.draft_ms)
@@ -265,6 +287,7 @@ class Outcome:
     if spec <= 0:
       return
     self.ratios = (self.ratios + [plain / spec])[-WINDOW:]
+    self.trials = (self.trials + [(int(accepted), int(rejections))])[-WINDOW:]
 
 
 _outcomes: dict = {}

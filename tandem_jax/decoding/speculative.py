@@ -96,6 +96,7 @@ class Stats(NamedTuple):
   block_hist: jax.Array       # [B, K+2] count of iterations that emitted j tokens (j = accepted + 1)
   gamma_hist: jax.Array       # [B, K+1] count of iterations whose block length (drafts allowed) was γ
   drafter_steps: jax.Array    # [B] drafter calls the batch ran while the row was active (wasted ones included)
+  rejections: jax.Array       # [B] blocks that ended at a rejected draft (accepted < drafted)
 
 
 class DraftLoop(NamedTuple):
@@ -167,7 +168,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   if stream:
     output.publish(em)
   zeros = jnp.zeros((b,), jnp.int32)
-  stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32), jnp.zeros((b, k + 1), jnp.int32), zeros)
+  stats = Stats(ones, zeros, zeros, zeros, jnp.zeros((b, k + 2), jnp.int32), jnp.zeros((b, k + 1), jnp.int32), zeros,
+                zeros)
   counts = (jnp.zeros((b,), jnp.float32), jnp.zeros((b,), jnp.float32))  # decayed accepted / rejection counts
   trace_buf = jnp.full((b, max_new if trace else 0, k + 3), -1, jnp.int32)
   prev = jnp.take_along_axis(prompt_bt, (prompt_len_b - 1)[:, None], 1)[:, 0]
@@ -240,7 +242,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     n = cache_l.lengths
     key, k_draft, k_accept = sampling.split(key, params, 3)
     if auto:
-      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts), active, cost_table, k, cap=block_len,
+      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts, cost_table), active, cost_table, k, cap=block_len,
                                      remaining_b=jnp.maximum(max_new_b - em.count, 1))
     else:
       gamma = block_len
@@ -276,7 +278,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                   stats.accepted + a * accepted,
                   stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32),
                   stats.gamma_hist + a[:, None] * jax.nn.one_hot(gamma, k + 1, dtype=jnp.int32),
-                  stats.drafter_steps + a * steps)
+                  stats.drafter_steps + a * steps, stats.rejections + a * (accepted < n_draft))
     if auto:
       counts = costs_lib.update_counts(accepted, accepted < n_draft, n_draft, active, *counts)
     new_prev = jnp.where(accepted > 0, jnp.take_along_axis(drafts, jnp.maximum(accepted - 1, 0)[:, None], 1)[:, 0],
