@@ -311,7 +311,7 @@ def _random_family_state(cfg, seed=0):
 
 def write_family_gguf(path, name, cfg, state):
   gguf = pytest.importorskip("gguf")
-  from test_convert import add_gguf_hparams, add_tiny_gpt2_vocab
+  from interop_helpers import add_gguf_hparams, add_tiny_gpt2_vocab
   from tandem_jax.interop import gguf_format
   from tandem_jax.models.layers import rope_inv_freq
 
@@ -397,7 +397,7 @@ def test_bfloat16_checkpoint_imports_one_tensor_at_a_time(tmp_path):
                 num_hidden_layers=4, num_attention_heads=4, num_key_value_heads=2, head_dim=64)
   cfg = hf_format.config_from_hf(hf_cfg)
   state = {k: v.astype(ml_dtypes.bfloat16) for k, v in _random_family_state(cfg).items()}
-  from test_convert import write_hf_dir
+  from interop_helpers import write_hf_dir
   src = write_hf_dir(tmp_path / "bf16", hf_cfg, state)
   f32_bytes = sum(v.size * 4 for v in state.values())
   del state
@@ -453,7 +453,7 @@ def transformers_model(name, seed=0):
 def test_family_matches_transformers(name, tmp_path):
   torch = pytest.importorskip("torch")
   pytest.importorskip("transformers")
-  from test_convert import assert_export_and_greedy
+  from interop_helpers import assert_export_and_greedy
 
   ref = transformers_model(name)
   ref.save_pretrained(tmp_path / "hf")
@@ -508,7 +508,7 @@ def test_real_checkpoint_matches_transformers(name):
   transformers = pytest.importorskip("transformers")
   pytest.importorskip("gguf")
   pytest.importorskip("accelerate")
-  from test_convert import assert_logits_match
+  from interop_helpers import assert_logits_match
   from tandem_jax.decoding.api import generate
   from tandem_jax.interop import gguf_format
 

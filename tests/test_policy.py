@@ -330,6 +330,10 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   probes = [i for i, on in enumerate(ons) if on]
   assert 2 < len(probes) < 10, probes
   assert np.all(np.diff(np.diff(probes[1:])) >= 0), probes  # the gaps between probes grow
+  # a batch of 8 rows: one call's ratio is less noisy (FIRST_SPREAD / sqrt(8)), the same loss is off after one call
+  batch8 = costs.Outcome(rows=8)
+  ons = [call(batch8, [9] * 8, [[0, 21, 0, 0]] * 8)[0] for _ in range(50)]
+  assert ons[:2] == [True, False] and sum(ons) <= 5, ons
 
   # through generate: the first call speculates and records; a record clearly below 1x sends the next call to ar
   prompts = [[1, 2, 3], [4, 5]]

@@ -325,7 +325,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" and costs.has_plain and not trace:
     key = ("outcome", method, tuple((n, id(m)) for n, m in sorted(models.items())), b, p_pad, max_new, k, sampling,
            mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
-    outcome = costs_lib.outcome(tuple(models.values()), key)
+    outcome = costs_lib.outcome(tuple(models.values()), key, rows=b)
     on, note = costs_lib.speculate(costs, outcome)
     outcome.calls += 1
     costs = outcome.prior(costs)

@@ -223,8 +223,9 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 #
 # The choice is a two-armed bandit with one arm known (the plain program: 1x), decided by an upper confidence bound
 # (UCB1): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1, with n the speculative calls recorded (the last
-# WINDOW), t this key's calls so far (both programs) and sd their ratios' spread: FIRST_SPREAD while one call cannot
-# show it, then the measured one, at least SD_FLOOR. A clear loss switches off after one call; a loss that calls
+# WINDOW), t this key's calls so far (both programs) and sd their ratios' spread: FIRST_SPREAD / sqrt(B) for a
+# batch of B rows while one call cannot show it (rows' acceptances vary independently), then the measured one, at
+# least SD_FLOOR. A clear loss switches off after one call; a loss that calls
 # agree on (a batch whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call)
 # after two, and is then re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide
 # spread (single prompts at batch 1, whose acceptance varies by +-0.1-0.2x) keeps speculating until enough calls say
@@ -237,7 +238,8 @@ FIRST_SPREAD, SD_FLOOR, WINDOW = 0.1, 0.03, 32
 class Outcome:
   """What speculative calls measured for one (models, shapes, sampling) key, and how many calls the key made."""
 
-  def __init__(self):
+  def __init__(self, rows: int = 1):
+    self.rows = rows               # the batch of this key's calls
     self.ratios: list[float] = []  # the last WINDOW speculative calls: predicted plain time / speculative time
     self.calls = 0                 # calls decided for this key (both programs)
     self.trials: list[tuple[int, int]] = []  # the same calls' (accepted drafts, rejection events), all rows
@@ -249,9 +251,9 @@ class Outcome:
 
   @property
   def spread(self) -> float:
-    """The ratios' standard deviation, at least SD_FLOOR; FIRST_SPREAD while one call cannot show it."""
+    """The ratios' standard deviation, at least SD_FLOOR; FIRST_SPREAD / sqrt(rows) while one call cannot show it."""
     if len(self.ratios) < 2:
-      return FIRST_SPREAD
+      return FIRST_SPREAD / math.sqrt(self.rows)
     return max(float(np.std(self.ratios, ddof=1)), SD_FLOOR)
 
   def bound(self) -> float:
@@ -293,13 +295,14 @@ class Outcome:
 _outcomes: dict = {}
 
 
-def outcome(models, key) -> Outcome:
-  """The :class:`Outcome` record of ``key`` while ``models`` (part of ``key`` by id) are alive."""
+def outcome(models, key, rows: int = 1) -> Outcome:
+  """The :class:`Outcome` record of ``key`` (calls of ``rows`` rows) while ``models`` (part of ``key`` by id) are
+  alive."""
   for k in [k for k, (refs, _) in _outcomes.items() if any(r() is None for r in refs)]:
     del _outcomes[k]
   entry = _outcomes.get(key)
   if entry is None or any(r() is not m for r, m in zip(entry[0], models)):
-    entry = _outcomes[key] = (tuple(weakref.ref(m) for m in models), Outcome())
+    entry = _outcomes[key] = (tuple(weakref.ref(m) for m in models), Outcome(rows))
   return entry[1]
 
 
