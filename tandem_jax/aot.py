@@ -87,11 +87,14 @@ _COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
 
 
 def _cost_of(compiled) -> dict:
+  """XLA's cost analysis of ``compiled`` plus "hbm bytes", the HBM traffic read from its HLO (:func:`hbm_traffic`)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA reports a negative optimal_seconds (e.g. -3.0) where its time model gave up: no estimate, not a time.
-  return {k: float(cost[k]) for k in _COST_KEYS
-          if cost.get(k) is not None and (k != "optimal_seconds" or float(cost[k]) > 0)}
+  out = {k: float(cost[k]) for k in _COST_KEYS
+         if cost.get(k) is not None and (k != "optimal_seconds" or float(cost[k]) > 0)}
+  out["hbm bytes"] = float(hbm_traffic(compiled.as_text())["bytes"])
+  return out
 
 
 def extrapolated_cost(lower_at) -> dict:
@@ -139,6 +142,7 @@ def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lowe
     cost = extrapolated_cost(cost_lower_at) if cost_lower_at else _cost_of(compiled)
     seconds, source = tp.estimated_seconds(cost, chip)
     rec.update(flops=cost.get("flops", 0.0), bytes_accessed=cost.get("bytes accessed", 0.0),
+               hbm_bytes=cost.get("hbm bytes", 0.0),
                xla_optimal_seconds=cost.get("optimal_seconds"), seconds=seconds, seconds_source=source,
                cost_source="depth-extrapolated from unrolled 1-2 layer compiles" if cost_lower_at
                else "this program", cost_compile_seconds=time.perf_counter() - t1)
@@ -216,6 +220,156 @@ def loop_weight_ops(hlo_text: str, weight_elements, opcodes=("convert", "all-gat
         if n in sizes and (result_dtypes is None or dtype in result_dtypes):
           found.append(dict(computation=name, opcode=opcode, shape=f"{dtype}[{dims}]", elements=n))
   return found
+
+
+# -- HBM traffic of a compiled program, from its memory spaces -----------------------------------------------------
+# XLA's "bytes accessed" adds up every operand and result of every top-level op, whatever memory it lives in. On TPU
+# the compiler's memory-space assignment prefetches weights into on-chip memory (layouts marked S(1); S(2)/S(6) are
+# scalar memories): a weight is then counted when it is copied there (read and write) and again when a fusion reads
+# it, so a decode call's "bytes accessed" is several times the HBM bytes it moves. hbm_traffic counts only arrays
+# in HBM (layouts without S(n)): a copy/slice into on-chip memory reads its (sliced) source once; a fusion reads its
+# HBM operands (only the slices it takes where a parameter feeds only dynamic-slice/slice/gather, nothing where it
+# is the buffer of an in-place dynamic-update-slice) and writes its HBM results (only the update of an in-place
+# dynamic-update-slice). A model of the compiled program, not a TPU measurement; on CPU (no memory spaces) it is
+# the operand and result bytes of the top-level ops with those two refinements.
+_INSTR = re.compile(r"^\s*(ROOT\s+)?%?([\w.\-]+)\s*=\s*(.*?)\s+([a-z][\w\-]*)\((.*)$")
+_ARRAY = re.compile(r"\b([a-z]+[0-9a-z]*)\[([\d,]*)\](\{[^}]*\})?")
+_DTYPE_BYTES = {"pred": 1, "s8": 1, "u8": 1, "f8e4m3fn": 1, "f8e5m2": 1, "s16": 2, "u16": 2, "f16": 2, "bf16": 2,
+                "s32": 4, "u32": 4, "f32": 4, "s64": 8, "u64": 8, "f64": 8, "c64": 8, "c128": 16}
+_NO_TRAFFIC = {"parameter", "constant", "bitcast", "get-tuple-element", "tuple", "copy-done", "slice-done",
+               "partition-id", "replica-id", "after-all", "opt-barrier", "all-reduce-done", "all-gather-done",
+               "collective-permute-done", "async-done", "send-done", "recv-done"}
+_SLICING = {"dynamic-slice", "slice", "gather"}
+
+
+def _arrays(shape: str) -> list[tuple[int, int]]:
+  """[(bytes, memory space)] of the arrays in an HLO shape (a tuple's leaves in order); space 0 is HBM."""
+  out = []
+  for dtype, dims, layout in _ARRAY.findall(shape):
+    if dtype in _DTYPE_BYTES:
+      n = math.prod(int(d) for d in dims.split(",") if d) if dims else 1
+      space = re.search(r"S\((\d+)\)", layout or "")
+      out.append((n * _DTYPE_BYTES[dtype], int(space.group(1)) if space else 0))
+  return out
+
+
+def _hbm(shape: str) -> int:
+  return sum(b for b, space in _arrays(shape) if space == 0)
+
+
+def _instructions(hlo_text: str) -> tuple[dict[str, list[dict]], str | None]:
+  comps, name, entry = {}, None, None
+  for line in hlo_text.splitlines():
+    m = _COMPUTATION.match(line)
+    if m:
+      name = m.group(1)
+      comps[name] = []
+      entry = name if line.startswith("ENTRY") else entry
+    elif line.strip() == "}":
+      name = None
+    elif name is not None:
+      m = _INSTR.match(line)
+      if m:
+        root, iname, shape, opcode, rest = m.groups()
+        args = rest.split("), ", 1)[0]
+        comps[name].append(dict(root=bool(root), name=iname, shape=shape, opcode=opcode, line=line,
+                                operands=re.findall(r"%([\w.\-]+)", args)))
+  return comps, entry
+
+
+def _fusion_io(body: list[dict]) -> tuple[dict[int, int | None], int | None]:
+  """What a fusion body touches of its operands: {operand index: bytes read, None for all of it} and the bytes its
+  root writes when that is an in-place dynamic-update-slice (None: the whole result)."""
+  by_name = {i["name"]: i for i in body}
+  uses: dict[str, list] = {}
+  for ins in body:
+    for pos, o in enumerate(ins["operands"]):
+      uses.setdefault(o, []).append((ins, pos))
+
+  def users(name):  # through bitcasts, which are views
+    out = []
+    for ins, pos in uses.get(name, ()):
+      out += users(ins["name"]) if ins["opcode"] == "bitcast" else [(ins, pos)]
+    return out
+
+  reads = {}
+  for ins in body:
+    if ins["opcode"] != "parameter":
+      continue
+    idx = int(re.search(r"parameter\((\d+)\)", ins["line"]).group(1))
+    us = users(ins["name"])
+    if us and all(u["opcode"] in _SLICING and pos == 0 for u, pos in us):
+      reads[idx] = sum(sum(b for b, _ in _arrays(u["shape"])) for u, _ in us)
+    elif us and all(u["opcode"] == "dynamic-update-slice" and pos == 0 for u, pos in us):
+      reads[idx] = 0
+    else:
+      reads[idx] = None
+
+  def written(ins):
+    if ins["opcode"] == "dynamic-update-slice":
+      return sum(b for b, _ in _arrays(by_name[ins["operands"][1]]["shape"])) if ins["operands"][1] in by_name else None
+    if ins["opcode"] == "bitcast":
+      return written(by_name[ins["operands"][0]])
+    if ins["opcode"] == "tuple":
+      parts = [written(by_name[o]) for o in ins["operands"]]
+      return None if any(p is None for p in parts) else sum(parts)
+    return None
+
+  root = next((i for i in body if i["root"]), None)
+  return reads, (written(root) if root is not None else None)
+
+
+def hbm_traffic(hlo_text: str) -> dict:
+  """Bytes a compiled program moves to and from HBM (see above), from its optimized HLO text
+  (``compiled.as_text()``): {"bytes", "by_opcode": {opcode: bytes}, "unknown_trip_counts"}. A while loop's body
+  counts once per iteration where XLA recorded the trip count (else once, and counted in unknown_trip_counts)."""
+  comps, entry = _instructions(hlo_text)
+  shapes = {i["name"]: i["shape"] for body in comps.values() for i in body}
+  by_opcode: dict[str, float] = {}
+  unknown = 0
+
+  def walk(name, times):
+    nonlocal unknown
+    for ins in comps.get(name, ()):
+      op, operands = ins["opcode"], ins["operands"]
+      if op in _NO_TRAFFIC:
+        continue
+      if op == "while":
+        trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins["line"])
+        unknown += trips is None
+        body = re.search(r"body=%?([\w.\-]+)", ins["line"])
+        if body:
+          walk(body.group(1), times * (int(trips.group(1)) if trips else 1))
+        continue
+      if op in ("call", "conditional", "async-start"):
+        for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?", ins["line"]):
+          for c in callee.split(","):
+            walk(c.strip().lstrip("%"), times)
+        continue
+      res = _arrays(ins["shape"])
+      src_in_hbm = bool(operands) and _hbm(shapes.get(operands[0], "")) > 0
+      if op in ("copy-start", "slice-start"):  # (dest, ...) / ((operand), dest, ...)
+        dest = res[len(operands)] if op == "slice-start" else res[0]
+        moved = dest[0] * src_in_hbm + dest[0] * (dest[1] == 0)
+      elif op == "fusion":
+        callee = re.search(r"calls=%?([\w.\-]+)", ins["line"])
+        reads, wrote = _fusion_io(comps.get(callee.group(1), [])) if callee else ({}, None)
+        read = 0
+        for i, o in enumerate(operands):
+          hb = _hbm(shapes.get(o, ""))
+          read += hb if reads.get(i) is None else min(hb, reads[i])
+        out = _hbm(ins["shape"])
+        moved = read + (out if wrote is None else min(out, wrote))
+      elif op in _SLICING:
+        moved = sum(b for b, _ in res) * src_in_hbm + _hbm(ins["shape"])
+      elif op == "dynamic-update-slice":
+        moved = 2 * sum(b for b, _ in _arrays(shapes.get(operands[1], ""))) if len(operands) > 1 else 0
+      else:
+        moved = sum(_hbm(shapes.get(o, "")) for o in operands) + _hbm(ins["shape"])
+      by_opcode[op] = by_opcode.get(op, 0) + moved * times
+
+  walk(entry, 1)
+  return dict(bytes=sum(by_opcode.values()), by_opcode=by_opcode, unknown_trip_counts=unknown)
 
 
 # Weight matrices smaller than this are not looked for in the compiled programs: converting one costs nothing and
@@ -409,11 +563,13 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
       if "seconds" in rec:
         rec["ms_per_call"] = rec["seconds"] * 1e3
         rec["roofline"] = tp.decode_roofline(rec["bytes_accessed"], rec["seconds"],
-                                             *floors[CALL_MODELS[name]], chip)
+                                             *floors[CALL_MODELS[name]], chip, hbm_bytes=rec["hbm_bytes"])
       if check_depth and scanned and "seconds" in rec:
         full = _cost_of(call_at(name)(pcfg.num_layers, scfg.num_layers)[0].compile())
         rec["unrolled"] = dict(bytes_accessed=full.get("bytes accessed", 0.0), flops=full.get("flops", 0.0),
-                               bytes_over_min=full.get("bytes accessed", 0.0) / rec["roofline"]["min_bytes"])
+                               bytes_over_min=full.get("bytes accessed", 0.0) / rec["roofline"]["min_bytes"],
+                               hbm_bytes=full["hbm bytes"],
+                               hbm_over_min=full["hbm bytes"] / rec["roofline"]["min_bytes"])
         log("compiled %s unrolled at full depth", name)
     progs = report["programs"]
     if all("seconds" in progs[c] for c in CALL_PROGRAMS):
@@ -466,20 +622,27 @@ def format_report(report: dict) -> str:
   calls = [(name, r) for name, r in report["programs"].items() if "roofline" in r]
   if calls:
     lines += ["", "Decode calls against the HBM roofline (minimum bytes = the model's weights once + its KV cache "
-                  "once, per device; roofline ms = minimum bytes / HBM bandwidth):", "",
-              "| program | GB accessed | minimum GB | bytes / minimum | est. ms | roofline ms | est. / roofline | "
-              "weight converts + gathers per call |", "|---|---|---|---|---|---|---|---|"]
+                  "once, per device; roofline ms = minimum bytes / HBM bandwidth). GB accessed: XLA's cost "
+                  "analysis, which counts on-chip copies and reads too; HBM GB: the bytes the compiled program "
+                  "moves to and from HBM by its memory spaces (aot.hbm_traffic), and HBM ms = that / bandwidth:", "",
+              "| program | GB accessed | HBM GB | minimum GB | bytes / minimum | HBM / minimum | est. ms | HBM ms | "
+              "roofline ms | est. / roofline | weight converts + gathers per call |",
+              "|---|---|---|---|---|---|---|---|---|---|---|"]
     for name, r in calls:
       rf = r["roofline"]
-      lines.append(f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {rf['min_bytes'] / 1e9:.3f} | "
-                   f"{rf['bytes_over_min']:.2f}x | {r['seconds'] * 1e3:.3f} | {rf['roofline_ms']:.3f} | "
+      lines.append(f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {r.get('hbm_bytes', 0.0) / 1e9:.3f} | "
+                   f"{rf['min_bytes'] / 1e9:.3f} | {rf['bytes_over_min']:.2f}x | {rf.get('hbm_over_min', 0.0):.2f}x | "
+                   f"{r['seconds'] * 1e3:.3f} | {rf.get('hbm_ms', 0.0):.3f} | {rf['roofline_ms']:.3f} | "
                    f"{rf['ms_over_roofline']:.2f}x | {r.get('weight_ops_per_call', '-')} |")
     unrolled = [(name, r) for name, r in calls if "unrolled" in r]
     if unrolled:
-      lines += ["", "Depth extrapolation against the program unrolled at full depth (GB accessed per device):", "",
-                "| program | extrapolated | unrolled | unrolled / minimum |", "|---|---|---|---|"]
+      lines += ["", "Depth extrapolation against the program unrolled at full depth (GB per device):", "",
+                "| program | accessed, extrapolated | accessed, unrolled | unrolled / minimum | HBM, extrapolated | "
+                "HBM, unrolled | HBM unrolled / minimum |", "|---|---|---|---|---|---|---|"]
       lines += [f"| {name} | {r['bytes_accessed'] / 1e9:.3f} | {r['unrolled']['bytes_accessed'] / 1e9:.3f} | "
-                f"{r['unrolled']['bytes_over_min']:.2f}x |" for name, r in unrolled]
+                f"{r['unrolled']['bytes_over_min']:.2f}x | {r.get('hbm_bytes', 0.0) / 1e9:.3f} | "
+                f"{r['unrolled']['hbm_bytes'] / 1e9:.3f} | {r['unrolled']['hbm_over_min']:.2f}x |"
+                for name, r in unrolled]
   if "per_token" in report:
     pt = report["per_token"]
     lines += ["", f"Decoding: primary step {pt['ar_ms_per_token']:.3f} ms/call (= ms/token autoregressive); "

@@ -88,14 +88,19 @@ def bytes_per_device(tree) -> int:
   return total
 
 
-def decode_roofline(bytes_accessed: float, seconds: float, weight_bytes: int, cache_bytes: int, chip: Chip) -> dict:
+def decode_roofline(bytes_accessed: float, seconds: float, weight_bytes: int, cache_bytes: int, chip: Chip,
+                    hbm_bytes: float | None = None) -> dict:
   """A decode call against its floor: it must read its model's weights once (in their serving dtype) and its KV
   cache once, per device. minimum bytes = weight_bytes + cache_bytes (per device); roofline seconds = minimum bytes /
-  the chip's HBM bandwidth. Returns both and the ratios of XLA's estimates to them (1.0: on the roofline)."""
+  the chip's HBM bandwidth. Returns both and the ratios of XLA's estimates to them (1.0: on the roofline);
+  with ``hbm_bytes`` (the program's HBM traffic, aot.hbm_traffic) also its ratio and time at the bandwidth."""
   minimum = weight_bytes + cache_bytes
   roof = minimum / chip.hbm_bandwidth
-  return dict(min_bytes=minimum, weight_bytes=weight_bytes, cache_bytes=cache_bytes, roofline_ms=roof * 1e3,
-              bytes_over_min=bytes_accessed / minimum, ms_over_roofline=seconds / roof)
+  out = dict(min_bytes=minimum, weight_bytes=weight_bytes, cache_bytes=cache_bytes, roofline_ms=roof * 1e3,
+             bytes_over_min=bytes_accessed / minimum, ms_over_roofline=seconds / roof)
+  if hbm_bytes is not None:
+    out.update(hbm_over_min=hbm_bytes / minimum, hbm_ms=hbm_bytes / chip.hbm_bandwidth * 1e3)
+  return out
 
 
 def useful_train_flops(tokens: int, trainable_params: int, frozen_params: int, attention) -> float:

@@ -106,6 +106,12 @@ def test_aot_decodes_the_presets_on_their_serving_layout():
   step = r["programs"]["primary_step"]
   assert step["weight_ops_per_call"] == 0 and step["roofline"]["bytes_over_min"] > 1
   assert step["unrolled"]["bytes_accessed"] > 0 and "unrolled / minimum" in aot.format_report(r)
+  # HBM traffic by memory spaces: the weights are read from HBM about once; XLA's bytes accessed also counts the
+  # copies into on-chip memory and the fusions' reads there
+  for name in ("primary_step", "primary_block"):
+    rf, un = r["programs"][name]["roofline"], r["programs"][name]["unrolled"]
+    assert 0.9 < un["hbm_over_min"] < min(1.5, un["bytes_over_min"]), (name, rf, un)
+    assert rf["hbm_over_min"] < rf["bytes_over_min"], (name, rf)
 
 
 # -- loading a workdir for decoding ----------------------------------------------------------------------------
