@@ -46,7 +46,7 @@ def summary_table(reports: dict) -> str:
   lines = [f"_{tp.LABEL}_", "",
            "| preset | topology | stage | train HBM GiB/chip | fits | est. ms/step | est. MFU (XLA FLOPs / useful "
            "FLOPs) | tokens/s (est.) | decode HBM GiB/chip (ar / tandem_speed / adaptive) | primary_step, "
-           "primary_block: bytes / minimum, est. / roofline ms | projected best speedup | compile wall s |",
+           "primary_block: bytes accessed / minimum, HBM traffic / minimum, est. / roofline ms | projected best speedup | compile wall s |",
            "|---|---|---|---|---|---|---|---|---|---|---|---|"]
   for (preset, stage), r in reports.items():
     progs = r["programs"]
@@ -57,8 +57,10 @@ def summary_table(reports: dict) -> str:
     mfu = f"{100 * train['mfu']:.1f}%" if "mfu" in train else "-"
     if "mfu_useful" in train:
       mfu += f" / {100 * train['mfu_useful']:.1f}%"
-    roof = ", ".join(f"{progs[n]['roofline']['bytes_over_min']:.2f}x {progs[n]['roofline']['ms_over_roofline']:.2f}x"
-                     for n in ("primary_step", "primary_block") if "roofline" in progs.get(n, {})) or "-"
+    roof = ", ".join(f"{rf['bytes_over_min']:.2f}x {rf.get('hbm_over_min', float('nan')):.2f}x "
+                     f"{rf['ms_over_roofline']:.2f}x"
+                     for rf in (progs[n]["roofline"] for n in ("primary_step", "primary_block")
+                                if "roofline" in progs.get(n, {}))) or "-"
     tps = f"{train['tokens_per_second']:,.0f}" if "tokens_per_second" in train else "-"
     dec = [progs.get(n) for n in ("decode_ar", "decode_tandem_speed", "decode_tandem_speed_adaptive")]
     dec = " / ".join(gib(d["memory"]["total"]) for d in dec if d and "memory" in d) or "-"

@@ -110,8 +110,9 @@ def test_aot_decodes_the_presets_on_their_serving_layout():
   # copies into on-chip memory and the fusions' reads there
   for name in ("primary_step", "primary_block"):
     rf, un = r["programs"][name]["roofline"], r["programs"][name]["unrolled"]
-    assert 0.9 < un["hbm_over_min"] < min(1.5, un["bytes_over_min"]), (name, rf, un)
-    assert rf["hbm_over_min"] < rf["bytes_over_min"], (name, rf)
+    # (the tiny models' weights are 62 KB: a 5-token block's activations and logits add 60% to them)
+    assert 0.9 < un["hbm_over_min"] < 2.0 and un["hbm_over_min"] < un["bytes_over_min"] / 5, (name, rf, un)
+    assert rf["hbm_over_min"] < rf["bytes_over_min"] / 5, (name, rf)
 
 
 # -- loading a workdir for decoding ----------------------------------------------------------------------------
