@@ -319,10 +319,25 @@ def _fusion_io(body: list[dict]) -> tuple[dict[int, int | None], int | None]:
   return reads, (written(root) if root is not None else None)
 
 
+def _loop_bound(comps, while_line: str) -> int | None:
+  """The trip count of a while loop whose condition is ``counter < constant`` (XLA's windowed einsums over a mesh
+  axis record no known_trip_count; their counters start at 0 and step by 1), else None."""
+  cond = re.search(r"condition=%?([\w.\-]+)", while_line)
+  body = comps.get(cond.group(1), []) if cond else []
+  consts = {i["name"]: re.search(r"constant\((-?\d+)\)", i["line"]) for i in body if i["opcode"] == "constant"}
+  root = next((i for i in body if i["root"]), None)
+  if root is None or root["opcode"] != "compare" or "direction=LT" not in root["line"]:
+    return None
+  bound = consts.get(root["operands"][1]) if len(root["operands"]) > 1 else None
+  return int(bound.group(1)) if bound else None
+
+
 def hbm_traffic(hlo_text: str) -> dict:
   """Bytes a compiled program moves to and from HBM (see above), from its optimized HLO text
-  (``compiled.as_text()``): {"bytes", "by_opcode": {opcode: bytes}, "unknown_trip_counts"}. A while loop's body
-  counts once per iteration where XLA recorded the trip count (else once, and counted in unknown_trip_counts)."""
+  (``compiled.as_text()``): {"bytes", "by_opcode": {opcode: bytes}, "by_source": the 12 JAX ops (metadata op_name)
+  moving the most bytes, "unknown_trip_counts"}. A while loop's body
+  counts once per iteration where XLA recorded the trip count or its condition is ``counter < constant`` (else
+  once, and counted in unknown_trip_counts)."""
   comps, entry = _instructions(hlo_text)
   shapes = {i["name"]: i["shape"] for body in comps.values() for i in body}
   by_opcode: dict[str, float] = {}
@@ -336,10 +351,11 @@ def hbm_traffic(hlo_text: str) -> dict:
         continue
       if op == "while":
         trips = re.search(r'"known_trip_count":\{"n":"(\d+)"', ins["line"])
-        unknown += trips is None
+        n = int(trips.group(1)) if trips else _loop_bound(comps, ins["line"])
+        unknown += n is None
         body = re.search(r"body=%?([\w.\-]+)", ins["line"])
         if body:
-          walk(body.group(1), times * (int(trips.group(1)) if trips else 1))
+          walk(body.group(1), times * (n or 1))
         continue
       if op in ("call", "conditional", "async-start"):
         for callee in re.findall(r"(?:to_apply|calls|branch_computations)=\{?%?([\w.\-, %]+)\}?", ins["line"]):
@@ -367,9 +383,14 @@ def hbm_traffic(hlo_text: str) -> dict:
       else:
         moved = sum(_hbm(shapes.get(o, "")) for o in operands) + _hbm(ins["shape"])
       by_opcode[op] = by_opcode.get(op, 0) + moved * times
+      src = re.search(r'op_name="([^"]*)"', ins["line"])
+      src = re.sub(r"^jit\([^)]*\)/", "", src.group(1)) if src else op
+      by_source[src] = by_source.get(src, 0) + moved * times
 
+  by_source: dict[str, float] = {}
   walk(entry, 1)
-  return dict(bytes=sum(by_opcode.values()), by_opcode=by_opcode, unknown_trip_counts=unknown)
+  top = dict(sorted(by_source.items(), key=lambda kv: -kv[1])[:12])
+  return dict(bytes=sum(by_opcode.values()), by_opcode=by_opcode, by_source=top, unknown_trip_counts=unknown)
 
 
 # Weight matrices smaller than this are not looked for in the compiled programs: converting one costs nothing and
@@ -531,6 +552,11 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
       # per device: the step's model FLOPs are spread over every chip of the training mesh
       rec["useful_flops"] = useful_train_flops(config) / n
       rec["mfu_useful"] = rec["useful_flops"] / (rec["seconds"] * chip.peak_bf16_flops)
+      # the same with the step's time from its HBM traffic (hbm_traffic, loops counted per iteration) and the larger
+      # of the two FLOP counts: XLA's cost model counts a while body once, and FSDP matmuls run as windowed loops
+      rec["hbm_seconds"] = max(max(rec["flops"], rec["useful_flops"]) / chip.peak_bf16_flops,
+                               rec["hbm_bytes"] / chip.hbm_bandwidth)
+      rec["mfu_useful_hbm"] = rec["useful_flops"] / (rec["hbm_seconds"] * chip.peak_bf16_flops)
       rec["step_ms"] = rec["seconds"] * 1e3
       rec["tokens_per_second"] = tokens / rec["seconds"]
   if "decode" in groups or "calls" in groups:
@@ -619,6 +645,10 @@ def format_report(report: dict) -> str:
                   f"{tr['mfu_useful'] * 100:.1f}% counting useful FLOPs (6 N tokens + attention, no remat "
                   f"recompute: {tr['useful_flops'] / 1e9:.1f} GFLOP/device against XLA's "
                   f"{tr['flops'] / 1e9:.1f})."]
+    if "mfu_useful_hbm" in tr:
+      lines[-1] += (f" By HBM traffic ({tr['hbm_bytes'] / 1e9:.1f} GB/device, aot.hbm_traffic, against XLA's "
+                    f"{tr['bytes_accessed'] / 1e9:.1f} GB accessed): est. {tr['hbm_seconds'] * 1e3:.1f} ms/step, "
+                    f"MFU {tr['mfu_useful_hbm'] * 100:.1f}% (useful FLOPs).")
   calls = [(name, r) for name, r in report["programs"].items() if "roofline" in r]
   if calls:
     lines += ["", "Decode calls against the HBM roofline (minimum bytes = the model's weights once + its KV cache "

@@ -62,12 +62,20 @@ def tiny_report():
                  log=lambda *a: None)
 
 
+def aot_report(r):
+  from tandem_jax import aot
+  return aot.format_report(r)
+
+
 def test_tiny_compiles_on_v5e_2x2_train_and_tandem_speed(tiny_report):
   r = tiny_report
   assert r["chips"] == 4 and r["mesh"] == {"data": 4, "model": 1} and not r["failures"]
   assert r["label"] == tp.LABEL
   train = r["programs"]["train_step"]
   assert train["fits"] and train["flops"] > 0 and 0 < train["mfu"] < 1 and train["memory"]["total"] > 0
+  assert train["hbm_bytes"] > 0 and 0 < train["mfu_useful_hbm"] <= 1
+  assert train["hbm_seconds"] >= train["useful_flops"] / (tp.CHIPS["v5e"].peak_bf16_flops)
+  assert "By HBM traffic" in aot_report(r)
   for name in ("decode_tandem_speed",):
     assert r["programs"][name]["fits"] and r["programs"][name]["memory"]["total"] > 0
   for name in ("primary_step", "primary_block", "secondary_step", "tandem_commit"):
