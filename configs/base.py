@@ -23,7 +23,7 @@ def _model(vocab, d_model, layers, heads, kv_heads, head_dim, d_ff, max_seq_len,
   return dict(vocab_size=vocab, d_model=d_model, num_layers=layers, num_heads=heads, num_kv_heads=kv_heads,
               head_dim=head_dim, d_ff=d_ff, max_seq_len=max_seq_len, rope_theta=10_000.0, norm_eps=1e-6,
               qkv_bias=False, tie_embeddings=True, param_dtype="float32", dtype=dtype, scan_layers=scan,
-              remat=scan)
+              remat=scan, attention_impl="plain", attention_block=512)  # --config.primary.attention_impl=blockwise
 
 
 # Per preset: vocabulary, sequence length, models, batch, steps per stage, mesh.
