@@ -30,9 +30,9 @@ from flax import nnx
 # events (a block that stopped short of its drafts), both decayed by DECAY each iteration, and α0 with weight w is
 # the prior: PRIOR_ALPHA with weight 2 before this key's first speculative call, then the acceptance its earlier calls
 # met (:class:`Outcome`, pooled) with weight RECORDED_WEIGHT. Without drafts the estimate drifts back to the prior, so
-# a row whose speculation was switched off is probed again after a few iterations. A measured prior is worth ~1.5%
-# at batch 1 on the real-model benchmark (the tandem drafter's α is 0.34 there, far below 0.5: the first iterations
-# of every call used to draft too long).
+# a row whose speculation was switched off is probed again after a few iterations. A measured prior matters where α
+# is far from 0.5 (the real-model benchmark's tandem drafter: about 0.35): the first iterations of every call drafted
+# too long.
 DECAY, PRIOR_ALPHA, FIRST_WEIGHT, RECORDED_WEIGHT = 0.8, 0.5, 2.0, 6.0
 
 
@@ -228,10 +228,10 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # least SD_FLOOR. A clear loss switches off after one call; a loss that calls
 # agree on (a batch whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call)
 # after two, and is then re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide
-# spread (single prompts at batch 1, whose acceptance varies by +-0.1-0.2x) keeps speculating until enough calls say
-# it loses. A fixed count (this module's first rule: off after 3 calls whose decayed mean was below 1x) switched the
-# real-model benchmark's batch 1 off on its three hardest prompts while twelve averaged 1.02x. The first call has no
-# record and speculates when the table says a block pays at PRIOR_ALPHA.
+# spread (single prompts at batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough
+# calls say it loses. A fixed count (this module's first rule: off after 3 calls whose decayed mean was below 1x)
+# switched the real-model benchmark's batch 1 off after its first three calls although fixed γ gained there. The first
+# call has no record and speculates when the table says a block pays at PRIOR_ALPHA.
 FIRST_SPREAD, SD_FLOOR, WINDOW = 0.1, 0.03, 32
 
 
