@@ -110,8 +110,11 @@ def test_scanned_layers_compile_and_cost_like_unrolled(tiny_report):
 def test_presets_summary_table(tiny_report):
   from launch import compile_presets
   table = compile_presets.summary_table({("tiny", "tandem"): dict(tiny_report, wall_seconds=12.0)})
-  row = [line for line in table.splitlines() if line.startswith("| tiny |")][0]
-  assert "| v5e:2x2 | tandem |" in row and "| yes |" in row and "x (γ=" in row and row.endswith("| 12 |")
+  rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
+  train, calls = rows[0], rows[1:]
+  assert "| v5e:2x2 | tandem |" in train and "| yes |" in train and train.endswith("| 12 |")
+  assert [c.split(" | ")[2] for c in calls] == ["primary_step", "primary_block", "secondary_step"]
+  assert all("x (γ=" in c for c in calls) and "; -" in calls[0]  # no unrolled compile in this report
   assert tp.LABEL in table
 
 
