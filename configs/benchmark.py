@@ -80,7 +80,9 @@ def _real(c, preset):
   c.recipe = {}  # RecipeConfig overrides of the preset ({} = the quickstart's recipe)
   c.gguf_dir = "~/.cache/tandem_jax/smollm2"
   c.gamma_max = 3 if tiny else 6  # K of the adaptive router
-  c.router = dict(steps=4 if tiny else 300, top_k=4, hidden=64)
+  # the router's sampled head learns on sampled_sequences of the primary's temperature-1 continuations
+  # (recipe_router); its greedy head on the recipe's greedy data
+  c.router = dict(steps=4 if tiny else 300, top_k=4, hidden=64, sampled_sequences=4 if tiny else 256)
   if tiny:
     c.decode = dict(num_prompts=2, max_new_tokens=8, batch_sizes=(1, 2), temperatures=(0.0, 1.0), gammas=(2, 3),
                     repeats=1, batch1_prompts=1, seed=0, tune_prompts=1, thresholds=(0.5,), prompt_tokens=16)

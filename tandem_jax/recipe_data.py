@@ -1,6 +1,6 @@
 """The recipe's data from a pretrained primary (:mod:`tandem_jax.recipe`): prompts (corpus windows and topic
-prompts), the primary's greedy continuations with its labels, top-k teacher and hidden states kept in the same pass,
-teacher-forced corpus features, and the draft vocabulary."""
+prompts), the primary's greedy (or sampled) continuations with its labels, top-k teacher and hidden states kept in
+the same pass, teacher-forced corpus features, and the draft vocabulary."""
 
 from __future__ import annotations
 
@@ -84,8 +84,13 @@ def primary_outputs(logits, hidden, layers: tuple, k: int) -> dict:
 
 
 def self_distill(primary: Transformer, prompts: np.ndarray, gen_len: int, batch: int, eos_id, layer_map,
-                 top_k: int, progress: Callable[[str], None] | None = None) -> dict:
+                 top_k: int, progress: Callable[[str], None] | None = None, temperature: float = 0.0,
+                 seed: int = 0) -> dict:
   """The primary's greedy continuations and everything training needs from it, in one pass per batch.
+
+  ``temperature`` > 0: the continuations are sampled from the primary's softmax(logits / temperature) instead (key
+  from ``seed`` and the batch), the contexts speculative sampling at that temperature decodes in; the labels stay
+  the primary's argmax and the teacher its raw top-k log-probabilities.
 
   ``prompts`` [n, P] (-1 pads ragged prompts). Each batch runs one compiled program: a teacher-forced pass over
   the prompts, then ``gen_len`` cached greedy steps; every position (prompt and continuation) yields the primary's
@@ -102,22 +107,29 @@ def self_distill(primary: Transformer, prompts: np.ndarray, gen_len: int, batch:
   def features(logits, hidden):
     return primary_outputs(logits, hidden, layers, k)
 
+  def next_token(logits_bv, labels_b, key):
+    if temperature <= 0:
+      return labels_b
+    return jax.random.categorical(key, logits_bv.astype(jnp.float32) / temperature, -1).astype(jnp.int32)
+
   @jax.jit
-  def run(state, prompt_bt, plen_b):
+  def run(state, prompt_bt, plen_b, key):
     model = nnx.merge(graphdef, state)
     b = prompt_bt.shape[0]
     cache = model.init_cache(b, t)
     logits, hidden, cache = model.prefill(prompt_bt, plen_b, cache, return_hidden=bool(layers))
     first = features(logits, hidden)
-    tok0 = jnp.take_along_axis(first["labels"], (plen_b - 1)[:, None], 1)[:, 0]
+    last = (plen_b - 1)[:, None]
+    tok0 = next_token(jnp.take_along_axis(logits, last[..., None], 1)[:, 0],
+                      jnp.take_along_axis(first["labels"], last, 1)[:, 0], jax.random.fold_in(key, gen_len))
 
-    def body(carry, _):
+    def body(carry, i):
       cache, tok = carry
       logits, hidden, cache = model.extend(tok[:, None], cache, return_hidden=bool(layers), last_logits=True)
       f = features(logits, hidden)
-      return (cache, f["labels"][:, 0]), (tok, f)
+      return (cache, next_token(logits[:, 0], f["labels"][:, 0], jax.random.fold_in(key, i))), (tok, f)
 
-    _, (toks, gen) = jax.lax.scan(body, (cache, tok0), None, length=gen_len)
+    _, (toks, gen) = jax.lax.scan(body, (cache, tok0), jnp.arange(gen_len))
     return first, toks, gen
 
   out = {"tokens": np.zeros((n, t), np.int32), "valid": np.zeros((n, t), bool),
@@ -132,7 +144,8 @@ def self_distill(primary: Transformer, prompts: np.ndarray, gen_len: int, batch:
     if m < batch:  # keep one compiled shape
       rows = np.concatenate([rows, np.repeat(rows[-1:], batch - m, 0)])
     plen = (rows >= 0).sum(1).astype(np.int32)
-    first, toks, gen = jax.device_get(run(state, jnp.asarray(np.maximum(rows, 0)), jnp.asarray(plen)))
+    first, toks, gen = jax.device_get(run(state, jnp.asarray(np.maximum(rows, 0)), jnp.asarray(plen),
+                                          jax.random.key(np.random.default_rng([seed, i]).integers(2 ** 31))))
     for j in range(m):
       r, q = i + j, int(plen[j])
       seq = np.concatenate([rows[j, :q], toks[:, j]])

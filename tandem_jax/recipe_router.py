@@ -1,11 +1,15 @@
 """The adaptive block-length router of a recipe Tandem (:mod:`tandem_jax.recipe`), trained on the recipe's cached
 data: no primary forward, labels from the secondary's teacher-forced drafts against the cached primary outputs.
 
-The data are the primary's own greedy continuations, the contexts a router decides in under greedy decoding: a block
-stops at its first rejected draft, so every draft whose stop decision matters follows drafts equal to the primary's
-greedy tokens. The sampled head's label is TV of the raw softmaxes (temperature 1, the router's default
-``sampling``): the cache holds the primary's top-k log-probabilities, not the logits another temperature would
-need, so a router for another sampling setting is trained by the ``router`` stage (``config.router.sampling``)."""
+Each head learns in the contexts it decides in. The greedy head: the recipe's cached data, the primary's own greedy
+continuations (a block stops at its first rejected draft, so every draft whose stop decision matters follows drafts
+equal to the primary's greedy tokens). The sampled head: the primary's continuations sampled at temperature 1
+(``sampled_sequences`` of them, from the same prompts, made once and cached in ``<tandem_dir>/router_data``): under
+speculative sampling the accepted tokens are draws from the primary, so those are the contexts of its decisions.
+Its label is TV of the raw softmaxes (temperature 1, the router's default ``sampling``): the data hold the primary's
+top-k log-probabilities, not the logits another temperature would need, so a router for another sampling setting is
+trained by the ``router`` stage (``config.router.sampling``). ``sampled_sequences=0``: both heads learn on the greedy
+data (routers saved before the sampled data existed)."""
 
 from __future__ import annotations
 
@@ -21,9 +25,42 @@ from flax import nnx, traverse_util
 
 from tandem_jax.progress import Progress
 from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows, teacher_terms
-from tandem_jax.recipe_data import target_index
+from tandem_jax.recipe_data import self_distill, target_index
 
 ROUTER_FILE = "router.npz"
+ROUTER_META = "router.json"
+SAMPLED_DIR = "router_data"
+SAMPLED_TEMPERATURE = 1.0  # the sampled head's setting (router.RAW)
+
+
+def sampled_data(tandem, tokenizer, data: dict, rc: RecipeConfig, rows: np.ndarray, data_dir: str,
+                 progress: Callable[[str], None] | None = None) -> dict:
+  """The primary's continuations sampled at temperature 1 from the prompts of the greedy data's ``rows`` (their
+  first ``rc.prompt_len`` tokens), in the layout of the recipe data (``top_ids`` as draft-vocabulary indices).
+  Cached in ``data_dir`` while the rows and settings match."""
+  meta = dict(rows=[int(r) for r in rows], temperature=SAMPLED_TEMPERATURE, prompt_len=rc.prompt_len,
+              gen_len=rc.gen_len, seed=rc.seed, top_k=rc.teacher_top_k)
+  meta_path = os.path.join(data_dir, "meta.json")
+  if os.path.isfile(meta_path):
+    with open(meta_path) as fh:
+      if json.load(fh) == meta:
+        return {k[:-4]: np.load(os.path.join(data_dir, k)) for k in os.listdir(data_dir) if k.endswith(".npy")}
+  primary = tandem.primary
+  out = self_distill(primary, data["tokens"][rows, :rc.prompt_len], rc.gen_len, min(rc.gen_batch, len(rows)),
+                     tokenizer.eos_id, tandem.layer_map, rc.teacher_top_k, progress=progress,
+                     temperature=SAMPLED_TEMPERATURE, seed=rc.seed)
+  out["top_ids"] = target_index(out.pop("top_ids"), data["draft_ids"], primary.cfg.vocab_size)
+  os.makedirs(data_dir, exist_ok=True)
+  for k, v in out.items():
+    np.save(os.path.join(data_dir, k + ".npy"), v)
+  with open(meta_path + ".tmp", "w") as fh:
+    json.dump(meta, fh)
+  os.replace(meta_path + ".tmp", meta_path)
+  return out
+
+
+def _joined(a: dict, b: dict) -> dict:
+  return {k: np.concatenate([a[k], b[k]], axis=1 if k == "hidden" else 0) for k in a}
 
 
 def router_labels(q_btn, target_bt, top_idx_btk, top_logp_btk):
@@ -36,29 +73,55 @@ def router_labels(q_btn, target_bt, top_idx_btk, top_logp_btk):
 
 
 def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k: int = 4, hidden: int = 64,
-                 lr: float = 1e-3, batch_size: int = 8, seed: int = 0,
+                 lr: float = 1e-3, batch_size: int = 8, seed: int = 0, sampled_sequences: int = 256,
                  progress: Callable[[str], None] | None = None) -> dict:
   """Trains the adaptive block-length router of a recipe Tandem on its cached data and saves it to
-  ``<tandem_dir>/router.npz`` (reused when present). Labels come from the secondary's teacher-forced drafts at
-  block length γ_max with random block phases (every within-block offset); features are the secondary's draft
-  distribution and the embeddings of its top-k tokens (:mod:`tandem_jax.models.router`).
-  Returns {"router": Router, "validation": {...}}."""
+  ``<tandem_dir>/router.npz`` (reused while ``router.json`` holds the same settings). Labels come from the
+  secondary's teacher-forced drafts at block length γ_max with random block phases (every within-block offset):
+  the greedy head's on the greedy data, the sampled head's on ``sampled_sequences`` sampled continuations (half of
+  every batch; see the module docstring); features are the secondary's draft distribution and the embeddings of
+  its top-k tokens (:mod:`tandem_jax.models.router`).
+  Returns {"router": Router, "validation": {...}} (each head measured on its own held-out rows)."""
   from tandem_jax.models import router as router_lib
   from tandem_jax.workdir import load_workdir
 
+  if sampled_sequences < 0 or (sampled_sequences and sampled_sequences < 2):
+    raise ValueError(f"sampled_sequences must be 0 or >= 2 (one held out), got {sampled_sequences}")
   tandem_dir = os.path.abspath(os.path.expanduser(tandem_dir))
-  tandem = load_workdir(tandem_dir).model
+  loaded = load_workdir(tandem_dir)
+  tandem = loaded.model
   with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
     rc = RecipeConfig(**json.load(fh))
   data_dir = os.path.join(tandem_dir, DATA_DIR)
   data = {k[:-4]: np.load(os.path.join(data_dir, k)) for k in os.listdir(data_dir) if k.endswith(".npy")}
-  target = target_index(data["labels"], data["draft_ids"], tandem.primary.cfg.vocab_size)
+  vocab = tandem.primary.cfg.vocab_size
+  target = target_index(data["labels"], data["draft_ids"], vocab)
   train_rows, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
+  greedy_heads = np.array([0.0, 1.0] if sampled_sequences else [1.0, 1.0], np.float32)  # router.HEADS order
+  if sampled_sequences:
+    n_val = max(1, int(round(sampled_sequences * rc.val_fraction)))
+    n_val = min(n_val, len(val_rows))
+    rows = np.concatenate([val_rows[:n_val], train_rows[:sampled_sequences - n_val]])
+    sdata = sampled_data(tandem, loaded.tokenizer, data, rc, rows, os.path.join(tandem_dir, SAMPLED_DIR),
+                         progress)
+    starget = target_index(sdata["labels"], data["draft_ids"], vocab)
+    s_train, s_val = np.arange(n_val, len(rows)), np.arange(n_val)
   with nnx.use_eager_sharding(False):
     router = router_lib.Router(tandem.secondary.cfg.d_model, top_k, hidden, rngs=nnx.Rngs(seed))
   path = os.path.join(tandem_dir, ROUTER_FILE)
+  settings = dict(steps=steps, gamma_max=gamma_max, top_k=top_k, hidden=hidden, lr=lr, batch_size=batch_size,
+                  seed=seed, sampled_sequences=sampled_sequences)
   r_def, r_state = nnx.split(router)
   t_def, t_state = nnx.split(tandem)
+
+  def make_batch(greedy_rows, sampled_rows, rng):
+    b = batch_at(data, greedy_rows, target, "tandem", gamma_max, rng)
+    b["heads"] = np.tile(greedy_heads, (len(greedy_rows), 1))
+    if len(sampled_rows):
+      bs = batch_at(sdata, sampled_rows, starget, "tandem", gamma_max, rng)
+      bs["heads"] = np.tile(np.array([1.0, 0.0], np.float32), (len(sampled_rows), 1))
+      b = _joined(b, bs)
+    return b
 
   def terms(r_params, t_state, batch):
     tandem_ = nnx.merge(t_def, t_state)
@@ -67,7 +130,7 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
     y = router_labels(q, batch["target"], batch["top_idx"], batch["top_logp"])
     v = q.shape[-1]
     r_logits = nnx.merge(r_def, r_params)(q.reshape(-1, v), tandem_.secondary.output_embedding())
-    w = batch["mask"].reshape(-1)
+    w = (batch["mask"][..., None] * batch["heads"][:, None, :]).reshape(-1, 2)  # per head: its own rows
     return router_lib.router_loss(r_logits, y.reshape(-1, 2), w), (r_logits, y.reshape(-1, 2), w)
 
   tx = optax.adamw(optax.warmup_cosine_decay_schedule(0.0, lr, min(20, steps), max(steps, 21), lr * 0.1))
@@ -80,39 +143,52 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
 
   @jax.jit
   def evaluate_(r_params, t_state, batch):
-    loss, (r_logits, y, w) = terms(r_params, t_state, batch)
+    """Sums over the batch's positions, per head: weight, label, prediction, decisions agreeing, BCE."""
+    _, (r_logits, y, w) = terms(r_params, t_state, batch)
     r = jax.nn.sigmoid(r_logits)
-    out = {"router_loss": loss}
-    for i, head in enumerate(router_lib.HEADS):
-      out[f"{head}_label"] = jnp.sum(y[:, i] * w) / jnp.sum(w)
-      out[f"{head}_pred"] = jnp.sum(r[:, i] * w) / jnp.sum(w)
-      out[f"{head}_decision_acc"] = jnp.sum(((r[:, i] >= 0.2) == (y[:, i] >= 0.2)) * w) / jnp.sum(w)
-    return out
+    bce = optax.sigmoid_binary_cross_entropy(r_logits, y)
+    return {"w": jnp.sum(w, 0), "label": jnp.sum(y * w, 0), "pred": jnp.sum(r * w, 0),
+            "decision_acc": jnp.sum(((r >= 0.2) == (y >= 0.2)) * w, 0), "bce": jnp.sum(bce * w, 0)}
 
-  if os.path.isfile(path):
+  meta_path = os.path.join(tandem_dir, ROUTER_META)
+  saved = None
+  if os.path.isfile(path) and os.path.isfile(meta_path):
+    with open(meta_path) as fh:
+      saved = json.load(fh)
+  if saved == settings:
     with np.load(path) as z:
       r_params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
   else:
     r_params = r_state.to_pure_dict()
     opt_state = tx.init(r_params)
     bar = Progress(steps, "train router", out=progress)
+    n_s = batch_size // 2 if sampled_sequences else 0
     for i in range(steps):
       rng = np.random.default_rng([seed, 7, i])
-      rows = rng.choice(train_rows, batch_size, replace=len(train_rows) < batch_size)
-      b = batch_at(data, rows, target, "tandem", gamma_max, rng)
-      r_params, opt_state, loss = step(r_params, opt_state, t_state, b)
+      rows = rng.choice(train_rows, batch_size - n_s, replace=len(train_rows) < batch_size - n_s)
+      srows = rng.choice(s_train, n_s, replace=len(s_train) < n_s) if n_s else rows[:0]
+      r_params, opt_state, loss = step(r_params, opt_state, t_state, make_batch(rows, srows, rng))
       if (i + 1) % 100 == 0 or i + 1 == steps:
         bar.update(i + 1, loss=round(float(loss), 3))
     np.savez(path + ".tmp.npz", **{k: np.asarray(v) for k, v in traverse_util.flatten_dict(r_params, sep="/").items()})
     os.replace(path + ".tmp.npz", path)
+    with open(meta_path + ".tmp", "w") as fh:
+      json.dump(settings, fh)
+    os.replace(meta_path + ".tmp", meta_path)
   nnx.replace_by_pure_dict(r_state, r_params)
   nnx.update(router, r_state)
-  sums, n = {}, 0
+  sums = {}
   eb = min(batch_size, len(val_rows))
-  for i in range(0, len(val_rows) - eb + 1, eb):
-    rng = np.random.default_rng([seed, 8, i])
-    b = batch_at(data, val_rows[i:i + eb], target, "tandem", gamma_max, rng)
+  evals = [(val_rows[i:i + eb], val_rows[:0]) for i in range(0, len(val_rows) - eb + 1, eb)]
+  if sampled_sequences:
+    evals += [(val_rows[:0], s_val[i:i + eb]) for i in range(0, len(s_val), eb)]
+  for i, (g_rows, s_rows) in enumerate(evals):
+    b = make_batch(g_rows, s_rows, np.random.default_rng([seed, 8, i]))
     for k, v in jax.device_get(evaluate_(r_params, t_state, b)).items():
-      sums[k] = sums.get(k, 0.0) + float(v)
-    n += 1
-  return {"router": router, "validation": {k: v / max(n, 1) for k, v in sums.items()}}
+      sums[k] = sums.get(k, 0.0) + np.asarray(v, np.float64)
+  w = np.maximum(sums["w"], 1e-9)
+  validation = {"router_loss": float(np.sum(sums["bce"] / w))}
+  for i, head in enumerate(router_lib.HEADS):
+    for k in ("label", "pred", "decision_acc"):
+      validation[f"{head}_{k}"] = float(sums[k][i] / w[i])
+  return {"router": router, "validation": validation}

@@ -177,6 +177,16 @@ def test_router_labels_and_loss():
   best = router_lib.router_loss(logit, y)
   assert best < router_lib.router_loss(logit + 0.5, y) and best < router_lib.router_loss(logit - 0.5, y)
   assert router_lib.router_loss(logit, y, jnp.array([1.0, 0.0])) < router_lib.router_loss(logit + 1.0, y)
+  # Per-head weights: each head learns only on its own positions (a wrong prediction elsewhere costs nothing),
+  # and [B] weights equal the same weights given per head.
+  w1 = jnp.array([1.0, 0.0])
+  both = router_lib.router_loss(logit, y, jnp.stack([w1, w1], 1))
+  assert router_lib.router_loss(logit, y, w1) == pytest.approx(float(both))
+  per_head = jnp.array([[1.0, 0.0], [0.0, 1.0]])
+  wrong = logit.at[1, 0].add(3.0).at[0, 1].add(3.0)  # off-head positions perturbed
+  assert router_lib.router_loss(wrong, y, per_head) == pytest.approx(
+      float(router_lib.router_loss(logit, y, per_head)))
+  assert router_lib.router_loss(wrong, y) > router_lib.router_loss(logit, y)
 
 
 def test_router_features_are_entropy_top_k_and_their_embeddings():

@@ -135,3 +135,56 @@ def test_self_distill_equals_generate_and_a_full_forward(primary_dir):
     np.testing.assert_allclose(out["top_logp"][r, :n], np.asarray(ref_vals[r, :n]), rtol=2e-3, atol=2e-3)
     for j, m in enumerate((0, primary.cfg.num_layers)):
       np.testing.assert_allclose(out["hidden"][j, r, :n], np.asarray(hidden[m, r, :n]), rtol=2e-3, atol=2e-3)
+
+
+def test_self_distill_sampled_continuations(primary_dir):
+  """temperature > 0: the continuations are draws from the primary's softmax(logits / T) (first generated token
+  of 1,024 rows of one prompt against the primary's probabilities, its five likeliest tokens within 5 sigma), the kept labels / top-k still match a full
+  forward over the sampled tokens, and a temperature near 0 gives the greedy continuation."""
+  primary = load_workdir(primary_dir[0]).model
+  v = primary.cfg.vocab_size
+  prompt = np.random.default_rng(2).integers(3, v, (1, 6)).astype(np.int32)
+  greedy = recipe_data.self_distill(primary, prompt, 5, 1, None, None, 4)
+  cold = recipe_data.self_distill(primary, prompt, 5, 1, None, None, 4, temperature=1e-4, seed=3)
+  np.testing.assert_array_equal(cold["tokens"], greedy["tokens"])
+  n = 1024
+  for temperature in (8.0, 3.0):  # the tiny primary is peaked (its top token ~0.99 at T = 1): spread it
+    out = recipe_data.self_distill(primary, np.repeat(prompt, n, 0), 3, 256, None, None, 4,
+                                   temperature=temperature, seed=4)
+    logits = np.asarray(jax.jit(lambda t: primary.forward(t)[0])(out["tokens"][:8]), np.float64)
+    np.testing.assert_array_equal(out["labels"][:8], np.argmax(logits, -1))
+    p = np.exp(logits[0, 5] / temperature - np.max(logits[0, 5] / temperature))
+    p /= p.sum()
+    freq = np.bincount(out["tokens"][:, 6], minlength=v) / n
+    top = np.argsort(-p)[:5]
+    sigma = np.sqrt(p[top] * (1 - p[top]) / n)
+    assert np.all(np.abs(freq[top] - p[top]) <= 5 * sigma + 1e-9), (temperature, freq[top], p[top])
+    assert len(np.unique(out["tokens"][:, 6])) > 1 and (out["tokens"][:, 6:] != greedy["tokens"][:, 6:9]).any()
+
+
+def test_router_heads_learn_in_their_own_contexts(trained):
+  """train_router: the greedy head on the greedy data, the sampled head on cached sampled continuations; both
+  cached, the router reused while its settings match and retrained when they change."""
+  from tandem_jax import recipe_router
+  wd = trained[0]
+  kw = dict(steps=3, gamma_max=3, top_k=2, hidden=8, batch_size=4, progress=lambda _: None)
+  out = recipe_router.train_router(wd, sampled_sequences=4, **kw)
+  meta = os.path.join(wd, recipe_router.SAMPLED_DIR, "meta.json")
+  assert os.path.isfile(meta) and os.path.isfile(os.path.join(wd, recipe_router.ROUTER_META))
+  sampled = np.load(os.path.join(wd, recipe_router.SAMPLED_DIR, "tokens.npy"))
+  greedy = np.load(os.path.join(wd, recipe.DATA_DIR, "tokens.npy"))
+  assert sampled.shape == (4, greedy.shape[1])
+  rows = [0, 4, 5, 6]  # one of the 4 validation rows (16 sequences, a quarter held out), three training rows
+  np.testing.assert_array_equal(sampled[:, :RC.prompt_len], greedy[rows, :RC.prompt_len])
+  assert (sampled[:, RC.prompt_len:] != greedy[rows, RC.prompt_len:]).any()
+  val = out["validation"]
+  assert 0.0 < val["sampled_label"] <= 1.0 and 0.0 <= val["greedy_label"] <= 1.0 and val["router_loss"] > 0
+  mtime = os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)), os.path.getmtime(meta)
+  again = recipe_router.train_router(wd, sampled_sequences=4, **kw)
+  assert again["validation"] == val
+  assert (os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)), os.path.getmtime(meta)) == mtime
+  old = recipe_router.train_router(wd, sampled_sequences=0, **kw)  # both heads on the greedy data: retrained
+  assert os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)) > mtime[0]
+  assert old["validation"]["sampled_label"] != val["sampled_label"]
+  with pytest.raises(ValueError, match="sampled_sequences"):
+    recipe_router.train_router(wd, sampled_sequences=1, **kw)

@@ -6,7 +6,8 @@ Phases, each timed into results.json:
 - train: the primary imported (``<workdir>/primary``), the recipe's Tandem secondary (``<workdir>/tandem``, the
   quickstart's; reused when the quickstart ran in the same workdir), a standalone drafter of the same size trained by
   the same recipe on the same cached data for the same steps (``<workdir>/standalone``: the equal-training
-  control, the paper's Gecko-Distil role), and the adaptive router on the tandem's data;
+  control, the paper's Gecko-Distil role), and the adaptive router (its greedy head on the tandem's greedy data,
+  its sampled head on the primary's temperature-1 continuations of the same prompts: :mod:`tandem_jax.recipe_router`);
 - Table 1: both drafters' agreement with the primary, TV distance and CE on the same held-out sequences;
 - Table 3: per-call costs (ms) of the primary for k = 1..K+1 tokens and of the drafters' step, batch 1 and 8;
 - Table 2: speedup over ``ar`` of ``speed`` and ``tandem_speed`` at each γ, greedy and T = 1, batch 1 and 8, on
@@ -56,8 +57,9 @@ def train_all(bench, workdir: str) -> dict:
                                    data_dir=os.path.join(tandem_dir, recipe.DATA_DIR))
   t0 = time.perf_counter()
   r = bench.router
-  router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
-                               hidden=int(r.hidden))
+  router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max),
+                                      top_k=int(r.top_k), hidden=int(r.hidden),
+                                      sampled_sequences=int(r.get("sampled_sequences", 256)))
   out["router"] = dict(validation=router["validation"], seconds=time.perf_counter() - t0)
   out["router_model"] = router["router"]
   out["paths"] = dict(primary=primary, tandem=tandem_dir, standalone=os.path.join(workdir, "standalone"))

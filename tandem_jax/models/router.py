@@ -98,12 +98,14 @@ class Router(nnx.Module):
 
 
 def router_loss(r_logits_b2, labels_b2, weights_b=None) -> jax.Array:
-  """Soft-target BCE per head, -[y log r + (1 - y) log(1 - r)], summed over the heads and averaged over positions
-  (optionally weighted)."""
-  loss = jnp.sum(optax.sigmoid_binary_cross_entropy(r_logits_b2, labels_b2), axis=-1)
+  """Soft-target BCE per head, -[y log r + (1 - y) log(1 - r)], averaged over positions (optionally weighted:
+  ``weights`` [B] for both heads or [B, 2] per head, each head learning on its own positions) and summed over the
+  heads."""
+  loss = optax.sigmoid_binary_cross_entropy(r_logits_b2, labels_b2)
   if weights_b is None:
-    return jnp.mean(loss)
-  return jnp.sum(loss * weights_b) / jnp.maximum(jnp.sum(weights_b), 1.0)
+    return jnp.sum(jnp.mean(loss, axis=0))
+  w = jnp.broadcast_to(weights_b[:, None] if weights_b.ndim == 1 else weights_b, loss.shape)
+  return jnp.sum(jnp.sum(loss * w, axis=0) / jnp.maximum(jnp.sum(w, axis=0), 1.0))
 
 
 def sampling_of(router_config) -> tuple:
