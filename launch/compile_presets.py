@@ -44,9 +44,9 @@ def compile_one(stage: str, preset: str, acceptance: str, check_depth: bool = Tr
 
 
 def summary_table(reports: dict) -> str:
-  """Two markdown tables: one row per (preset, stage) for the train step (HBM, fit, XLA's estimates, MFU by HBM
-  traffic); one row per preset's tandem stage for the decode programs (how far from the roofline, the depth
-  extrapolation against the unrolled compile, the projected speedup)."""
+  """Three markdown tables: one row per (preset, stage) for the train step (HBM, fit, XLA's estimates, MFU by HBM
+  traffic); the train step's HBM traffic by model part; one row per decode call of each preset's tandem stage (how
+  far from the roofline, the depth extrapolation against the unrolled compile, the projected speedup)."""
   from tandem_jax import tpu_estimates as tp
   gib = lambda b: f"{b / tp.GIB:.2f}"  # noqa: E731
   pct = lambda r, k: f"{100 * r[k]:.1f}%" if k in r else "-"  # noqa: E731
@@ -67,6 +67,14 @@ def summary_table(reports: dict) -> str:
     wall = f"{r['wall_seconds']:.0f}" if "wall_seconds" in r else "-"
     lines.append(f"| {preset} | {r['topology']} | {stage} | {mem} | {fits} | {est} | {mfu} | {hbm} | {hbm_ms} | "
                  f"{pct(train, 'mfu_useful_hbm')} | {tps} | {wall} |")
+  from tandem_jax.models.layers import SCOPES
+  parts = SCOPES + ("other",)
+  lines += ["", "Train step HBM traffic by model part (GB/chip/step; forward, backward and remat recompute together):",
+            "", "| preset | stage | " + " | ".join(parts) + " |", "|---|---|" + "---|" * len(parts)]
+  for (preset, stage), r in reports.items():
+    by = r["programs"].get("train_step", {}).get("hbm_by_scope")
+    if by:
+      lines.append(f"| {preset} | {stage} | " + " | ".join(f"{by.get(p, 0.0) / 1e9:,.1f}" for p in parts) + " |")
   lines += ["", "| preset | decode mesh, batch | program | bytes accessed / minimum (XLA) | HBM traffic / minimum "
             "(extrapolated; unrolled) | est. ms / roofline ms (XLA) | decode HBM GiB/chip (ar / tandem_speed / "
             "adaptive) | projected best speedup |",

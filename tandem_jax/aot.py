@@ -87,13 +87,16 @@ _COST_KEYS = ("flops", "bytes accessed", "optimal_seconds")
 
 
 def _cost_of(compiled) -> dict:
-  """XLA's cost analysis of ``compiled`` plus "hbm bytes", the HBM traffic read from its HLO (:func:`hbm_traffic`)."""
+  """XLA's cost analysis of ``compiled`` plus "hbm bytes", the HBM traffic read from its HLO (:func:`hbm_traffic`),
+  and "hbm by scope", that traffic per model part (hlo_reading.scope_of)."""
   cost = compiled.cost_analysis()
   cost = cost[0] if isinstance(cost, (list, tuple)) else cost
   # XLA reports a negative optimal_seconds (e.g. -3.0) where its time model gave up: no estimate, not a time.
   out = {k: float(cost[k]) for k in _COST_KEYS
          if cost.get(k) is not None and (k != "optimal_seconds" or float(cost[k]) > 0)}
-  out["hbm bytes"] = float(hbm_traffic(compiled.as_text())["bytes"])
+  hbm = hbm_traffic(compiled.as_text())
+  out["hbm bytes"] = float(hbm["bytes"])
+  out["hbm by scope"] = {k: float(v) for k, v in hbm["by_scope"].items()}
   return out
 
 
@@ -101,14 +104,27 @@ def extrapolated_cost(lower_at) -> dict:
   """Cost of a program at the real depths (L_P, L_S) from ``lower_at(l_p, l_s)`` compiled unrolled at small depths.
 
   cost(L_P, L_S) = c(1,1) + (L_P - 1) (c(2,1) - c(1,1)) + (L_S - 1) (c(1,2) - c(1,1)); ``lower_at`` returns
-  (lowered program, L_P, L_S) where the last two are the real depths.
+  (lowered program, L_P, L_S) where the last two are the real depths. Dict-valued entries (per scope) are
+  extrapolated key by key (a key missing from a compile counts 0).
   """
   c11, lp, ls = lower_at(1, 1)
   c11 = _cost_of(c11.compile())
   c21 = _cost_of(lower_at(2, 1)[0].compile())
   c12 = _cost_of(lower_at(1, 2)[0].compile())
-  return {k: c11[k] + (lp - 1) * (c21[k] - c11[k]) + (ls - 1) * (c12[k] - c11[k])
-          for k in c11 if k in c21 and k in c12}
+
+  def line(a, b, c):
+    return a + (lp - 1) * (b - a) + (ls - 1) * (c - a)
+
+  out = {}
+  for k in c11:
+    if k not in c21 or k not in c12:
+      continue
+    if isinstance(c11[k], dict):
+      keys = set(c11[k]) | set(c21[k]) | set(c12[k])
+      out[k] = {s: line(c11[k].get(s, 0.0), c21[k].get(s, 0.0), c12[k].get(s, 0.0)) for s in keys}
+    else:
+      out[k] = line(c11[k], c21[k], c12[k])
+  return out
 
 
 def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lower_at=None,
@@ -142,7 +158,7 @@ def analyse(name: str, lowered, chip: tp.Chip, with_cost: bool = True, cost_lowe
     cost = extrapolated_cost(cost_lower_at) if cost_lower_at else _cost_of(compiled)
     seconds, source = tp.estimated_seconds(cost, chip)
     rec.update(flops=cost.get("flops", 0.0), bytes_accessed=cost.get("bytes accessed", 0.0),
-               hbm_bytes=cost.get("hbm bytes", 0.0),
+               hbm_bytes=cost.get("hbm bytes", 0.0), hbm_by_scope=cost.get("hbm by scope", {}),
                xla_optimal_seconds=cost.get("optimal_seconds"), seconds=seconds, seconds_source=source,
                cost_source="depth-extrapolated from unrolled 1-2 layer compiles" if cost_lower_at
                else "this program", cost_compile_seconds=time.perf_counter() - t1)
@@ -282,6 +298,7 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
                      f"{capacity}) exceeds the models' max_seq_len {min(pcfg.max_seq_len, scfg.max_seq_len)}")
 
   report = dict(label=tp.LABEL, config=f"{config.stage}:{config.preset}", topology=topology, chips=n,
+                libtpu_init_args=os.environ.get("LIBTPU_INIT_ARGS", ""),
                 mesh=dict(mesh.shape), decode_mesh=dict(dmesh.shape),
                 serving_dtype=bundle_lib.serving_dtype(config) or "training dtypes", chip=dict(name=chip.name, hbm_gib=chip.hbm_bytes / tp.GIB,
                                                  peak_bf16_tflops=chip.peak_bf16_flops / 1e12),
@@ -376,7 +393,7 @@ def format_report(report: dict) -> str:
   lines = [f"# AOT compile of {report['config']} for {report['topology']} ({report['chips']} x {chip['name']}, "
            f"mesh {report['mesh']}, decode mesh {report.get('decode_mesh', report['mesh'])}, decode weights "
            f"{report.get('serving_dtype', 'training dtypes')})",
-           f"_{report['label']}._",
+           f"_{report['label']}._ libtpu flags: `{report.get('libtpu_init_args') or 'none'}`.",
            f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
            f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
            f"{report['params']['primary'] / report['params']['secondary']:.1f}). Decode: {report['decode']}.", "",
@@ -405,6 +422,13 @@ def format_report(report: dict) -> str:
       lines[-1] += (f" By HBM traffic ({tr['hbm_bytes'] / 1e9:.1f} GB/device, aot.hbm_traffic, against XLA's "
                     f"{tr['bytes_accessed'] / 1e9:.1f} GB accessed): est. {tr['hbm_seconds'] * 1e3:.1f} ms/step, "
                     f"MFU {tr['mfu_useful_hbm'] * 100:.1f}% (useful FLOPs).")
+  if tr.get("hbm_by_scope"):
+    lines += ["", "Where the train step's HBM traffic goes, by model part (the JAX named scopes in the compiled "
+                  "program's metadata, hlo_reading.scope_of; forward, backward and remat recompute together):", "",
+              "| part | GB/device/step | share |", "|---|---|---|"]
+    total = sum(tr["hbm_by_scope"].values()) or 1.0
+    lines += [f"| {k} | {v / 1e9:.1f} | {100 * v / total:.0f}% |"
+              for k, v in sorted(tr["hbm_by_scope"].items(), key=lambda kv: -kv[1])]
   calls = [(name, r) for name, r in report["programs"].items() if "roofline" in r]
   if calls:
     lines += ["", "Decode calls against the HBM roofline (minimum bytes = the model's weights once + its KV cache "

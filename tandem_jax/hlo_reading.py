@@ -194,7 +194,7 @@ def _loop_bound(comps, while_line: str) -> int | None:
 def hbm_traffic(hlo_text: str) -> dict:
   """Bytes a compiled program moves to and from HBM (see above), from its optimized HLO text
   (``compiled.as_text()``): {"bytes", "by_opcode": {opcode: bytes}, "by_source": the 12 JAX ops (metadata op_name)
-  moving the most bytes, "unknown_trip_counts"}. A while loop's body
+  moving the most bytes, "by_scope": bytes per model part (:func:`scope_of`), "unknown_trip_counts"}. A while loop's body
   counts once per iteration where XLA recorded the trip count or its condition is ``counter < constant`` (else
   once, and counted in unknown_trip_counts)."""
   comps, entry = _instructions(hlo_text)
@@ -249,4 +249,17 @@ def hbm_traffic(hlo_text: str) -> dict:
   by_source: dict[str, float] = {}
   walk(entry, 1)
   top = dict(sorted(by_source.items(), key=lambda kv: -kv[1])[:12])
-  return dict(bytes=sum(by_opcode.values()), by_opcode=by_opcode, by_source=top, unknown_trip_counts=unknown)
+  by_scope: dict[str, float] = {}
+  for src, b in by_source.items():
+    by_scope[scope_of(src)] = by_scope.get(scope_of(src), 0) + b
+  return dict(bytes=sum(by_opcode.values()), by_opcode=by_opcode, by_source=top, by_scope=by_scope,
+              unknown_trip_counts=unknown)
+
+
+def scope_of(op_name: str) -> str:
+  """The model part an op belongs to: the outermost of the model's named scopes (models.layers.SCOPES) in its JAX
+  op_name ("transpose(jvp(mlp))/dot_general" -> "mlp"; the projection's keys -> "projection", not "attn_proj"),
+  else "other" (norms, embeddings, residual adds, collectives XLA added without a source op)."""
+  from tandem_jax.models.layers import SCOPES
+  m = re.search(r"(?<![\w.])(" + "|".join(SCOPES) + r")(?![\w.])", op_name)
+  return m.group(1) if m else "other"

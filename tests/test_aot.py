@@ -40,6 +40,18 @@ def test_acceptance_from_number_or_results_json(tmp_path):
     tp.load_acceptance("1.5")
 
 
+def test_tpu_flags_added_once_and_the_users_win():
+  from tandem_jax import topology
+  env = {}
+  args = topology.set_tpu_flags(env)
+  assert args.split() == [f"--{k}={v}" for k, v in topology.TPU_XLA_FLAGS.items()]
+  assert topology.set_tpu_flags(env) == args  # idempotent
+  env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_windowed_einsum_for_all_gather=true --xla_foo=1"}
+  args = topology.set_tpu_flags(env).split()
+  assert args[:2] == ["--xla_tpu_enable_windowed_einsum_for_all_gather=true", "--xla_foo=1"]
+  assert args[2:] == ["--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"] and len(args) == 3
+
+
 def test_chips_and_fit_message():
   assert tp.chip_of("v5e:4x4").hbm_bytes == 16 * tp.GIB
   assert tp.chip_of("v5p:2x2x1").hbm_bytes == 95 * tp.GIB and tp.chip_of("v6e:2x2").hbm_bytes == 32 * tp.GIB
@@ -111,8 +123,10 @@ def test_presets_summary_table(tiny_report):
   from launch import compile_presets
   table = compile_presets.summary_table({("tiny", "tandem"): dict(tiny_report, wall_seconds=12.0)})
   rows = [line for line in table.splitlines() if line.startswith("| tiny |")]
-  train, calls = rows[0], rows[1:]
+  train, parts, calls = rows[0], rows[1], rows[2:]
   assert "| v5e:2x2 | tandem |" in train and "| yes |" in train and train.endswith("| 12 |")
+  gb = [float(x) for x in parts.strip("| ").split(" | ")[2:]]  # GB per model part: they sum to the step's traffic
+  assert sum(gb) == pytest.approx(tiny_report["programs"]["train_step"]["hbm_bytes"] / 1e9, abs=0.1 + 0.01 * len(gb))
   assert [c.split(" | ")[2] for c in calls] == ["primary_step", "primary_block", "secondary_step"]
   assert all("x (γ=" in c for c in calls) and "; -" in calls[0]  # no unrolled compile in this report
   assert tp.LABEL in table
@@ -273,3 +287,17 @@ def test_hbm_traffic_of_cpu_programs():
   update = jax.jit(lambda c, r, i: jax.lax.dynamic_update_slice_in_dim(c, r, i, 0),
                    donate_argnums=0).lower(table, jnp.ones((1, 256)), jnp.int32(3)).compile()
   assert aot.hbm_traffic(update.as_text())["bytes"] < table.nbytes / 100
+
+
+def test_hbm_traffic_by_model_part(tiny_report):
+  """Each op's bytes go to the outermost of the model's named scopes in its op_name (the projection's keys to
+  "projection", a backward matmul to its forward's part), else "other"; the parts add up to the total."""
+  from tandem_jax.hlo_reading import scope_of
+  assert scope_of("transpose(jvp(mlp))/dot_general") == "mlp"
+  assert scope_of("jvp(projection)/attn_proj/dot_general") == "projection"
+  assert scope_of("checkpoint/rematted_computation/attn_core/exp") == "attn_core"
+  assert scope_of("mlp_norm/mul") == scope_of("add") == scope_of("copy-start") == "other"
+  train = tiny_report["programs"]["train_step"]
+  assert sum(train["hbm_by_scope"].values()) == pytest.approx(train["hbm_bytes"])
+  assert set(train["hbm_by_scope"]) <= {"projection", "attn_proj", "attn_core", "mlp", "logits", "loss", "optimizer",
+                                        "other"}

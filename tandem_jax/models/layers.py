@@ -13,6 +13,7 @@ bool per layer under ``lax.scan`` (:func:`pick`).
 
 from __future__ import annotations
 
+import functools
 import math
 
 import jax
@@ -30,6 +31,24 @@ def _linear(cfg: TransformerConfig, d_in: int, d_out: int, axes, rngs: nnx.Rngs,
   return nnx.Linear(d_in, d_out, use_bias=bias, dtype=dtype_of(cfg.dtype), param_dtype=dtype_of(cfg.param_dtype),
                     kernel_init=nnx.with_partitioning(init, axes),
                     bias_init=nnx.with_partitioning(nnx.initializers.zeros_init(), (axes[1],)), rngs=rngs)
+
+
+# Named scopes of the model's parts, carried into the compiled program's metadata (op_name) so its HBM traffic can be
+# told apart by part (tandem_jax.hlo_reading.by_scope); metadata only: numerics and programs are unchanged.
+SCOPES = ("projection", "attn_proj", "attn_core", "mlp", "logits", "loss", "optimizer")
+
+
+def scoped(name: str):
+  """Decorator: runs the function under ``jax.named_scope(name)`` (one of SCOPES)."""
+  assert name in SCOPES, name
+
+  def deco(fn):
+    @functools.wraps(fn)
+    def wrapped(*args, **kwargs):
+      with jax.named_scope(name):
+        return fn(*args, **kwargs)
+    return wrapped
+  return deco
 
 
 def pick(local, if_local, if_full):
@@ -136,6 +155,7 @@ class Attention(nnx.Module):
       inv_freq, factor = pick(local, rope_inv_freq(c, local=True), inv_freq), pick(local, 1.0, factor)
     return rope(x_btnh, positions_bt, inv_freq, factor)
 
+  @scoped("attn_proj")
   def kv(self, x_btd, positions_bt, local=None):
     """Keys (normed with qk_norm, rotated) and values of normed inputs: [B, T, K, H] each."""
     b, t, _ = x_btd.shape
@@ -146,6 +166,7 @@ class Attention(nnx.Module):
       k = self.k_norm(k)
     return self._rope(k, positions_bt, local), v
 
+  @scoped("attn_proj")
   def qkv(self, x_btd, positions_bt, local=None):
     b, t, _ = x_btd.shape
     c = self.cfg
@@ -156,6 +177,7 @@ class Attention(nnx.Module):
     k, v = self.kv(x_btd, positions_bt, local)
     return q, k, v
 
+  @scoped("attn_proj")
   def out(self, o_btnh):
     b, t, n, h = o_btnh.shape
     return self.o_proj(o_btnh.reshape(b, t, n * h))
@@ -171,6 +193,7 @@ class MLP(nnx.Module):
     self.down_proj = _linear(cfg, cfg.d_ff, cfg.d_model, ("mlp", "embed"), rngs,
                              std=0.02 / (2 * cfg.num_layers) ** 0.5)
 
+  @scoped("mlp")
   def __call__(self, x_btd):
     gate = self.gate_proj(x_btd)
     hidden = (jax.nn.gelu(gate, approximate=True) if self.gelu else jax.nn.silu(gate)) * self.up_proj(x_btd)
@@ -200,6 +223,7 @@ class Block(nnx.Module):
     """Keys/values this layer computes for hidden states ``x`` (used for Tandem's projected primary states)."""
     return self.attn.kv(self.attn_norm(x_btd), positions_bt, local)
 
+  @scoped("attn_core")
   def attend(self, q_btnh, k_bskh, v_bskh, masks, local=None):
     """:func:`attend` with this layer's score scale, soft-capping and mask: ``masks`` is (full, sliding) (the
     sliding one None when the model has no sliding layer); ``local`` picks. With ``attention_impl="blockwise"``,

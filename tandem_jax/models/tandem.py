@@ -22,6 +22,7 @@ from flax import nnx
 
 from tandem_jax import cache as kvcache
 from tandem_jax.models.config import TandemConfig, TransformerConfig, dtype_of
+from tandem_jax.models.layers import scoped
 from tandem_jax.models.transformer import Transformer, run_stacked, stacked
 
 
@@ -97,6 +98,7 @@ class TandemLM(nnx.Module):
     """[L_S, B, T, D_L]: the primary hidden state x^(ℓ(j)) each secondary layer j reads (of all L_L + 1)."""
     return jnp.stack([primary_hidden_lbtd[m] for m in self.layer_map])
 
+  @scoped("projection")
   def project_kv(self, primary_hidden_lbtd, positions_bt, *, selected: bool = False):
     """Per secondary layer j: keys/values of ŷ^(j) = FF^(j)(x^(ℓ(j))) under layer j's own norm and W_K, W_V.
 

@@ -21,7 +21,7 @@ from flax import nnx
 
 from tandem_jax import cache as kvcache
 from tandem_jax.models.config import TransformerConfig, dtype_of
-from tandem_jax.models.layers import Block, RMSNorm, sliding_mask, softcap
+from tandem_jax.models.layers import Block, RMSNorm, scoped, sliding_mask, softcap
 from tandem_jax.sharding import constrain
 
 
@@ -126,6 +126,7 @@ class Transformer(nnx.Module):
     table = self.embed.embedding[...]
     return table if not self.cfg.draft_vocab_size else jnp.take(table, self.draft_ids[...], axis=0)
 
+  @scoped("logits")
   def logits(self, x_btd):
     """fp32 logits of final hidden states (final norm applied here); over the draft vocabulary if there is one."""
     h = self.final_norm(x_btd)

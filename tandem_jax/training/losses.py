@@ -9,6 +9,7 @@ from __future__ import annotations
 import jax
 import jax.numpy as jnp
 
+from tandem_jax.models.layers import scoped
 from tandem_jax.models.router import tv_distance  # [B, T, V] x2 -> [B, T]
 
 
@@ -29,6 +30,7 @@ def masked_mean(x_bt, mask_bt):
   return jnp.sum(x_bt * mask_bt) / jnp.maximum(jnp.sum(mask_bt), 1.0)
 
 
+@scoped("loss")
 def training_loss(logits_btv, targets_bt, mask_bt, teacher_btv=None, distil_lambda: float = 1.0,
                   temperature: float = 1.0):
   """(scalar loss, metrics): CE on ground truth, or λ·CE(GT) + (1-λ)·T²·CE_T(teacher, student) with a teacher.

@@ -144,8 +144,9 @@ def build_train_program(config: ml_collections.ConfigDict, mesh) -> TrainProgram
 
     with sharding.use_rules(rules):
       (loss, metrics), grads = jax.value_and_grad(loss_of, has_aux=True)(state["params"])
-    updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
-    params = optax.apply_updates(state["params"], updates)
+    with jax.named_scope("optimizer"):
+      updates, opt_state = tx.update(grads, state["opt_state"], state["params"])
+      params = optax.apply_updates(state["params"], updates)
     metrics = dict(metrics, loss=loss, grad_norm=optax.global_norm(grads), lr=schedule(state["step"]))
     new_state = {"step": state["step"] + 1, "params": params, "frozen": state["frozen"], "opt_state": opt_state}
     return new_state, metrics
