@@ -394,8 +394,8 @@ def format_report(report: dict) -> str:
            f"mesh {report['mesh']}, decode mesh {report.get('decode_mesh', report['mesh'])}, decode weights "
            f"{report.get('serving_dtype', 'training dtypes')})",
            f"_{report['label']}._ libtpu flags: `{report.get('libtpu_init_args') or 'none'}`.",
-           f"Parameters: primary {report['params']['primary'] / 1e6:.3g}M, secondary "
-           f"{report['params']['secondary'] / 1e6:.3g}M (ratio "
+           f"Parameters: primary {report['params']['primary'] / 1e6:,.1f}M, secondary "
+           f"{report['params']['secondary'] / 1e6:,.1f}M (ratio "
            f"{report['params']['primary'] / report['params']['secondary']:.1f}). Decode: {report['decode']}.", "",
            "| TPU | HBM per chip (GiB) | peak bf16 TFLOP/s |", "|---|---|---|"]
   lines += [f"| {c.name} | {c.hbm_bytes / tp.GIB:.0f} | {c.peak_bf16_flops / 1e12:.0f} |" for c in tp.CHIPS.values()]

@@ -120,7 +120,10 @@ def parse_flags(argv):
 
 
 def run(main: Callable, command: str, workdir_flag: str | None = "workdir", reads_workdir: bool = False) -> None:
-  """``absl.app.run(main)`` with this module's conventions (see the module docstring)."""
+  """``absl.app.run(main)`` with this module's conventions (see the module docstring). On a TPU VM the programs are
+  compiled with sharding.TPU_XLA_FLAGS (set before jax starts libtpu; nothing changes elsewhere)."""
+  from tandem_jax.sharding import set_tpu_flags
+  set_tpu_flags()
   app.run(wrap(main, command, workdir_flag, reads_workdir), flags_parser=parse_flags)
 
 

@@ -8,6 +8,8 @@ from __future__ import annotations
 
 import contextlib
 import math
+import os
+import re
 from typing import Any, Sequence
 
 import jax
@@ -15,6 +17,27 @@ import numpy as np
 from flax import nnx
 from flax.core import spmd as flax_spmd
 from jax.sharding import AxisType, Mesh, NamedSharding, PartitionSpec as P
+
+# libtpu flags every TPU program of this project is compiled with (train on a TPU VM, the deviceless compiles).
+# Windowed einsum (collective matmul) off: with FSDP it turned each MLP matmul into an 8-step loop that re-reads
+# the [tokens, d_ff] activations or accumulates the whole output every step. Measured on the v5e16 tandem train
+# step (deviceless compile, HBM traffic by aot.hbm_traffic; docs/tpu.md): 540 -> 227 GB per device per step, the MLP
+# part 290 -> 22 GB. The weights are all-gathered whole instead (XLA's async collectives still overlap them with
+# compute). A flag already in LIBTPU_INIT_ARGS wins over these.
+TPU_XLA_FLAGS = {"xla_tpu_enable_windowed_einsum_for_all_gather": "false",
+                 "xla_tpu_enable_windowed_einsum_for_reduce_scatter": "false"}
+
+
+def set_tpu_flags(env=None) -> str:
+  """Adds :data:`TPU_XLA_FLAGS` to ``env["LIBTPU_INIT_ARGS"]`` (default os.environ) where the flag is not set there
+  already, and returns the result. libtpu reads it once, when it starts: call before the first TPU use."""
+  env = os.environ if env is None else env
+  args = env.get("LIBTPU_INIT_ARGS", "").split()
+  have = {re.sub(r"^--?", "", a).split("=")[0] for a in args}
+  args += [f"--{k}={v}" for k, v in TPU_XLA_FLAGS.items() if k not in have]
+  env["LIBTPU_INIT_ARGS"] = " ".join(args)
+  return env["LIBTPU_INIT_ARGS"]
+
 
 Rules = tuple[tuple[str, Any], ...]
 

@@ -23,8 +23,6 @@ flags.mark_flags_as_required(["config", "workdir"])
 
 def main(argv):
   del argv
-  from tandem_jax.topology import set_tpu_flags
-  set_tpu_flags()  # before jax starts libtpu (a TPU VM); nothing changes elsewhere
   import jax
   if _COORD.value:
     jax.distributed.initialize(_COORD.value, num_processes=_NPROC.value, process_id=_PID.value)

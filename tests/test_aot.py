@@ -41,13 +41,13 @@ def test_acceptance_from_number_or_results_json(tmp_path):
 
 
 def test_tpu_flags_added_once_and_the_users_win():
-  from tandem_jax import topology
+  from tandem_jax import sharding
   env = {}
-  args = topology.set_tpu_flags(env)
-  assert args.split() == [f"--{k}={v}" for k, v in topology.TPU_XLA_FLAGS.items()]
-  assert topology.set_tpu_flags(env) == args  # idempotent
+  args = sharding.set_tpu_flags(env)
+  assert args.split() == [f"--{k}={v}" for k, v in sharding.TPU_XLA_FLAGS.items()]
+  assert sharding.set_tpu_flags(env) == args  # idempotent
   env = {"LIBTPU_INIT_ARGS": "--xla_tpu_enable_windowed_einsum_for_all_gather=true --xla_foo=1"}
-  args = topology.set_tpu_flags(env).split()
+  args = sharding.set_tpu_flags(env).split()
   assert args[:2] == ["--xla_tpu_enable_windowed_einsum_for_all_gather=true", "--xla_foo=1"]
   assert args[2:] == ["--xla_tpu_enable_windowed_einsum_for_reduce_scatter=false"] and len(args) == 3
 
