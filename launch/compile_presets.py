@@ -5,9 +5,9 @@
 Runs ``tandem_jax.aot`` for each (preset, stage): the ``tandem`` stage compiles its train step, the whole decode
 programs and the per-call programs (projection at ``--acceptance``; with ``--check_depth``, the default, each
 per-call program is also compiled unrolled at full depth to check the depth extrapolation); the other stages their
-train step. Each
-report is written to ``<out_dir>/<stage>_<preset>.json`` (the same JSON as ``python -m tandem_jax.aot --json``);
-runs whose JSON already exists are reused, so an interrupted sweep continues. Prints one markdown table. Needs the
+train step. Each report is written to ``<out_dir>/<stage>_<preset>.json`` (the same JSON as ``python -m
+tandem_jax.aot --json``); runs whose JSON already exists are reused, so an interrupted sweep continues. Prints three
+markdown tables (train steps, their HBM traffic by model part, decode calls; docs/tpu.md §3). Needs the
 ``tpu`` extra (libtpu). Every number is an XLA cost-model estimate from a deviceless compile, not a TPU
 measurement. Exit code 2 if any program does not fit its chip.
 """

@@ -2,6 +2,7 @@
 
   pip install -e ".[tpu]"   # jax[tpu]: libtpu compiles for TPU topologies with no TPU attached
   python -m tandem_jax.aot --config=configs/tandem.py:v5e16 --topology=v5e:4x4 [--json] [--acceptance=0.75]
+  python -m tandem_jax.aot --report=/tmp/aot_presets/tandem_v5e16.json   # reprint a saved JSON report
 
 Programs compiled on the topology's mesh (``config.mesh``, its -1 filled with the chip count) for training, and on
 the decode mesh (``config.serving.mesh_shape`` or ``--decode_mesh_shape``; the training mesh when neither is set)
@@ -326,7 +327,8 @@ def run(config, topology: str, *, decode_batch: int = 0, prompt_len: int = 128, 
       rec["useful_flops"] = useful_train_flops(config) / n
       rec["mfu_useful"] = rec["useful_flops"] / (rec["seconds"] * chip.peak_bf16_flops)
       # the same with the step's time from its HBM traffic (hbm_traffic, loops counted per iteration) and the larger
-      # of the two FLOP counts: XLA's cost model counts a while body once, and FSDP matmuls run as windowed loops
+      # of the two FLOP counts: XLA's cost model counts a while body once (blockwise attention's key-block loop; with
+      # windowed einsums on, the FSDP matmuls' loops)
       rec["hbm_seconds"] = max(max(rec["flops"], rec["useful_flops"]) / chip.peak_bf16_flops,
                                rec["hbm_bytes"] / chip.hbm_bandwidth)
       rec["mfu_useful_hbm"] = rec["useful_flops"] / (rec["hbm_seconds"] * chip.peak_bf16_flops)
@@ -467,8 +469,14 @@ def format_report(report: dict) -> str:
 
 def main(argv):
   del argv
-  from absl import flags
+  from absl import app, flags
   f = flags.FLAGS
+  if f.report:  # reprint a saved report (e.g. launch.compile_presets' JSONs); compiles nothing
+    with open(f.report) as fh:
+      print(format_report(json.load(fh)))
+    return
+  if f.config is None or f.topology is None:
+    raise app.UsageError("--config and --topology are required (or --report=<saved JSON report>)")
   report = run(f.config, f.topology, decode_batch=f.decode_batch, prompt_len=f.prompt_len,
                max_new_tokens=f.max_new_tokens, block_len=f.block_len, groups=tuple(f.programs),
                hbm_gib=f.hbm_gib, acceptance=f.acceptance,
@@ -488,7 +496,7 @@ def _define_flags():
   flags.DEFINE_bool("json", False, "print the report as JSON")
   flags.DEFINE_integer("decode_batch", 0, "decode batch (0: one row per batch shard of the decode mesh)")
   flags.DEFINE_list("decode_mesh_shape", [], "mesh shape over config.mesh.axes for the decode programs "
-                    "(default: the training mesh), e.g. 4,1,4")
+                    "(default: config.serving.mesh_shape, else the training mesh), e.g. 4,1,4")
   flags.DEFINE_bool("check_depth", False, "scanned models: also compile each per-call program unrolled at full "
                     "depth and report its bytes beside the depth-extrapolated estimate")
   flags.DEFINE_integer("prompt_len", 128, "decode prompt length")
@@ -498,7 +506,8 @@ def _define_flags():
   flags.DEFINE_float("hbm_gib", None, "override the chip's HBM capacity in GiB (what-ifs, tests)")
   flags.DEFINE_string("acceptance", None, "acceptance rate α (e.g. 0.75) or a results.json with acceptance_rate "
                       "values: adds the projected Tandem + SPEED speedup per γ")
-  flags.mark_flags_as_required(["config", "topology"])
+  flags.DEFINE_string("report", None, "print the markdown report of a saved JSON report (--json output, or "
+                      "launch.compile_presets' <stage>_<preset>.json) instead of compiling")
 
 
 if __name__ == "__main__":

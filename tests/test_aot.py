@@ -138,6 +138,18 @@ def test_report_formats_with_labels(tiny_report):
   assert tp.LABEL in text and "| train_step |" in text and "est. MFU" in text and "| γ |" in text
 
 
+def test_saved_report_reprints_without_compiling(tiny_report, tmp_path):
+  from tandem_jax import aot
+  path = tmp_path / "report.json"
+  path.write_text(json.dumps(tiny_report, default=float))  # as --json and launch.compile_presets write it
+  out = subprocess.run([sys.executable, "-m", "tandem_jax.aot", f"--report={path}"], cwd=ROOT, capture_output=True,
+                       text=True, timeout=300)
+  assert out.returncode == 0, out.stderr[-2000:]
+  assert out.stdout.strip() == aot.format_report(json.loads(path.read_text())).strip()
+  out = subprocess.run([sys.executable, "-m", "tandem_jax.aot"], cwd=ROOT, capture_output=True, text=True, timeout=300)
+  assert out.returncode != 0 and "--config and --topology are required" in out.stderr
+
+
 @pytest.mark.slow
 def test_cli_fails_with_the_hbm_shortfall():
   pytest.importorskip("libtpu")
