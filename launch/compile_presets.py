@@ -74,7 +74,7 @@ def summary_table(reports: dict) -> str:
   for (preset, stage), r in reports.items():
     by = r["programs"].get("train_step", {}).get("hbm_by_scope")
     if by:
-      lines.append(f"| {preset} | {stage} | " + " | ".join(f"{by.get(p, 0.0) / 1e9:,.1f}" for p in parts) + " |")
+      lines.append(f"| {preset} | {stage} | " + " | ".join(f"{round(by.get(p, 0.0) / 1e9, 1) + 0.0:,.1f}" for p in parts) + " |")
   lines += ["", "| preset | decode mesh, batch | program | bytes accessed / minimum (XLA) | HBM traffic / minimum "
             "(extrapolated; unrolled) | est. ms / roofline ms (XLA) | decode HBM GiB/chip (ar / tandem_speed / "
             "adaptive) | projected best speedup |",
