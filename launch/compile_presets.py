@@ -74,7 +74,8 @@ def summary_table(reports: dict) -> str:
   for (preset, stage), r in reports.items():
     by = r["programs"].get("train_step", {}).get("hbm_by_scope")
     if by:
-      lines.append(f"| {preset} | {stage} | " + " | ".join(f"{round(by.get(p, 0.0) / 1e9, 1) + 0.0:,.1f}" for p in parts) + " |")
+      gb = [round(by.get(p, 0.0) / 1e9, 1) + 0.0 for p in parts]  # + 0.0: no "-0.0"
+      lines.append(f"| {preset} | {stage} | " + " | ".join(f"{x:,.1f}" for x in gb) + " |")
   lines += ["", "| preset | decode mesh, batch | program | bytes accessed / minimum (XLA) | HBM traffic / minimum "
             "(extrapolated; unrolled) | est. ms / roofline ms (XLA) | decode HBM GiB/chip (ar / tandem_speed / "
             "adaptive) | projected best speedup |",

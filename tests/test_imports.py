@@ -18,8 +18,7 @@ LAYERS = (
     ("training and decoding", ("tandem_jax.training", "tandem_jax.decoding")),
     # libraries behind the commands; some have a `python -m` entry of their own besides
     ("applications", ("tandem_jax.topology", "tandem_jax.tpu_estimates", "tandem_jax.hlo_reading", "tandem_jax.aot",
-                      "tandem_jax.bench",
-                      "tandem_jax.convert", "tandem_jax.recipe", "tandem_jax.recipe_data",
+                      "tandem_jax.bench", "tandem_jax.convert", "tandem_jax.recipe", "tandem_jax.recipe_data",
                       "tandem_jax.recipe_router", "tandem_jax.quickstart")),
     ("commands", ("tandem_jax.train", "tandem_jax.evaluate", "tandem_jax.generate", "tandem_jax.benchmark")),
 )
