@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import os
 
-import grain
 import jax
 import jax.numpy as jnp
 import orbax.checkpoint as ocp
@@ -30,6 +29,7 @@ def save(mngr: ocp.CheckpointManager, step: int, state: dict, data_iter=None, fo
   if "opt_state" in state:
     items["opt_state"] = ocp.args.StandardSave(state["opt_state"])
   if data_iter is not None:
+    import grain  # only with a data iterator: loading a model for decoding needs no Grain
     items["data"] = grain.checkpoint.CheckpointSave(data_iter)
   return mngr.save(step, args=ocp.args.Composite(**items), force=force)
 
@@ -50,6 +50,7 @@ def restore(mngr: ocp.CheckpointManager, step: int, abstract_state: dict, data_i
   if with_optimizer and "opt_state" in present:
     items["opt_state"] = ocp.args.StandardRestore(abstract_state["opt_state"])
   if data_iter is not None and "data" in present:
+    import grain
     items["data"] = grain.checkpoint.CheckpointRestore(data_iter)
   out = dict(mngr.restore(step, args=ocp.args.Composite(**items)))
   out.pop("data", None)  # restored in place into data_iter

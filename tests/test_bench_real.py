@@ -29,3 +29,42 @@ def test_smollm2_benchmark_smoke(tmp_path):
   report = open(os.path.join(tmp_path, real.REPORT_FILE)).read()
   for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Targets"):
     assert title in report
+  _check_gpu_bundle(tmp_path)
+
+
+def _check_gpu_bundle(workdir):
+  """launch.gpu_decode: the decode part from a packed bundle (what the GPU run does) rebuilds models whose outputs
+  equal the workdir's own, and writes its report."""
+  from launch import gpu_decode
+  from tandem_jax import recipe_router
+  from tandem_jax.decoding import SamplingParams, generate
+  from tandem_jax.workdir import load_workdir
+  bundle, out = os.path.join(workdir, "bundle"), os.path.join(workdir, "gpu_out")
+  gpu_decode.pack(str(workdir), "", bundle, part_mb=60)
+  assert not os.path.exists(os.path.join(bundle, "manifest.json"))  # a tiny primary travels as parameters
+  rebuilt = gpu_decode.load_models(bundle)
+  tandem = load_workdir(os.path.join(workdir, "tandem")).model
+  standalone = load_workdir(os.path.join(workdir, "standalone")).model
+  prompts = [[1, 5, 9, 2], [1, 7, 3]]
+  for method, kw, kw_rebuilt in (
+      ("ar", dict(primary=tandem.primary), dict(primary=rebuilt["primary"])),
+      ("tandem_speed", dict(tandem=tandem), dict(tandem=rebuilt["tandem"])),
+      ("speed", dict(primary=tandem.primary, drafter=standalone),
+       dict(primary=rebuilt["primary"], drafter=rebuilt["standalone"]))):
+    for temp in (0.0, 1.0):
+      common = dict(max_new_tokens=6, sampling=SamplingParams(temperature=temp), seed=3)
+      if method != "ar":
+        common["block_len"] = 2
+      want = generate(method, prompts, **kw, **common).tokens
+      assert generate(method, prompts, **kw_rebuilt, **common).tokens == want, (method, temp)
+  b = bench_cfg.get_config("smollm2_smoke")
+  router = recipe_router.train_router(os.path.join(workdir, "tandem"), steps=int(b.router.steps),
+                                      gamma_max=int(b.gamma_max), top_k=int(b.router.top_k),
+                                      hidden=int(b.router.hidden),
+                                      sampled_sequences=int(b.router.sampled_sequences))["router"]  # the saved one
+  adaptive = dict(max_new_tokens=6, block_len=3, threshold=0.5)
+  assert (generate("tandem_speed", prompts, tandem=rebuilt["tandem"], router=rebuilt["router"], **adaptive).tokens ==
+          generate("tandem_speed", prompts, tandem=tandem, router=router, **adaptive).tokens)
+  r = gpu_decode.run(bundle, out, "", [], 0, ["greedy_b1"])
+  assert r["greedy_outputs_identical"] is True and set(r["table2"]) == {"greedy_b1"}
+  assert os.path.isfile(os.path.join(out, "gpu_report.md"))

@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from tandem_jax import sharding
-from tandem_jax.decoding import SamplingParams, api, generate
+from tandem_jax.decoding import SamplingParams, api, costs, generate
 from tandem_jax.models import LLMToSLM, TandemConfig, TandemLM, Transformer
 from tandem_jax.models.router import Router
 from tandem_jax.models.tandem import decode_block_offset
@@ -39,6 +39,10 @@ def models():
   return _build()
 
 
+# K = 8; verify costs that grow with the block, cheap drafts: the cost-aware stop ends blocks at varying lengths
+COST_STOP = costs.cost_table([1.0, 1.1, 1.25, 1.4, 1.55, 1.7, 1.85, 2.0, 2.15], 0.02)
+
+
 def _prompts(rng, b, vocab=64):
   return [rng.integers(0, vocab, int(rng.integers(1, 14))).tolist() for _ in range(b)]
 
@@ -65,6 +69,10 @@ def test_greedy_speculative_equals_ar_for_every_row(models, b):
     ad = generate("tandem_speed", prompts, tandem=tandem, router=router, max_new_tokens=max_new, eos_id=eos,
                   block_len=8, threshold=0.5)
     assert ad.tokens == want, (case, "adaptive")
+    # the router's cost-aware stop (fixed policy): blocks end where one more draft no longer pays by the table
+    ac = generate("tandem_speed", prompts, tandem=tandem, router=router, max_new_tokens=max_new, eos_id=eos,
+                  block_len=8, threshold="cost", costs=COST_STOP)
+    assert ac.tokens == want, (case, "adaptive, cost-aware stop")
   for r, m in zip(want, max_new):
     assert len(r) <= m
   assert accepted_any > 0 and rejected_any > 0  # both paths of Algorithm 1 ran

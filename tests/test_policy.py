@@ -415,3 +415,28 @@ def test_router_stage_trains_for_the_configured_sampling_setting():
   c.router.sampling.temperature = 0.0
   with pytest.raises(ConfigError, match="router.sampling.temperature"):
     validate(with_placeholder_inits(c), num_devices=1, check_workdirs=False)
+
+
+def test_cost_aware_router_stop(models):
+  """threshold="cost": the router's predicted acceptances and the cost table decide when a block ends (one more
+  draft while it raises the block's expected tokens per ms); outputs stay the primary's, dearer verify growth ends
+  blocks sooner."""
+  flat = costs.cost_table([1.0, 1.0, 1.0, 1.0], 0.1)  # K = 3; C(n) = 0.1 n + 1.0
+  # after one draft predicted at a: R = E = a; one more iff (1 + a + a²) C(1) > (1 + a) C(2)
+  a = jnp.asarray([0.5, 0.2])
+  assert costs.keeps_drafting(a, a, a, 1, flat, 3).tolist() == [True, False]  # 1.925 > 1.8; 1.364 < 1.44
+  assert not bool(costs.keeps_drafting(jnp.ones(1), 3 * jnp.ones(1), jnp.ones(1), 3, flat, 3).any())  # n = K
+  tandem, _, router = models
+  prompts = _prompts(np.random.default_rng(12), 3)
+  want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=24).tokens
+  steps = {}
+  for name, verify in (("cheap", [1.0] * 9), ("steep", [1.0 + 0.5 * i for i in range(9)])):
+    out = generate("tandem_speed", prompts, tandem=tandem, router=router, threshold="cost", block_len=8,
+                   max_new_tokens=24, costs=costs.cost_table(verify, 0.01))
+    assert out.tokens == want, name
+    steps[name] = int(out.stats["drafted"].sum()) / int(out.stats["primary_calls"].sum())
+  assert steps["steep"] < steps["cheap"], steps
+  with pytest.raises(ValueError, match="needs a router"):
+    generate("tandem_speed", prompts, tandem=tandem, threshold="cost", max_new_tokens=4)
+  with pytest.raises(ValueError, match="'cost'"):
+    generate("tandem_speed", prompts, tandem=tandem, router=router, threshold="never", max_new_tokens=4)

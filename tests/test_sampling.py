@@ -112,6 +112,9 @@ def test_speculative_sampling_matches_primary_distribution(params):
   cases = [("speed", dict(primary=tandem.primary, drafter=drafter)), ("tandem_speed", dict(tandem=tandem))]
   if not params.top_k:  # the decoding variants, once (the acceptance step is the same code for every params)
     cases += [("tandem_speed", dict(tandem=tandem, router=router, threshold=0.5, max_block_len=3)),
+              # the router's cost-aware stop (a table for K = 3)
+              ("tandem_speed", dict(tandem=tandem, router=router, threshold="cost", max_block_len=3,
+                                    costs=costs.cost_table([1.0, 1.2, 1.4, 1.6], 0.05))),
               ("speed", dict(primary=tandem.primary, drafter=drafter, max_block_len=4)),  # γ < K: switch
               # the auto policy with a table under which the first blocks' rejections switch speculation off
               ("tandem_speed", dict(tandem=tandem, policy="auto", costs=costs.cost_table([1.0, 1.6, 1.6], 0.01)))]

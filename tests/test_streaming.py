@@ -77,7 +77,7 @@ def test_streaming_reuses_one_program_and_does_not_change_the_tokens(models):
   plain = generate(method, PROMPTS, max_new_tokens=MAX_NEW, **kw)  # its own program, without the callback
   assert plain.tokens == a.tokens
   # (stream flag, callback in the program) of every program of the method: only the streaming ones call back
-  assert {(key[-2], "callback" in c.as_text()) for key, c in api._compiled.items() if key[0] == method} == {
+  assert {(key[-3], "callback" in c.as_text()) for key, c in api._compiled.items() if key[0] == method} == {
       (True, True), (False, False)}
 
 

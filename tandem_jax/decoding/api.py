@@ -73,7 +73,8 @@ def batch_sharding(mesh, rules) -> jax.NamedSharding:
 
 
 def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, threshold, eos_id, cost_table=None, *,
-            k, params, max_new, capacity, trace=False, variable_block=False, stream=False, policy="fixed"):
+            k, params, max_new, capacity, trace=False, variable_block=False, stream=False, policy="fixed",
+            router_stop="threshold"):
   models = {name: nnx.merge(g, s) for (name, g), s in zip(graphdefs, states)}
   common = dict(params=params, eos_id=eos_id, max_new=max_new, capacity=capacity, stream=stream)
   if method == "ar":
@@ -89,11 +90,12 @@ def _decode(method, graphdefs, states, prompt, plen, max_new_b, key, block_len, 
                                         max_block_len=k, accept_all=(method == "tandem"),
                                         router=models.get("router"), threshold=threshold, trace=trace,
                                         variable_block=variable_block, policy=policy, cost_table=cost_table,
-                                        **common)
+                                        router_stop=router_stop, **common)
 
 
 _decode_jit = jax.jit(_decode, static_argnames=("method", "graphdefs", "k", "params", "max_new", "capacity",
-                                                "trace", "variable_block", "stream", "policy"))
+                                                "trace", "variable_block", "stream", "policy",
+                                                "router_stop"))
 
 
 class _Programs(collections.OrderedDict):
@@ -243,7 +245,7 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
 def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, drafter=None, tandem=None,
              llm_to_slm=None, router=None, max_new_tokens: int | Sequence[int] = 32, block_len: int = 4,
              max_block_len: int | None = None, sampling: SamplingParams = SamplingParams(),
-             eos_id: int | None = None, seed: int = 0, threshold: float = 0.8, mesh=None,
+             eos_id: int | None = None, seed: int = 0, threshold: float | str = 0.8, mesh=None,
              rules=shd.DEFAULT_RULES, trace: bool = False,
              on_tokens: Callable[[list[list[int]]], None] | None = None, policy: str = "fixed",
              costs: costs_lib.CostTable | None = None, buffer_new_tokens: int = 0) -> DecodeResult:
@@ -278,8 +280,13 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   k = int(max_block_len or block_len)
   if block_len > k:
     raise ValueError(f"block_len {block_len} exceeds max_block_len {k}")
-  if not 0.0 <= threshold <= 1.0:
-    raise ValueError(f"threshold must be in [0, 1], got {threshold}")
+  router_stop = "cost" if isinstance(threshold, str) and threshold == "cost" else "threshold"
+  if router_stop == "cost":
+    if router is None:
+      raise ValueError("threshold='cost' is the router's cost-aware stop: it needs a router")
+    threshold = 0.0
+  elif isinstance(threshold, str) or not 0.0 <= threshold <= 1.0:
+    raise ValueError(f"threshold must be in [0, 1] or 'cost', got {threshold!r}")
   if policy not in ("fixed", "auto"):
     raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
   if policy == "auto" and method not in ("speed", "tandem_speed"):
@@ -311,7 +318,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   prompt = np.zeros((b, p_pad), np.int32)
   for i, p in enumerate(prompts):
     prompt[i, :len(p)] = p
-  if policy == "auto":
+  if policy == "auto" or router_stop == "cost":
     if costs is None:
       costs = calibrate_loop(method, {n: m for n, m in models.items() if n != "router"}, batch_size=b,
                              prompt_len=max(lens), max_new_tokens=max(max(max_new_list), buffer_new_tokens), max_block_len=k,
@@ -348,7 +355,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                  capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
                  # auto varies the verify size anyway: one program (and key) whatever block_len is
                  variable_block=(k > block_len or policy == "auto") and method in ("speed", "tandem", "tandem_speed"),
-                 stream=on_tokens is not None, policy=policy)
+                 stream=on_tokens is not None, policy=policy, router_stop=router_stop)
   if mesh is not None:
     batch = batch_sharding(mesh, rules)
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
@@ -356,12 +363,12 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   def run():
     key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
            statics["variable_block"], b, p_pad, mesh_key(mesh), _rules_key(rules) if mesh is not None else None,
-           statics["stream"], policy)  # tests read [-2]: stream
+           statics["stream"], policy, router_stop)  # tests read [-3]: stream
     t0 = time.perf_counter()
     program = _compiled.get_or_compile(key, lambda: _decode_jit.lower(
         statics["method"], statics["graphdefs"], *args,
         **{n: statics[n] for n in ("k", "params", "max_new", "capacity", "trace", "variable_block", "stream",
-                                   "policy")}).compile())
+                                   "policy", "router_stop")}).compile())
     compile_time = time.perf_counter() - t0
     if on_tokens is None:
       t1 = time.perf_counter()

@@ -186,7 +186,7 @@ def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_
   the rows with the lowest acceptance loses wall time; at batch 1 the two rules agree."""
   k = max_block_len
   g = jnp.arange(k + 1, dtype=jnp.int32)
-  cost = jnp.maximum(g, 1).astype(jnp.float32) * table.draft_ms + table.verify_ms[1:k + 2]
+  cost = iteration_costs(table, k)
   expected = expected_tokens(alpha_b, k)  # [B, K+1]
   if remaining_b is None:
     rate = jnp.sum(jnp.where(active_b[:, None], expected, 0.0), axis=0) / cost
@@ -196,6 +196,22 @@ def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_
   if cap is not None:
     rate = jnp.where(g <= cap, rate, -jnp.inf)
   return jnp.argmax(rate).astype(jnp.int32)
+
+
+def iteration_costs(table: CostTable, max_block_len: int) -> jax.Array:
+  """[K+1]: the table's cost of one loop iteration that drafts g = 0..K tokens (what :func:`choose_gamma` weighs)."""
+  g = jnp.arange(max_block_len + 1, dtype=jnp.int32)
+  return jnp.maximum(g, 1).astype(jnp.float32) * table.draft_ms + table.verify_ms[1:max_block_len + 2]
+
+
+def keeps_drafting(reach_b, expect_b, alpha_b, n, table: CostTable, max_block_len: int) -> jax.Array:
+  """[B] bool: whether a (n+1)-th draft raises a block's expected tokens per ms, after n drafts whose predicted
+  acceptances give ``reach_b`` (all n accepted) and ``expect_b`` (expected accepted drafts), the next one's
+  acceptance taken as ``alpha_b``: (1 + E + R α) / C(n + 1) > (1 + E) / C(n). False at n = K."""
+  cost = iteration_costs(table, max_block_len)
+  n = jnp.asarray(n, jnp.int32)
+  now, more = cost[jnp.minimum(n, max_block_len)], cost[jnp.minimum(n + 1, max_block_len)]
+  return ((1.0 + expect_b + reach_b * alpha_b) * now > (1.0 + expect_b) * more) & (n < max_block_len)
 
 
 def update_counts(accepted_b, rejected_b, n_draft_b, active_b, accept_count_b, reject_count_b):

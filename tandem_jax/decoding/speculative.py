@@ -110,6 +110,8 @@ class DraftLoop(NamedTuple):
   drafts: jax.Array    # [B, K]
   q: Any               # [B, K, V] the drafter's distributions (None for greedy acceptance)
   calls: jax.Array     # [B] drafter calls while the row was drafting
+  reach: jax.Array     # [B] float32: the router's predicted probability that every draft so far is accepted
+  expect: jax.Array    # [B] float32: the drafts of this block expected to be accepted (sum of ``reach`` so far)
 
 
 class DecodeLoop(NamedTuple):
@@ -137,7 +139,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                        max_block_len: int, params: sampling.SamplingParams, eos_id, max_new: int,
                        capacity: int, accept_all: bool = False, router=None, threshold=0.8, trace: bool = False,
                        variable_block: bool = False, stream: bool = False, policy: str = "fixed",
-                       cost_table: costs_lib.CostTable | None = None):
+                       cost_table: costs_lib.CostTable | None = None, router_stop: str = "threshold"):
   """See the module docstring. ``block_len`` (γ, traced, <= max_block_len = K) may change without recompiling.
 
   ``variable_block`` (static; implied by ``router``) compiles the verify call for every size of
@@ -149,6 +151,13 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   ``policy`` (static): "fixed" or "auto" (needs ``cost_table``, traced: γ chosen per iteration up to ``block_len``,
   see the module docstring; implies the variable-size verify, with a 1-token call for γ = 0).
 
+  ``router_stop`` (static): how the router ends a block. "threshold": after a draft whose predicted acceptance is
+  below ``threshold`` (the paper's τ). "cost" (needs ``cost_table``): after draft n when one more draft does not
+  raise the block's expected tokens per ms, from the router's per-draft predictions a_1..a_n (reach R_n = Π a_i,
+  expected accepted drafts E_n = Σ R_i) and the table's iteration costs C(n): a row drafts on while
+  (1 + E_n + R_n a_n) C(n) > (1 + E_n) C(n + 1), taking the next draft's acceptance to be the last one's
+  (:func:`tandem_jax.decoding.costs.keeps_drafting`).
+
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
   """
@@ -156,6 +165,11 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
   if policy == "auto" and cost_table is None:
     raise ValueError("policy 'auto' needs a cost table (tandem_jax.decoding.api.calibrate_loop)")
+  if router_stop not in ("threshold", "cost"):
+    raise ValueError(f"router_stop must be 'threshold' or 'cost', got {router_stop!r}")
+  if router_stop == "cost" and (router is None or cost_table is None):
+    raise ValueError("router_stop 'cost' needs a router and a cost table")
+  cost_stop = router is not None and router_stop == "cost"
   auto = policy == "auto"
   b, k, vocab = prompt_bt.shape[0], max_block_len, primary.cfg.vocab_size
   cache_l = primary.init_cache(b, capacity)
@@ -182,7 +196,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     The first draft is peeled out of the loop so that every loop iteration is exactly one drafter step (no
     ``lax.cond`` around the step, which would make XLA copy the drafter's cache)."""
 
-    def record(g, logits, key, drafting, n_draft, drafts, q):
+    def record(g, logits, key, drafting, n_draft, drafts, q, reach, expect):
       with jax.named_scope("draft_sample"):
         key, sub = sampling.split(key, params)
         d, qg = sampling.sample_logits(sub, logits, params)
@@ -196,14 +210,21 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       n_draft = n_draft + drafting.astype(jnp.int32)
       keep = drafting & (g + 1 < gamma)
       if router is not None:
-        keep = keep & (router.accept_prob(logits, drafter.embed, params.greedy) >= threshold)
-      return d, key, keep, n_draft, drafts, q
+        a = router.accept_prob(logits, drafter.embed, params.greedy)
+        if cost_stop:
+          reach = reach * a
+          expect = expect + reach
+          keep = keep & costs_lib.keeps_drafting(reach, expect, a, g + 1, cost_table, k)
+        else:
+          keep = keep & (a >= threshold)
+      return d, key, keep, n_draft, drafts, q, reach, expect
 
     with jax.named_scope("draft"):
       logits, dstate = drafter.begin(dstate, prev, pending, n)
     q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
-    d, key, keep, n_draft, drafts, q = record(0, logits, key, active & (gamma > 0), zeros,
-                                              jnp.zeros((b, k), jnp.int32), q)
+    unit = jnp.ones((b,), jnp.float32)
+    d, key, keep, n_draft, drafts, q, reach, expect = record(0, logits, key, active & (gamma > 0), zeros,
+                                                             jnp.zeros((b, k), jnp.int32), q, unit, 0 * unit)
 
     def cond(c: DraftLoop):
       return (c.g < k) & jnp.any(c.keep)
@@ -212,10 +233,12 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       with jax.named_scope("draft"):
         logits, dstate = drafter.step(c.dstate, c.token)
       calls = c.calls + c.keep.astype(jnp.int32)
-      d, key, keep, n_draft, drafts, q = record(c.g, logits, c.key, c.keep, c.n_draft, c.drafts, c.q)
-      return DraftLoop(c.g + 1, d, dstate, key, keep, n_draft, drafts, q, calls)
+      d, key, keep, n_draft, drafts, q, reach, expect = record(c.g, logits, c.key, c.keep, c.n_draft, c.drafts,
+                                                               c.q, c.reach, c.expect)
+      return DraftLoop(c.g + 1, d, dstate, key, keep, n_draft, drafts, q, calls, reach, expect)
 
-    c = jax.lax.while_loop(cond, body, DraftLoop(jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones))
+    c = jax.lax.while_loop(cond, body, DraftLoop(jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones,
+                                                 reach, expect))
     return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
