@@ -21,6 +21,8 @@ def test_smollm2_benchmark_smoke(tmp_path):
       assert set(row[m]) == {str(g) for g in bench.decode.gammas}
       assert all(cell["speedup"] > 0 and cell["tokens"] > 0 for cell in row[m].values())
   assert set(r["table4"]) == {"greedy_b1", "T1_b1"} and r["table4"]["greedy_b1"]["adaptive"]["tokens"] > 0
+  assert all(t4["adaptive_cost"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's cost-aware stop
+  assert all(len(row["auto"]["call_walls"]) == row["auto"]["calls"] for row in r["table2"].values())
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data

@@ -92,12 +92,19 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
       cells4["adaptive_auto"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=models["tandem"]),
                                                    router=models["router"], threshold=tau, policy="auto",
                                                    costs=None, **dict(common, k=kmax))
+      # the router's cost-aware stop (threshold="cost"): blocks end where one more draft no longer pays at the
+      # costs calibrated on this decode program, instead of at a tuned τ
+      cells4["adaptive_cost"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=models["tandem"]),
+                                                   router=models["router"], threshold="cost",
+                                                   **dict(common, k=kmax))
       res4 = timing.interleaved(cells4, int(d.repeats))
       t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
       t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
                 tuning=tuned,
                 speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
-                                                np.median(res4["adaptive"]["times"])))
+                                                np.median(res4["adaptive"]["times"])),
+                speedup_adaptive_cost_vs_fixed=float(np.median(res4["fixed"]["times"]) /
+                                                     np.median(res4["adaptive_cost"]["times"])))
       table4[name] = t4
   return dict(table2=table2, table4=table4)
 
@@ -199,6 +206,10 @@ def markdown(r: dict) -> str:
                 f"ar program for the calls where earlier ones measured speculation below 1x ({a.get('plain_calls', 0)} "
                 f"of {a.get('calls', '?')} timed calls; γ per iteration: {hist}); "
                 f"{_f(a['vs_best_fixed'], '{:.2f}x')} the best fixed γ"]
+      if a.get("call_walls"):
+        calls = ", ".join(f"{w:.2f}{' plain' if plain else ''}" for w, plain in a["call_walls"])
+        lines.append(f"auto's calls in the last round (s): {calls}; ar's calls in that round: "
+                     + ", ".join(f"{w:.2f}" for w in a["ar_call_walls"]))
     lines.append("")
   lines += ["## Table 4: adaptive γ and Leviathan's ideal", ""]
   for name, t4 in r["table4"].items():
@@ -207,7 +218,11 @@ def markdown(r: dict) -> str:
                  f"{_f(t4['fixed'].get('speedup'), '{:.2f}x')}; adaptive / fixed "
                  f"{_f(t4['speedup_adaptive_vs_fixed'], '{:.2f}')}"
                  + (f"; router inside the auto policy {_f(t4['adaptive_auto'].get('speedup'), '{:.2f}x')}"
-                    if "adaptive_auto" in t4 else "") + "  ")
+                    if "adaptive_auto" in t4 else "")
+                 + (f"; router with the cost-aware stop {_f(t4['adaptive_cost'].get('speedup'), '{:.2f}x')} "
+                    f"({_f(t4['speedup_adaptive_cost_vs_fixed'], '{:.2f}')} of fixed; drafts "
+                    f"{t4['adaptive_cost'].get('drafted', 0)} against the τ router's {t4['adaptive'].get('drafted', 0)}"
+                    f" and fixed γ's {t4['fixed'].get('drafted', 0)})" if "adaptive_cost" in t4 else "") + "  ")
   lines += ["", "| setting | method | γ | α | c | verify cost (steps) | ideal | ideal (verify = 1) | realized | "
             "realized / ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, rows in r["leviathan"].items():

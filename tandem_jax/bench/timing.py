@@ -31,10 +31,11 @@ def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int
 
 def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict:
   """Decodes ``prompts`` in batches of ``batch``; sums wall time, tokens and the per-row counters."""
-  wall, agg = 0.0, {"calls": 0, "plain_calls": 0}
+  wall, agg = 0.0, {"calls": 0, "plain_calls": 0, "call_walls": []}
   for i in range(0, len(prompts), batch):
     r = generate(method, prompts[i:i + batch], **kw)
     wall += r.wall_time
+    agg["call_walls"].append((round(r.wall_time, 4), bool(r.ran_plain)))  # per call: seconds, ran the plain program
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
     agg["calls"] += 1
@@ -97,7 +98,7 @@ def summarize(cell: dict, ar_times: list[float] | None = None) -> dict:
 
 
 def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: dict, sampling: SamplingParams,
-                max_new: int, k: int, seed: int, router=None, threshold: float = 0.8, policy: str = "fixed",
+                max_new: int, k: int, seed: int, router=None, threshold: float | str = 0.8, policy: str = "fixed",
                 costs=None) -> Callable[..., dict]:
   kw = dict(models, max_new_tokens=max_new, sampling=sampling, seed=seed, eos_id=None)
   if policy != "fixed":  # γ chosen per iteration up to ``gamma`` from the cost table (decoding.costs)
@@ -126,7 +127,9 @@ def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) 
   run = res["auto"]["run"]
   return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, calls=int(run["calls"]),
               plain_calls=int(run["plain_calls"]), gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
-              vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])))
+              vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])),
+              # the last round's calls, (seconds, ran the plain program) each, beside ar's calls of that round
+              call_walls=run["call_walls"], ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]])
 
 
 def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, primary, drafter, tandem,
