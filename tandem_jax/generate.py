@@ -48,7 +48,9 @@ _TOPK = flags.DEFINE_integer("top_k", 0, "0 = off", allow_override=True)
 _TOPP = flags.DEFINE_float("top_p", 1.0, "1 = off", allow_override=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt", allow_override=True)
 _ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router", allow_override=True)
-_THRESHOLD = flags.DEFINE_float("threshold", None, "router threshold τ (default: the router config's)", allow_override=True)
+_THRESHOLD = flags.DEFINE_string("threshold", None, "the router's stop: τ in [0, 1] (default: the router config's), or "
+                                 "'cost': end a block where one more draft no longer pays at the decode program's "
+                                 "calibrated costs", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed", allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_override=True)
 _SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
@@ -244,12 +246,28 @@ def _prompts() -> list[str]:
   return prompts
 
 
+def threshold_value() -> float | str:
+  """--threshold as generate takes it: a τ in [0, 1], or "cost"."""
+  v = _THRESHOLD.value.strip()
+  if v == "cost":
+    return v
+  try:
+    tau = float(v)
+  except ValueError:
+    tau = -1.0
+  if not 0.0 <= tau <= 1.0:
+    raise cli.UserError(f"--threshold must be a number in [0, 1] or 'cost', got {_THRESHOLD.value!r}")
+  return tau
+
+
 def check_flags(method: str) -> None:
   """Refuses flag combinations that would be silently ignored (before any model is loaded)."""
   cli.refuse_unused(method, APPLIES)
   f = flags.FLAGS
   if f["threshold"].present and not _ADAPTIVE.value:
     raise cli.UserError("--threshold applies only with --adaptive")
+  if _THRESHOLD.value is not None:
+    threshold_value()
   if f["repeats"].present and not _COMPARE.value:
     raise cli.UserError("--repeats applies only with --compare_ar")
   if _TEMP.value == 0 and (f["top_k"].present or f["top_p"].present):
@@ -327,7 +345,7 @@ def main(argv):
   sampling = SamplingParams(temperature=_TEMP.value, top_k=_TOPK.value, top_p=_TOPP.value)
   kw = dict(max_new_tokens=_MAX_NEW.value, block_len=_BLOCK.value, sampling=sampling, seed=_SEED.value)
   if _THRESHOLD.value is not None:
-    kw["threshold"] = _THRESHOLD.value
+    kw["threshold"] = threshold_value()
   spec = method in SPECULATIVE
   if not spec:
     kw.pop("block_len")

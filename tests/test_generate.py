@@ -32,7 +32,8 @@ def test_generate_json_every_method_equals_ar(tiny_chain, capsys, monkeypatch):
   want = [o["token_ids"] for o in ar["outputs"]]
   assert all(len(w) >= 1 for w in want)
   for method, extra in (("tandem_speed", []), ("speed", [f"--drafter_workdir={wd['secondary_distil']}"]),
-                        ("tandem_speed", [f"--router_workdir={wd['router']}", "--adaptive"])):
+                        ("tandem_speed", [f"--router_workdir={wd['router']}", "--adaptive"]),
+                        ("tandem_speed", [f"--router_workdir={wd['router']}", "--adaptive", "--threshold=cost"])):
     out = json.loads(_run(capsys, f"--workdir={wd['tandem']}", f"--method={method}", "--block_len=3", *extra,
                           *common))
     assert [o["token_ids"] for o in out["outputs"]] == want, (method, extra)
@@ -105,8 +106,9 @@ def test_generate_errors(tiny_chain, capsys):
                                                                     "--prompt=x")
   assert "give at least one --prompt" in _run_error(capsys, f"--workdir={tandem}")
   assert "max_seq_len" in _run_error(capsys, f"--workdir={tandem}", "--prompt=x", "--max_new_tokens=100000")
-  assert "must be in [0, 1]" in _run_error(capsys, f"--workdir={tiny_chain['router']['workdir']}", "--adaptive",
-                                           "--threshold=2", "--prompt=x")
+  for bad in ("2", "often"):
+    assert "must be a number in [0, 1] or 'cost'" in _run_error(
+        capsys, f"--workdir={tiny_chain['router']['workdir']}", "--adaptive", f"--threshold={bad}", "--prompt=x")
 
 
 def test_empty_prompt_says_it_generates_from_bos(tiny_chain, capsys):

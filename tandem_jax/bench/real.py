@@ -109,6 +109,21 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
   return dict(table2=table2, table4=table4)
 
 
+def call_costs(bench, models: dict) -> dict:
+  """Table 3: per-call ms of the primary for k = 1..K+1 tokens and of both drafters' step, per batch size."""
+  d = bench.decode
+  k = max(int(g) for g in d.gammas)
+  cap = buffer_sizes(32, int(d.max_new_tokens), max(k, int(bench.gamma_max)))[2]  # prompts of up to 32 tokens
+  costs = {}
+  for b in d.batch_sizes:
+    kw = dict(capacity=cap, fill=32 + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
+              repeats=int(bench.cost.repeats))
+    costs[int(b)] = {"primary": {kk: timing.call_ms(models["primary"], b, kk, **kw) for kk in range(1, k + 2)},
+                     "tandem": {1: timing.call_ms(models["tandem"].secondary, b, 1, **kw)},
+                     "standalone": {1: timing.call_ms(models["standalone"], b, 1, **kw)}}
+  return costs
+
+
 def greedy_identical(models: dict, prompts, max_new: int, gamma: int) -> bool:
   """Greedy outputs of speed and tandem_speed equal ar's for every prompt (one batch)."""
   ar = generate("ar", prompts, primary=models["primary"], max_new_tokens=max_new).tokens
@@ -264,15 +279,7 @@ def run(bench, workdir: str, command: str = "") -> dict:
 
   _say("[benchmark] phase costs: per-call costs of primary and drafters")
   t0 = time.perf_counter()
-  k = max(int(g) for g in d.gammas)
-  cap = buffer_sizes(32, int(d.max_new_tokens), max(k, int(bench.gamma_max)))[2]  # prompts of up to 32 tokens
-  costs = {}
-  for b in d.batch_sizes:
-    kw = dict(capacity=cap, fill=32 + int(d.max_new_tokens) // 2, calls=int(bench.cost.calls),
-              repeats=int(bench.cost.repeats))
-    costs[int(b)] = {"primary": {kk: timing.call_ms(models["primary"], b, kk, **kw) for kk in range(1, k + 2)},
-                     "tandem": {1: timing.call_ms(models["tandem"].secondary, b, 1, **kw)},
-                     "standalone": {1: timing.call_ms(models["standalone"], b, 1, **kw)}}
+  costs = call_costs(bench, models)
   phases["costs"] = time.perf_counter() - t0
 
   _say("[benchmark] phase decode: Tables 2 and 4, timed decoding")

@@ -132,11 +132,13 @@ def markdown(r: dict, plots: list[str]) -> str:
           f"{r['config']['decode']['repeats']} interleaved rounds), then timed on the benchmark's prompts with the "
           f"paper's τ = {r['config']['threshold']:g} beside it.", ""]
   L += ["| setting | fixed γ | τ | speedup fixed | speedup adaptive | adaptive/fixed | adaptive/fixed at the paper's τ "
-        "| primary calls fixed -> adaptive | secondary calls fixed -> adaptive |", "|---|---|---|---|---|---|---|---|---|"]
+        "| adaptive/fixed, cost-aware stop | primary calls fixed -> adaptive | secondary calls fixed -> adaptive |",
+        "|---|---|---|---|---|---|---|---|---|---|"]
   for name, t in r["table4"].items():
     L.append(f"| {name} | {t['fixed_gamma']} | {_f(t.get('threshold'), '{:g}')} | {t['fixed']['speedup']:.3f} | "
              f"{t['adaptive']['speedup']:.3f} | {t['speedup_adaptive_vs_fixed']:.3f} | "
-             f"{_f(t.get('speedup_adaptive_paper_tau_vs_fixed'))} | {t['fixed']['primary_calls']} -> "
+             f"{_f(t.get('speedup_adaptive_paper_tau_vs_fixed'))} | "
+             f"{_f(t.get('speedup_adaptive_cost_vs_fixed'))} | {t['fixed']['primary_calls']} -> "
              f"{t['adaptive']['primary_calls']} | {t['fixed']['secondary_calls']} -> "
              f"{t['adaptive']['secondary_calls']} |")
   for name, t in r["table4"].items():

@@ -85,11 +85,13 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
       cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
       if tau != paper_tau:
         cells4["adaptive_paper_tau"] = adaptive(paper_tau, ps)
+      # the router's cost-aware stop: blocks end where one more draft no longer pays at the calibrated costs
+      cells4["adaptive_cost"] = adaptive("cost", ps)
       res4 = timing.interleaved(cells4, int(d.repeats))
       t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
       over_fixed = lambda n: float(np.median(res4["fixed"]["times"]) / np.median(res4[n]["times"]))  # noqa: E731
       t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
-                speedup_adaptive_vs_fixed=over_fixed("adaptive"),
+                speedup_adaptive_vs_fixed=over_fixed("adaptive"), speedup_adaptive_cost_vs_fixed=over_fixed("adaptive_cost"),
                 speedup_adaptive_paper_tau_vs_fixed=over_fixed("adaptive_paper_tau" if tau != paper_tau
                                                                else "adaptive"))
       table4[name] = t4
