@@ -8,9 +8,11 @@
 their draft vocabularies, the router, configs, tokenizer, the run's results JSON (its τ and Table 1), and the SmolLM2
 GGUF cut into parts of at most ``--part_mb`` MB (a machine that can fetch nothing gets the weights in a few
 transfers). The drafters' frozen parts are the primary itself, its embedding and the draft-vocabulary rows of it:
-``pack`` rebuilds them from the GGUF exactly as ``run`` does and checks them equal to the checkpoints' to the bit.
+``pack`` rebuilds them from the GGUF exactly as ``run`` does and checks them equal to the checkpoints' to the bit. A
+primary not imported from a GGUF (the smoke preset's tiny one) travels as parameters instead.
 
-``run`` (on the other machine; no Grain, TensorFlow or network needed): reassembles the GGUF (sha256 checked),
+``run`` (on the other machine; no TensorFlow or network needed, but Grain, ml-collections and gguf must be
+importable: carry their wheels where the machine lacks them): reassembles the GGUF (sha256 checked),
 rebuilds primary, Tandem, standalone drafter and router, checks that greedy ``speed`` and ``tandem_speed`` outputs
 equal ``ar``'s, then times Table 3 (per-call costs) and Tables 2 and 4 with the benchmark's own code
 (:func:`tandem_jax.bench.real.decode_tables`, the CPU run's τ), one setting at a time; after each setting
@@ -145,13 +147,14 @@ def pack(workdir: str, gguf: str, out: str, part_mb: int) -> None:
     rebuilt = _named_leaves(_frozen(config.stage, primary, ids))
     if set(rebuilt) != set(have) or not all(np.array_equal(np.asarray(have[k]), np.asarray(v))
                                             for k, v in rebuilt.items()):
-      raise ValueError(f"{src}: its frozen parameters are not the GGUF primary's (rebuilt from {gguf}): cannot pack")
-    np.savez(os.path.join(dst, "params.npz"), **{k: np.asarray(v) for k, v in _named_leaves(restored["params"]).items()},
-             __draft_ids=np.asarray(ids))
+      raise ValueError(f"{src}: its frozen parameters are not the primary's (rebuilt from "
+                       f"{gguf or 'the primary workdir'}): cannot pack")
+    params = {k: np.asarray(v) for k, v in _named_leaves(restored["params"]).items()}
+    np.savez(os.path.join(dst, "params.npz"), **params, __draft_ids=np.asarray(ids))
     for f in FILES:
       if os.path.isfile(os.path.join(src, f)):
         shutil.copyfile(os.path.join(src, f), os.path.join(dst, f))
-    print(f"[pack] {name}: step {step}, {sum(np.asarray(v).size for v in _named_leaves(restored['params']).values())} "
+    print(f"[pack] {name}: step {step}, {sum(v.size for v in params.values())} "
           f"trainable parameters; frozen parts rebuilt from the GGUF equal the checkpoint's")
   for f in ("router.npz", "router.json"):
     shutil.copyfile(os.path.join(workdir, "tandem", f), os.path.join(out, f))
@@ -196,8 +199,9 @@ def _gguf_from_parts(bundle: str, parts_dir: str) -> str:
 
 def load_models(bundle: str, parts_dir: str = "") -> dict:
   import numpy as np
-  from flax import nnx, traverse_util
+  from flax import nnx
 
+  from tandem_jax import recipe_router
   from tandem_jax.interop.hf_tokenizer import load_tokenizer
   from tandem_jax.models import bundle as bundle_lib
   from tandem_jax.models import router as router_lib
@@ -224,8 +228,7 @@ def load_models(bundle: str, parts_dir: str = "") -> dict:
     router = router_lib.Router(models["tandem"].secondary.cfg.d_model, int(rset["top_k"]), int(rset["hidden"]),
                                rngs=nnx.Rngs(0))
   state = nnx.state(router)
-  with np.load(os.path.join(bundle, "router.npz")) as z:
-    nnx.replace_by_pure_dict(state, traverse_util.unflatten_dict({k: z[k] for k in z.files}, sep="/"))
+  nnx.replace_by_pure_dict(state, recipe_router.read_params(os.path.join(bundle, "router.npz")))
   nnx.update(router, state)
   models["router"] = router
   models["tokenizer"] = load_tokenizer(os.path.join(bundle, "tandem"))

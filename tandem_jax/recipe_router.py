@@ -72,6 +72,12 @@ def router_labels(q_btn, target_bt, top_idx_btk, top_logp_btk):
   return jnp.stack([tv, mismatch], -1)
 
 
+def read_params(path: str) -> dict:
+  """A saved router's parameters (``router.npz``) as the pure dict of its nnx state."""
+  with np.load(path) as z:
+    return traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
+
+
 def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k: int = 4, hidden: int = 64,
                  lr: float = 1e-3, batch_size: int = 8, seed: int = 0, sampled_sequences: int = 256,
                  progress: Callable[[str], None] | None = None) -> dict:
@@ -156,8 +162,7 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
     with open(meta_path) as fh:
       saved = json.load(fh)
   if saved == settings:
-    with np.load(path) as z:
-      r_params = traverse_util.unflatten_dict({k: jnp.asarray(z[k]) for k in z.files}, sep="/")
+    r_params = read_params(path)
   else:
     r_params = r_state.to_pure_dict()
     opt_state = tx.init(r_params)

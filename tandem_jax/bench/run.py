@@ -91,7 +91,8 @@ def decode_tables(bench, models: dict, prompts, tune_prompts=None, costs: dict |
       t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
       over_fixed = lambda n: float(np.median(res4["fixed"]["times"]) / np.median(res4[n]["times"]))  # noqa: E731
       t4.update(fixed_gamma=g, gamma_max=k, threshold=tau, paper_threshold=paper_tau, tuning=tuned,
-                speedup_adaptive_vs_fixed=over_fixed("adaptive"), speedup_adaptive_cost_vs_fixed=over_fixed("adaptive_cost"),
+                speedup_adaptive_vs_fixed=over_fixed("adaptive"),
+                speedup_adaptive_cost_vs_fixed=over_fixed("adaptive_cost"),
                 speedup_adaptive_paper_tau_vs_fixed=over_fixed("adaptive_paper_tau" if tau != paper_tau
                                                                else "adaptive"))
       table4[name] = t4

@@ -110,8 +110,9 @@ class DraftLoop(NamedTuple):
   drafts: jax.Array    # [B, K]
   q: Any               # [B, K, V] the drafter's distributions (None for greedy acceptance)
   calls: jax.Array     # [B] drafter calls while the row was drafting
-  reach: jax.Array     # [B] float32: the router's predicted probability that every draft so far is accepted
-  expect: jax.Array    # [B] float32: the drafts of this block expected to be accepted (sum of ``reach`` so far)
+  reach: Any           # [B] float32: the router's predicted probability that every draft so far is accepted
+  expect: Any          # [B] float32: the drafts of this block expected to be accepted (sum of ``reach`` so far);
+                       # both None unless the router stops by cost
 
 
 class DecodeLoop(NamedTuple):
@@ -222,9 +223,9 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     with jax.named_scope("draft"):
       logits, dstate = drafter.begin(dstate, prev, pending, n)
     q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
-    unit = jnp.ones((b,), jnp.float32)
+    reach, expect = (jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.float32)) if cost_stop else (None, None)
     d, key, keep, n_draft, drafts, q, reach, expect = record(0, logits, key, active & (gamma > 0), zeros,
-                                                             jnp.zeros((b, k), jnp.int32), q, unit, 0 * unit)
+                                                             jnp.zeros((b, k), jnp.int32), q, reach, expect)
 
     def cond(c: DraftLoop):
       return (c.g < k) & jnp.any(c.keep)
