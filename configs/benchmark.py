@@ -47,7 +47,7 @@ def get_config(arg=None):
     c.gamma_max = 8  # K: the adaptive router's cap (fixed-γ cells are compiled for their own γ)
     c.eval_batches = 16  # validation batches (x train batch size 16 rows of 128 targets) for Tables 1 and 3
     c.decode = dict(num_prompts=16, prompt_len=32, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
-                    gammas=(1, 2, 3, 4, 5, 6, 7, 8), repeats=3, batch1_prompts=6, standalone_block_len=3,
+                    gammas=(1, 2, 3, 4, 5, 6, 7, 8), repeats=5, batch1_prompts=6, standalone_block_len=3,
                     hist_gamma=5, seed=0, tune_prompts=6, thresholds=(0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9))
     c.cost = dict(calls=64, repeats=3)  # per-call microbenchmark (c, verify cost vs block length)
   else:

@@ -9,7 +9,7 @@ import numpy as np
 import pytest
 from flax import nnx
 
-from tandem_jax.decoding import costs, generate
+from tandem_jax.decoding import api, costs, generate
 from tandem_jax.models.router import Router
 from test_decoding import _build, _prompts
 
@@ -162,7 +162,6 @@ def test_calibration_is_not_reused_for_a_new_model_at_a_reused_id(models, monkey
 def test_loop_calibration_times_each_gamma_on_the_decode_program(models):
   """calibrate_loop forces γ = 0..K through the auto program (a forcing table), and the table it returns reproduces
   each measured iteration as choose_gamma's cost: max(γ, 1) drafter steps + the verify entry."""
-  from tandem_jax.decoding import api
 
   tandem, _, _ = models
   forced = costs.forcing_table(2, 3)
@@ -183,7 +182,6 @@ def test_loop_calibration_times_each_gamma_on_the_decode_program(models):
 def test_buffer_new_tokens_shares_one_program(models):
   """A budget below the buffer runs the program compiled for the buffer (what the loop calibration times), with the
   tokens of a run sized for that budget."""
-  from tandem_jax.decoding import api
 
   tandem, _, _ = models
   full = generate("tandem_speed", [[1, 2, 3], [4, 5]], tandem=tandem, max_new_tokens=40, block_len=2)
@@ -232,8 +230,8 @@ def test_rejection_counter_and_the_prior_the_loop_starts_from(models):
   rec = costs.Outcome()
   table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0)
   assert rec.prior(table) is table and float(table.prior_alpha) == costs.PRIOR_ALPHA
-  rec.record(table, [9], np.asarray([[0, 4, 0, 0]]), accepted=3, rejections=9)
-  rec.record(table, [9], np.asarray([[0, 4, 0, 0]]), accepted=1, rejections=3)
+  rec.record(table, [9], 60.0, accepted=3, rejections=9)
+  rec.record(table, [9], 60.0, accepted=1, rejections=3)
   primed = rec.prior(table)
   assert float(primed.prior_alpha) == pytest.approx(4 / 16) and float(primed.prior_weight) == costs.RECORDED_WEIGHT
   counts = (jnp.asarray([0.0, 2.0]), jnp.asarray([0.0, 0.0]))
@@ -268,6 +266,7 @@ def test_auto_runs_the_plain_program_where_speculation_cannot_pay(models, monkey
     max_new = rng.integers(4, 20, 3).tolist()
     eos = int(rng.integers(0, 64)) if case == 2 else None
     want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=max_new, eos_id=eos)
+    programs = len(api._compiled)
     for method, kw in (("tandem_speed", dict(tandem=tandem)), ("speed", dict(primary=tandem.primary,
                                                                             drafter=drafter))):
       out = generate(method, prompts, **kw, max_new_tokens=max_new, eos_id=eos, block_len=3, policy="auto",
@@ -277,63 +276,85 @@ def test_auto_runs_the_plain_program_where_speculation_cannot_pay(models, monkey
       assert s["drafter_steps"].sum() == 0 and s["secondary_calls"].sum() == 0 and s["drafted"].sum() == 0
       assert (s["gamma_hist"][:, 0] == want.stats["primary_calls"] - 1).all() and s["gamma_hist"][:, 1:].sum() == 0
       assert "speculation off" in out.policy_note and "γ = 1" in out.policy_note
+    # the fallback ran the program ar's call compiled (block_len 3 and 4 give one capacity here): the same executable
+    assert len(api._compiled) == programs
   # a table without the plain program's cost never switches (the loop's own γ = 0 is the only way not to draft)
   out = generate("tandem_speed", prompts, tandem=tandem, max_new_tokens=8, block_len=3, policy="auto",
                  costs=costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0))
   assert out.policy_note == "" and out.stats["gamma_hist"].shape == (3, 4)
 
 
+def _with_ratios(table, ratios, calls):
+  """An Outcome whose speculative calls ran at ``ratios`` x the table's plain program (10 plain steps each)."""
+  rec = costs.Outcome()
+  for r in ratios:
+    rec.record(table, [11], (float(table.prefill_ms) + 10 * float(table.plain_ms)) / r)
+  rec.calls = calls
+  return rec
+
+
 def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch):
-  """After speculative calls, the decision follows the speed their loops reached (the block lengths they ran at the
-  calibrated iteration costs) against the plain program's, by an upper confidence bound: a clear loss switches off
-  after one call and is re-measured ever more rarely; a small loss with a wide spread keeps measuring; a loss the
-  calls agree on switches off."""
+  """After speculative calls, the decision follows their measured wall times against the plain program's time for
+  the same tokens, by an upper confidence bound: a clear loss switches off after one call and is re-measured ever
+  more rarely; a small loss with a wide spread keeps measuring; a loss the calls agree on switches off."""
   tandem, _, _ = models
   monkeypatch.setattr(costs, "_outcomes", {})
   # iterations: γ = 0 11 ms, 1 12 ms, 2 14 ms, 3 16 ms; a plain step 30 ms: pays at the prior
   table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
 
-  def call(rec, emitted, hist):
+  def call(rec, emitted, wall_ms):
     """What generate does: decide, count the call, record it when it speculated."""
     on, why = costs.speculate(table, rec)
     rec.calls += 1
     if on:
-      rec.record(table, emitted, np.asarray(hist))
+      rec.record(table, emitted, wall_ms)
     return on, why
 
   rec = costs.Outcome()
   assert costs.speculate(table, rec) == (True, "") and rec.bound() == float("inf")
-  # rows of 5 and 9 tokens: the plain program takes 8 steps = 240 ms; the loop ran 30 iterations at γ = 3 (the
-  # longer row's histogram is the loop's) = 480 ms
-  assert call(rec, [5, 9], [[0, 0, 0, 12], [0, 0, 0, 30]])[0]
+  # rows of 5 and 9 tokens: the plain program takes 8 steps = 240 ms (its longest row's); the call took 480 ms
+  assert call(rec, [5, 9], 480.0)[0]
   assert rec.speedup == pytest.approx(0.5) and rec.ratios == [pytest.approx(0.5)]
   on, why = costs.speculate(table, rec)
   assert not on and why.startswith("speculation off") and "0.50x" in why  # a clear loss: off after one call
+  assert "calibrated" in why
   for _ in range(200):  # a 0.5x loss is not re-measured within hundreds of calls
-    assert not call(rec, [9], [[0, 0, 0, 30]])[0]
+    assert not call(rec, [9], 480.0)[0]
   # a bound that reached 1x (here: a key with many calls and one record) probes, and a fast call turns it on
   rec.calls = 10 ** 6
   on, why = costs.speculate(table, rec)
   assert on and why.startswith("probing") and rec.bound() >= 1.0
-  call(rec, [33], [[0, 0, 0, 10]])  # 960 ms plain against 160 ms: 6x
+  call(rec, [33], 160.0)  # 960 ms plain against 160 ms: 6x
   assert rec.speedup == pytest.approx(3.25) and costs.speculate(table, rec) == (True, "")
 
   # single prompts: ratios 0.84, 1.15, 0.95, ... (mean below 1 after the first, spread wide): speculation stays on
-  noisy = costs.Outcome()
-  noisy.ratios, noisy.calls = [0.84, 1.15, 0.95, 0.90, 1.10], 5
+  noisy = _with_ratios(table, [0.84, 1.15, 0.95, 0.90, 1.10], 5)
   assert noisy.speedup == pytest.approx(0.988) and costs.speculate(table, noisy)[0]
-  # a loss every call agrees on: 240 ms plain against 21 iterations at γ = 1 (252 ms), 0.95x: off after two calls,
-  # re-measured rarely, and ever more rarely
+  # a loss every call agrees on: 240 ms plain against 252 ms, 0.95x: off after two calls, re-measured rarely, and
+  # ever more rarely
   mild = costs.Outcome()
-  ons = [call(mild, [9], [[0, 21, 0, 0]])[0] for _ in range(200)]
+  ons = [call(mild, [9], 252.0)[0] for _ in range(200)]
   assert ons[:2] == [True, True] and not ons[2] and mild.speedup == pytest.approx(240 / 252)
   probes = [i for i, on in enumerate(ons) if on]
   assert 2 < len(probes) < 10, probes
   assert np.all(np.diff(np.diff(probes[1:])) >= 0), probes  # the gaps between probes grow
   # a batch of 8 rows: one call's ratio is less noisy (FIRST_SPREAD / sqrt(8)), the same loss is off after one call
   batch8 = costs.Outcome(rows=8)
-  ons = [call(batch8, [9] * 8, [[0, 21, 0, 0]] * 8)[0] for _ in range(50)]
+  ons = [call(batch8, [9] * 8, 252.0)[0] for _ in range(50)]
   assert ons[:2] == [True, False] and sum(ons) <= 5, ons
+  # the plain arm is measured too: plain calls slower than the calibration (40 ms a step) lift the same speculative
+  # calls to 1.27x, and speculation is back on; the prefill counts in both arms' times
+  slow_plain = _with_ratios(table, [0.95, 0.95], 2)
+  assert not costs.speculate(table, slow_plain)[0]
+  slow_plain.record_plain(table, [11], 400.0)
+  slow_plain.record_plain(table, [1], 400.0)  # no step: nothing to learn
+  assert slow_plain.plain == [40.0] and slow_plain.plain_step_ms() == 40.0
+  assert slow_plain.speedup == pytest.approx(0.95 * 40 / 30) and costs.speculate(table, slow_plain) == (True, "")
+  with_prefill = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=60.0)
+  rec = costs.Outcome()
+  rec.record(with_prefill, [9], 300.0)  # ar: 60 + 8 x 30 = 300 ms
+  rec.record_plain(with_prefill, [5], 180.0)  # (180 - 60) / 4 = 30 ms a step
+  assert rec.ratios == [pytest.approx(1.0)] and rec.plain == [pytest.approx(30.0)]
 
   # through generate: the first call speculates and records; a record clearly below 1x sends the next call to ar
   prompts = [[1, 2, 3], [4, 5]]
@@ -343,11 +364,12 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   assert first.tokens == want and first.policy_note == "" and not first.ran_plain
   assert first.stats["drafted"].sum() > 0
   (_, live), = costs._outcomes.values()
-  assert live.calls == 1 and len(live.ratios) == 1
-  live.ratios = [0.95, 0.95, 0.95]
+  assert live.calls == 1 and live.ratios == [pytest.approx(9 * 30.0 / (first.wall_time * 1e3))]  # its wall time
+  live.spec = [(9, 270.0 / 0.95)] * 3
   second = generate("tandem_speed", prompts, **kw)
   assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.95x" in second.policy_note
   assert second.ran_plain and live.calls == 2 and len(live.ratios) == 3
+  assert live.plain == [pytest.approx(second.wall_time * 1e3 / 9)]  # the plain call's step, measured
 
 
 @pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.6),

@@ -208,9 +208,9 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
   these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
   off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.call_ms`) miss
   and which grows with the batch; the plain ``ar`` program of the same shapes (what ``generate`` switches to where
-  speculation does not pay) is timed too, its step and prefill. Measured once per process per live models, method, shapes, sampling and mesh:
-  two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they run the very program sized
-  for the real budget). ``models``: role -> module, as :func:`generate` takes them."""
+  speculation does not pay) is timed too, its step and prefill. Measured once per process per live models, method,
+  shapes, sampling and mesh: two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they
+  run the very program sized for the real budget). ``models``: role -> module, as :func:`generate` takes them."""
   main_model, draft_model = _main_and_drafter(models)
   p_pad, m_pad, capacity = buffer_sizes(prompt_len, max_new_tokens, max_block_len)
   key = ("loop", method, tuple((n, id(m)) for n, m in sorted(models.items())), batch_size, p_pad, m_pad,
@@ -321,8 +321,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" or router_stop == "cost":
     if costs is None:
       costs = calibrate_loop(method, {n: m for n, m in models.items() if n != "router"}, batch_size=b,
-                             prompt_len=max(lens), max_new_tokens=max(max(max_new_list), buffer_new_tokens), max_block_len=k,
-                             sampling=sampling, mesh=mesh, rules=rules)
+                             prompt_len=max(lens), max_new_tokens=max(max(max_new_list), buffer_new_tokens),
+                             max_block_len=k, sampling=sampling, mesh=mesh, rules=rules)
     if costs.max_block_len != k:
       raise ValueError(f"the cost table covers blocks up to {costs.max_block_len} drafts, the program {k}: "
                        "calibrate it for this max_block_len")
@@ -340,6 +340,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
       plain = generate("ar", prompts, primary=main_model, max_new_tokens=max_new_list, block_len=k,
                        sampling=sampling, eos_id=eos_id, seed=seed, mesh=mesh, rules=rules, on_tokens=on_tokens,
                        buffer_new_tokens=max_new)
+      outcome.record_plain(costs, [len(t) for t in plain.tokens], plain.wall_time * 1e3)
       return _plain_as_speculative(plain, k, costs, note)
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
@@ -351,17 +352,20 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   args = (tuple(states), jnp.asarray(prompt), jnp.asarray(lens, jnp.int32), jnp.asarray(max_new_list, jnp.int32),
           jax.random.key(seed), jnp.int32(block_len), jnp.float32(threshold),
           jnp.int32(-1 if eos_id is None else eos_id), costs)
-  statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k, params=sampling, max_new=max_new,
-                 capacity=capacity, trace=bool(trace) and method in ("speed", "tandem", "tandem_speed"),
+  speculative_method = method in ("speed", "tandem", "tandem_speed")
+  # k shapes only the buffers (capacity, above) of the autoregressive programs: one program whatever block_len, so
+  # auto's plain fallback runs the very executable a plain ``ar`` call of the same capacity does
+  statics = dict(method=method, graphdefs=tuple(zip(names, graphdefs)), k=k if speculative_method else 0,
+                 params=sampling, max_new=max_new, capacity=capacity, trace=bool(trace) and speculative_method,
                  # auto varies the verify size anyway: one program (and key) whatever block_len is
-                 variable_block=(k > block_len or policy == "auto") and method in ("speed", "tandem", "tandem_speed"),
+                 variable_block=(k > block_len or policy == "auto") and speculative_method,
                  stream=on_tokens is not None, policy=policy, router_stop=router_stop)
   if mesh is not None:
     batch = batch_sharding(mesh, rules)
     args = args[:1] + tuple(jax.device_put(a, batch) for a in args[1:4]) + args[4:]
 
   def run():
-    key = (statics["method"], statics["graphdefs"], k, sampling, max_new, capacity, statics["trace"],
+    key = (statics["method"], statics["graphdefs"], statics["k"], sampling, max_new, capacity, statics["trace"],
            statics["variable_block"], b, p_pad, mesh_key(mesh), _rules_key(rules) if mesh is not None else None,
            statics["stream"], policy, router_stop)  # tests read [-3]: stream
     t0 = time.perf_counter()
@@ -394,8 +398,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
                         stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
                         compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "")
   if outcome is not None:
-    outcome.record(costs, [len(t) for t in result.tokens], result.stats["gamma_hist"],
-                   int(result.stats["accepted"].sum()), int(result.stats["rejections"].sum()))
+    outcome.record(costs, [len(t) for t in result.tokens], wall * 1e3, int(result.stats["accepted"].sum()),
+                   int(result.stats["rejections"].sum()))
   return result
 
 

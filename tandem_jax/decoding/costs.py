@@ -232,52 +232,72 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # A γ = 0 iteration of the speculative loop still runs the drafter's catch-up step and the loop's bookkeeping, so at a
 # batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
 # chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with the same
-# models and shapes did: each speculative call records the ratio of the plain program's time for the tokens it
-# emitted (its longest row's, one step each) to the speculative loop's time for the iterations it ran (the block
-# lengths it chose, at the calibrated iteration costs). Both come from the same calibration, so the ratio carries the
-# acceptance the call met, including that a batch runs until its slowest row is done, and no wall-clock noise.
+# models and shapes measured: each speculative call records its wall time and the plain steps its tokens would take
+# (its longest row's, one step each after the prefill), and its speedup is the plain program's time for those steps
+# (prefill + steps x plain step) over that wall time, what the benchmark's ratio to ``ar`` is. The plain step is the
+# median of the plain calls this key ran (wall less prefill, per step), the calibrated one before any: both arms are
+# measured on the calls themselves. (The first rule predicted the speculative time from the block lengths the loop
+# chose at the calibrated iteration costs: free of wall-clock noise, but where a loop step is a fraction of a
+# millisecond the calibration is off by more than the margin; on the toy models' T = 1 batch 8 the table said one
+# draft pays and every call ran at 0.75x of ar.)
 #
-# The choice is a two-armed bandit with one arm known (the plain program: 1x), decided by an upper confidence bound
-# (UCB1): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1, with n the speculative calls recorded (the last
-# WINDOW), t this key's calls so far (both programs) and sd their ratios' spread: FIRST_SPREAD / sqrt(B) for a
-# batch of B rows while one call cannot show it (rows' acceptances vary independently), then the measured one, at
-# least SD_FLOOR. A clear loss switches off after one call; a loss that calls
-# agree on (a batch whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call)
-# after two, and is then re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide
-# spread (single prompts at batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough
-# calls say it loses. A fixed count (this module's first rule: off after 3 calls whose decayed mean was below 1x)
-# switched the real-model benchmark's batch 1 off after its first three calls although fixed γ gained there. The first
-# call has no record and speculates when the table says a block pays at PRIOR_ALPHA.
+# The choice is a two-armed bandit with one arm the reference (the plain program: 1x), decided by an upper
+# confidence bound (UCB1): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1, with n the speculative calls
+# recorded (the last WINDOW), t this key's calls so far (both programs) and sd their ratios' spread: FIRST_SPREAD /
+# sqrt(B) for a batch of B rows while one call cannot show it (rows' acceptances vary independently), then the
+# measured one, at least SD_FLOOR. A clear loss switches off after one call; a loss that calls agree on (a batch
+# whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call) after two, and is then
+# re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide spread (single prompts at
+# batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough calls say it loses. A fixed
+# count (this module's first rule: off after 3 calls whose decayed mean was below 1x) switched the real-model
+# benchmark's batch 1 off after its first three calls although fixed γ gained there. The first call has no record and
+# speculates when the table says a block pays at PRIOR_ALPHA.
 FIRST_SPREAD, SD_FLOOR, WINDOW = 0.1, 0.03, 32
 
 
 class Outcome:
-  """What speculative calls measured for one (models, shapes, sampling) key, and how many calls the key made."""
+  """What the calls of one (models, shapes, sampling) key measured, and how many calls the key made."""
 
   def __init__(self, rows: int = 1):
     self.rows = rows               # the batch of this key's calls
-    self.ratios: list[float] = []  # the last WINDOW speculative calls: predicted plain time / speculative time
     self.calls = 0                 # calls decided for this key (both programs)
-    self.trials: list[tuple[int, int]] = []  # the same calls' (accepted drafts, rejection events), all rows
+    self.spec: list[tuple[int, float]] = []    # the last WINDOW speculative calls: (plain steps, measured ms)
+    self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step
+    self.calibrated: tuple[float, float] | None = None  # the table's (plain step, prefill) ms
+    self.trials: list[tuple[int, int]] = []  # the speculative calls' (accepted drafts, rejection events), all rows
+
+  def plain_step_ms(self) -> float:
+    """The plain program's ms per step: the median over this key's plain calls, the calibrated one before any."""
+    return float(np.median(self.plain)) if self.plain else self.calibrated[0]
+
+  @property
+  def ratios(self) -> list[float]:
+    """Each recorded speculative call's speedup: (prefill + steps x plain step) / its measured ms."""
+    if not self.spec:
+      return []
+    step, prefill = self.plain_step_ms(), self.calibrated[1]
+    return [(prefill + n * step) / ms for n, ms in self.spec]
 
   @property
   def speedup(self) -> float | None:
     """Mean ratio of the recorded speculative calls (None before the first)."""
-    return float(np.mean(self.ratios)) if self.ratios else None
+    r = self.ratios
+    return float(np.mean(r)) if r else None
 
   @property
   def spread(self) -> float:
     """The ratios' standard deviation, at least SD_FLOOR; FIRST_SPREAD / sqrt(rows) while one call cannot show it."""
-    if len(self.ratios) < 2:
+    r = self.ratios
+    if len(r) < 2:
       return FIRST_SPREAD / math.sqrt(self.rows)
-    return max(float(np.std(self.ratios, ddof=1)), SD_FLOOR)
+    return max(float(np.std(r, ddof=1)), SD_FLOOR)
 
   def bound(self) -> float:
     """UCB1's index of the speculative program for the next call (+inf before the first record)."""
-    if not self.ratios:
+    if not self.spec:
       return math.inf
     t = self.calls + 1
-    return self.speedup + self.spread * math.sqrt(2.0 * math.log(t) / len(self.ratios))
+    return self.speedup + self.spread * math.sqrt(2.0 * math.log(t) / len(self.spec))
 
   @property
   def alpha(self) -> float | None:
@@ -292,20 +312,26 @@ class Outcome:
       return table
     return table._replace(prior_alpha=np.float32(a), prior_weight=np.float32(RECORDED_WEIGHT))
 
-  def record(self, table: CostTable, emitted_per_row, gamma_hist_bk, accepted: int = 0, rejections: int = 0) -> None:
+  def _calibrate(self, table: CostTable) -> None:
+    if self.calibrated is None:
+      self.calibrated = (float(table.plain_ms), float(table.prefill_ms))
+
+  def record(self, table: CostTable, emitted_per_row, wall_ms: float, accepted: int = 0, rejections: int = 0) -> None:
     """Adds one speculative call: ``emitted_per_row`` tokens per row (the plain program needs one step per token
-    after the first, until its longest row is done), ``gamma_hist_bk`` [B, K+1] its block lengths per row (the
-    row with the most iterations was active in all of them: its histogram is the loop's), and its accepted drafts
-    and rejection events (all rows)."""
-    hist = np.asarray(gamma_hist_bk)
-    loop = hist[int(np.argmax(hist.sum(1)))]
-    v, c = np.asarray(table.verify_ms, np.float64), float(table.draft_ms)
-    spec = float(sum(n * (max(g, 1) * c + v[g + 1]) for g, n in enumerate(loop)))
-    plain = float(table.plain_ms) * max(max(emitted_per_row) - 1, 0)
-    if spec <= 0:
+    after the first, until its longest row is done), its measured ``wall_ms`` (prefill and loop), and its accepted
+    drafts and rejection events (all rows)."""
+    self._calibrate(table)
+    if not wall_ms > 0:
       return
-    self.ratios = (self.ratios + [plain / spec])[-WINDOW:]
+    self.spec = (self.spec + [(max(max(emitted_per_row) - 1, 0), float(wall_ms))])[-WINDOW:]
     self.trials = (self.trials + [(int(accepted), int(rejections))])[-WINDOW:]
+
+  def record_plain(self, table: CostTable, emitted_per_row, wall_ms: float) -> None:
+    """Adds one plain call: its ms per step, (``wall_ms`` - the calibrated prefill) / steps (none without steps)."""
+    self._calibrate(table)
+    steps = max(max(emitted_per_row) - 1, 0)
+    if steps:
+      self.plain = (self.plain + [max(wall_ms - self.calibrated[1], 1e-3) / steps])[-WINDOW:]
 
 
 _outcomes: dict = {}
@@ -342,11 +368,12 @@ def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
       return True, ""
     return False, (f"speculation off: even at acceptance {PRIOR_ALPHA} the best block (γ = {g}) would cost "
                    f"{ms:.2f} ms per token against {plain:.2f} ms for a plain primary step")
-  n, mean, sd, bound = len(rec.ratios), rec.speedup, rec.spread, rec.bound()
+  n, mean, sd, bound = len(rec.spec), rec.speedup, rec.spread, rec.bound()
   if mean >= 1.0:
     return True, ""
+  source = f"median of {len(rec.plain)} plain calls" if rec.plain else "calibrated"
   measured = (f"the last {n} speculative call{'s' if n > 1 else ''} ran at {mean:.2f}x the plain program's speed "
-              f"(spread {sd:.2f}; calibrated costs, plain step {plain:.2f} ms)")
+              f"(spread {sd:.2f}; wall times, plain step {rec.plain_step_ms():.2f} ms, {source})")
   if bound >= 1.0:
     return True, f"probing: {measured}, not yet clearly below 1x after {rec.calls} calls (upper bound {bound:.2f}x)"
   return False, (f"speculation off: {measured}, upper bound {bound:.2f}x after {rec.calls} calls, so this call ran "
