@@ -23,13 +23,14 @@ def test_smollm2_benchmark_smoke(tmp_path):
   assert set(r["table4"]) == {"greedy_b1", "T1_b1"} and r["table4"]["greedy_b1"]["adaptive"]["tokens"] > 0
   assert all(t4["adaptive_cost"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's cost-aware stop
   assert all(len(row["auto"]["call_walls"]) == row["auto"]["calls"] for row in r["table2"].values())
+  assert all(row["ar_again"]["tokens"] == row["ar"]["tokens"] for row in r["table2"].values())  # the A/A cell
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data
   with open(os.path.join(tmp_path, real.RESULTS_FILE)) as fh:
     assert json.load(fh)["phases_seconds"]["total"] > 0
   report = open(os.path.join(tmp_path, real.REPORT_FILE)).read()
-  for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Targets"):
+  for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Targets", "ar timed again"):
     assert title in report
   _check_gpu_bundle(tmp_path)
 

@@ -48,6 +48,7 @@ def test_smoke_results_and_report(smoke):
   assert set(row["speed"]) == set(row["tandem_speed"]) == {"1", "2"}
   cell = row["tandem_speed"]["2"]
   assert cell["tokens"] == row["ar"]["tokens"] > 0  # no EOS stop: every method emits the same tokens
+  assert row["auto"]["tokens"] == row["ar_again"]["tokens"] == row["ar"]["tokens"]  # auto and the A/A cell
   # the speedup is the ratio of the median wall times, and the headline reads the best γ's cell
   assert cell["speedup"] == pytest.approx(row["ar"]["seconds"]["median"] / cell["seconds"]["median"])
   best = row["tandem_speed"][str(r["best_gamma"]["tandem_speed"])]
@@ -66,7 +67,7 @@ def test_smoke_results_and_report(smoke):
   assert r["machine"]["before_decode"]["cpu_count"] == os.cpu_count()
   with open(os.path.join(workdir, "report.md")) as fh:
     md = fh.read()
-  for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Leviathan", "Targets", "CPU cores"):
+  for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Leviathan", "Targets", "CPU cores", "ar timed again"):
     assert title in md, title
   if r["plots"]:
     assert all(os.path.isfile(os.path.join(workdir, p)) for p in r["plots"])

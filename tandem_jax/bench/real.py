@@ -225,6 +225,11 @@ def markdown(r: dict) -> str:
         calls = ", ".join(f"{w:.2f}{' plain' if plain else ''}" for w, plain in a["call_walls"])
         lines.append(f"auto's calls in the last round (s): {calls}; ar's calls in that round: "
                      + ", ".join(f"{w:.2f}" for w in a["ar_call_walls"]))
+    if "ar_again" in row:
+      sp = row["ar_again"]["speedup_per_round"]
+      lines.append(f"ar timed again as a second cell (its very program: the spread between two cells that cannot "
+                   f"differ, this run): {_f(row['ar_again']['speedup'], '{:.2f}x')} (per round {sp['min']:.2f} / "
+                   f"{sp['median']:.2f} / {sp['max']:.2f})")
     lines.append("")
   lines += ["## Table 4: adaptive γ and Leviathan's ideal", ""]
   for name, t4 in r["table4"].items():
