@@ -1,0 +1,60 @@
+"""What the ``auto`` policy's host switch decides, call by call, on the real-model benchmark's trained models: each
+call's wall time, whether it ran the plain ``ar`` program, the key's record after it (the speculative calls' ratios,
+the plain calls' measured steps, the upper bound) and the reason it printed. 64 new tokens per row.
+
+  python benchmarks/auto_trace.py WORKDIR [--temperature=1] [--batch=8] [--calls=10] [--plain_ms=MS]
+
+WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
+Prompts: the 24 held-out prompts (tandem_jax.data.heldout) in batches, cycled. The cost table is calibrated on the
+decode program as ``generate`` does (printed); ``--plain_ms`` replaces its plain step (e.g. above the calibrated one
+to make the first call speculate: the first call follows the table at the prior acceptance, later ones the record).
+"""
+import argparse
+import os
+import sys
+import time
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import numpy as np  # noqa: E402
+
+from tandem_jax.data.heldout import PROMPTS  # noqa: E402
+from tandem_jax.decoding import SamplingParams, api, costs, generate  # noqa: E402
+from tandem_jax.workdir import load_workdir  # noqa: E402
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("workdir")
+  ap.add_argument("--temperature", type=float, default=1.0)
+  ap.add_argument("--batch", type=int, default=8)
+  ap.add_argument("--calls", type=int, default=10)
+  ap.add_argument("--plain_ms", type=float, default=None)
+  args = ap.parse_args(argv)
+  run = load_workdir(os.path.join(args.workdir, "tandem"))
+  tandem, tok = run.model, run.tokenizer
+  held = [tok.encode(p, add_bos=True) for p in PROMPTS[:24]]
+  batches = [held[i:i + args.batch] for i in range(0, len(held) - args.batch + 1, args.batch)]
+  sampling = SamplingParams(temperature=args.temperature)
+  table = api.calibrate_loop("tandem_speed", dict(tandem=tandem), batch_size=args.batch,
+                             prompt_len=max(len(p) for p in held), max_new_tokens=64, max_block_len=4,
+                             sampling=sampling)
+  if args.plain_ms is not None:
+    table = table._replace(plain_ms=np.float32(args.plain_ms))
+  t = table.as_dict()
+  print(f"cost table: verify ms (1..5 tokens) {[round(v, 2) for v in t['verify_ms']]}, drafter step "
+        f"{t['draft_ms']:.2f} ms, plain step {t['plain_ms']:.2f} ms, prefill {t['prefill_ms']:.1f} ms; break-even "
+        f"acceptance of one draft {table.break_even_alpha():.3f}", flush=True)
+  kw = dict(tandem=tandem, max_new_tokens=64, sampling=sampling, seed=0, block_len=4, policy="auto", costs=table)
+  t0 = time.perf_counter()
+  for i in range(args.calls):
+    r = generate("tandem_speed", batches[i % len(batches)], **kw)
+    (_, rec), = costs._outcomes.values()  # the held-out prompts pad to one length (32): one key
+    print(f"call {i}: {r.wall_time:.3f} s, {'plain' if r.ran_plain else 'speculated'}; record: ratios "
+          f"{np.round(rec.ratios, 3).tolist()}, plain steps (ms) {np.round(rec.plain, 2).tolist()}, bound "
+          f"{rec.bound():.3f}; {r.policy_note or 'speculating'}", flush=True)
+  print(f"{args.calls} calls in {time.perf_counter() - t0:.0f} s")
+
+
+if __name__ == "__main__":
+  main()
