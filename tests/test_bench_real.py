@@ -24,6 +24,10 @@ def test_smollm2_benchmark_smoke(tmp_path):
   assert all(t4["adaptive_cost"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's cost-aware stop
   assert all(len(row["auto"]["call_walls"]) == row["auto"]["calls"] for row in r["table2"].values())
   assert all(row["ar_again"]["tokens"] == row["ar"]["tokens"] for row in r["table2"].values())  # the A/A cell
+  for row in r["table2"].values():  # every timed auto call's policy note is kept, and the probes counted from them
+    a = row["auto"]
+    assert len(a["call_notes"]) == a["calls"] and 0 <= a["probes"] <= a["calls"] * int(bench.decode.repeats)
+    assert all(n.startswith("speculation off") for n, (_, plain) in zip(a["call_notes"], a["call_walls"]) if plain)
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data

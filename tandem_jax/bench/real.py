@@ -224,7 +224,11 @@ def markdown(r: dict) -> str:
       if a.get("call_walls"):
         calls = ", ".join(f"{w:.2f}{' plain' if plain else ''}" for w, plain in a["call_walls"])
         lines.append(f"auto's calls in the last round (s): {calls}; ar's calls in that round: "
-                     + ", ".join(f"{w:.2f}" for w in a["ar_call_walls"]))
+                     + ", ".join(f"{w:.2f}" for w in a["ar_call_walls"])
+                     + (f"; timed calls that probed (speculated on a record below 1x, all rounds): {a['probes']}"
+                        if "probes" in a else ""))
+        if a.get("last_probe"):
+          lines.append(f"the last probe's reason: {a['last_probe']}")
     if "ar_again" in row:
       sp = row["ar_again"]["speedup_per_round"]
       lines.append(f"ar timed again as a second cell (its very program: the spread between two cells that cannot "

@@ -105,7 +105,8 @@ def markdown(r: dict, plots: list[str]) -> str:
             f"auto: tandem_speed with γ chosen per iteration from its decode loop's calibration, the plain ar program "
             f"where earlier calls measured speculation below 1x ({a.get('plain_calls', 0)} of {a.get('calls', '?')} "
             f"timed calls; γ per iteration: {hist}); "
-            f"{a['vs_best_fixed']:.2f}x the best fixed γ."]
+            f"{a['vs_best_fixed']:.2f}x the best fixed γ; timed calls that probed (speculated on a record below 1x, "
+            f"all rounds): {a.get('probes', 'n/a')}."]
     if "ar_again" in row:
       L += ["", f"ar timed again as a second cell (its very program: the spread between two cells that cannot differ, "
             f"this run): {row['ar_again']['speedup']:.3f} ({_spread(row['ar_again']['speedup_per_round'], 1, '{:.2f}')})."]

@@ -31,11 +31,12 @@ def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int
 
 def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict:
   """Decodes ``prompts`` in batches of ``batch``; sums wall time, tokens and the per-row counters."""
-  wall, agg = 0.0, {"calls": 0, "plain_calls": 0, "call_walls": []}
+  wall, agg = 0.0, {"calls": 0, "plain_calls": 0, "call_walls": [], "call_notes": []}
   for i in range(0, len(prompts), batch):
     r = generate(method, prompts[i:i + batch], **kw)
     wall += r.wall_time
     agg["call_walls"].append((round(r.wall_time, 4), bool(r.ran_plain)))  # per call: seconds, ran the plain program
+    agg["call_notes"].append(r.policy_note)  # auto: why it ran the plain program or probed ("" when simply ahead)
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
     agg["calls"] += 1
@@ -52,9 +53,10 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
 def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str, dict]:
   """Runs every cell once to compile and warm up (``cell(warmup=True)``: a cell may run just its first batch, which
   compiles and warms the same program), then ``repeats`` rounds, each cell once per round in an order rotated by one
-  every round. Returns per cell ``{"times": [...], "run": last run's counters}``."""
+  every round. Returns per cell ``{"times": [...], "run": last run's counters, "notes": every timed call's policy
+  note}``."""
   names = list(cells)
-  out = {n: {"times": [], "run": None} for n in names}
+  out = {n: {"times": [], "run": None, "notes": []} for n in names}
   for n in names:
     t0 = time.perf_counter()
     cells[n](warmup=True)
@@ -64,6 +66,7 @@ def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str
     for n in order:
       run = cells[n]()
       out[n]["times"].append(run["wall"])
+      out[n]["notes"] += run.get("call_notes", [])  # every timed call's policy note (auto cells), all rounds
       out[n]["run"] = run
   return out
 
@@ -129,7 +132,11 @@ def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) 
               plain_calls=int(run["plain_calls"]), gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
               vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])),
               # the last round's calls, (seconds, ran the plain program) each, beside ar's calls of that round
-              call_walls=run["call_walls"], ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]])
+              call_walls=run["call_walls"], ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]],
+              call_notes=run["call_notes"],  # the last round's calls' policy notes, in call_walls' order
+              # every timed round's calls: how many probed (speculated on a record below 1x) and the last reason
+              probes=sum(n.startswith("probing") for n in res["auto"]["notes"]),
+              last_probe=next((n for n in reversed(res["auto"]["notes"]) if n.startswith("probing")), ""))
 
 
 def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, primary, drafter, tandem,
