@@ -108,8 +108,9 @@ def markdown(r: dict, plots: list[str]) -> str:
             f"{a['vs_best_fixed']:.2f}x the best fixed γ; timed calls that probed (speculated on a record below 1x, "
             f"all rounds): {a.get('probes', 'n/a')}."]
     if "ar_again" in row:
+      again = row["ar_again"]
       L += ["", f"ar timed again as a second cell (its very program: the spread between two cells that cannot differ, "
-            f"this run): {row['ar_again']['speedup']:.3f} ({_spread(row['ar_again']['speedup_per_round'], 1, '{:.2f}')})."]
+            f"this run): {again['speedup']:.3f} ({_spread(again['speedup_per_round'], 1, '{:.2f}')})."]
     L.append("")
 
   L += ["## Table 3: standalone Tandem against the mid-size model", "",
