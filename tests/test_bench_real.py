@@ -22,6 +22,10 @@ def test_smollm2_benchmark_smoke(tmp_path):
       assert all(cell["speedup"] > 0 and cell["tokens"] > 0 for cell in row[m].values())
   assert set(r["table4"]) == {"greedy_b1", "T1_b1"} and r["table4"]["greedy_b1"]["adaptive"]["tokens"] > 0
   assert all(t4["adaptive_cost"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's cost-aware stop
+  for t4 in r["table4"].values():  # the router inside auto: what its calls did, as Table 2's auto cells
+    a = t4["adaptive_auto"]
+    assert len(a["call_walls"]) == len(a["call_notes"]) == a["calls"] and 0 <= a["plain_calls"] <= a["calls"]
+    assert f"{a['plain_calls']} of {a['calls']} calls of the last round on the plain program" in r["report"]
   assert all(len(row["auto"]["call_walls"]) == row["auto"]["calls"] for row in r["table2"].values())
   assert all(row["ar_again"]["tokens"] == row["ar"]["tokens"] for row in r["table2"].values())  # the A/A cell
   for row in r["table2"].values():  # every timed auto call's policy note is kept, and the probes counted from them

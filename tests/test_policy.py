@@ -360,7 +360,10 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   prompts = [[1, 2, 3], [4, 5]]
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=10).tokens
   kw = dict(tandem=tandem, max_new_tokens=10, block_len=3, policy="auto", costs=table)
+  generate("tandem_speed", prompts, **kw)  # builds (or finds) the program: a call that built it is not recorded
+  costs._outcomes.clear()
   first = generate("tandem_speed", prompts, **kw)
+  assert not first.first_run
   assert first.tokens == want and first.policy_note == "" and not first.ran_plain
   assert first.stats["drafted"].sum() > 0
   (_, live), = costs._outcomes.values()
@@ -370,6 +373,61 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.95x" in second.policy_note
   assert second.ran_plain and live.calls == 2 and len(live.ratios) == 3
   assert live.plain == [pytest.approx(second.wall_time * 1e3 / 9)]  # the plain call's step, measured
+
+
+def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkeypatch):
+  """A key with no speculative call yet decides on the table at the acceptance its family's calls met (the same
+  primary, drafter and sampling at other shapes), PRIOR_ALPHA before any, and its loop starts from that acceptance;
+  another sampling setting (another family) does not pool; once the key has its own record, the record decides."""
+  tandem, drafter, _ = models
+  monkeypatch.setattr(costs, "_outcomes", {})
+  # the best block costs 8 ms per token at α = 0.5 (γ = 1 and 2), 10 ms at α = 0.2: a 9 ms plain step lies between
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=9.0)
+  pair, fam = (tandem.primary, drafter), ("family", "greedy")
+  b1 = costs.outcome(pair, ("key", 1), rows=1, family=fam)
+  b8 = costs.outcome(pair, ("key", 8), rows=8, family=fam)
+  t1 = costs.outcome(pair, ("key", 8, "T1"), rows=8, family=("family", "T1"))
+  assert b8.family_alpha() is None and costs.speculate(table, b8) == (True, "")  # at PRIOR_ALPHA: a block pays
+  b1.record(table, [9], 100.0, accepted=2, rejections=6)
+  b1.record(table, [9], 100.0, accepted=0, rejections=2)
+  assert b8.family_alpha() == (pytest.approx(0.2), 2) and t1.family_alpha() is None
+  on, why = costs.speculate(table, b8)
+  assert not on and "at the acceptance 0.20 that 2 speculative calls of these models and sampling met" in why
+  assert "(γ = 1) would cost 10.00 ms per token against 9.00 ms" in why
+  assert costs.speculate(table, t1) == (True, "")  # another sampling: still at the prior
+  assert float(b8.prior(table).prior_alpha) == pytest.approx(0.2) and t1.prior(table) is table
+  assert costs.Outcome().family_alpha() is None  # no family: alone
+  b8.record(table, [9], 60.0, accepted=1, rejections=9)  # its own call: 8 x 9 ms plain against 60 ms, 1.2x
+  assert costs.speculate(table, b8) == (True, "") and float(b8.prior(table).prior_alpha) == pytest.approx(0.1)
+
+  # through generate: the first key's calls set the family's acceptance; a new batch size of the same models and
+  # sampling decides on it, as does the streamed call (another key: its own program)
+  prompts = _prompts(np.random.default_rng(12), 3)
+  kw = dict(tandem=tandem, max_new_tokens=16, block_len=3, policy="auto")
+  runs = [generate("tandem_speed", prompts[:2], **kw, costs=table._replace(plain_ms=np.float32(1e3)))
+          for _ in range(3)]
+  (_, first), = [e for e in costs._outcomes.values() if e[1].family and e[1].family[1] == "tandem_speed"]
+  alpha, n = first.family_alpha()
+  assert n == 3 - runs[0].first_run and not any(r.first_run for r in runs[1:])  # a first run is not recorded
+  assert alpha < 0.45, alpha  # random models accept few drafts
+  _, at_alpha = costs.best_block_ms_per_token(table, alpha)
+  _, at_prior = costs.best_block_ms_per_token(table, costs.PRIOR_ALPHA)
+  between = table._replace(plain_ms=np.float32((at_alpha + at_prior) / 2))  # pays at the prior, not at alpha
+  want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=16).tokens
+  out = generate("tandem_speed", prompts, **kw, costs=between)
+  assert out.ran_plain and out.tokens == want and f"at the acceptance {alpha:.2f} that {n} speculative calls" in \
+      out.policy_note
+  hot = generate("tandem_speed", prompts, **kw, costs=between, sampling=api.SamplingParams(temperature=1.0))
+  assert not hot.ran_plain and hot.policy_note == ""  # another family: at the prior, a block pays
+
+  # a call that builds its program is counted but not recorded (its first run's one-time costs are not the policy's)
+  monkeypatch.setattr(api, "_compiled", api._Programs(maxsize=64))
+  costs._outcomes.clear()
+  built = generate("tandem_speed", prompts, **kw, costs=between, sampling=api.SamplingParams(temperature=1.0))
+  (_, rec), = costs._outcomes.values()
+  assert built.first_run and not built.ran_plain and rec.calls == 1 and rec.spec == [] and rec.trials == []
+  again = generate("tandem_speed", prompts, **kw, costs=between, sampling=api.SamplingParams(temperature=1.0))
+  assert not again.first_run and rec.calls == 2 and len(rec.spec) == 1 and len(rec.trials) == 1
 
 
 @pytest.mark.parametrize("setting", [dict(temperature=1.0), dict(temperature=0.6),

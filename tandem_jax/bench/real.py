@@ -99,6 +99,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
                                                    **dict(common, k=kmax))
       res4 = timing.interleaved(cells4, int(d.repeats))
       t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
+      t4["adaptive_auto"].update(timing.auto_calls(res4["adaptive_auto"]))
       t4.update(fixed_gamma=g, gamma_max=kmax, threshold=tau,
                 tuning=tuned,
                 speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
@@ -242,6 +243,9 @@ def markdown(r: dict) -> str:
                  f"{_f(t4['fixed'].get('speedup'), '{:.2f}x')}; adaptive / fixed "
                  f"{_f(t4['speedup_adaptive_vs_fixed'], '{:.2f}')}"
                  + (f"; router inside the auto policy {_f(t4['adaptive_auto'].get('speedup'), '{:.2f}x')}"
+                    + (f" ({t4['adaptive_auto']['plain_calls']} of {t4['adaptive_auto']['calls']} calls of the last "
+                       f"round on the plain program, {t4['adaptive_auto']['probes']} probes in all rounds)"
+                       if "calls" in t4["adaptive_auto"] else "")
                     if "adaptive_auto" in t4 else "")
                  + (f"; router with the cost-aware stop {_f(t4['adaptive_cost'].get('speedup'), '{:.2f}x')} "
                     f"({_f(t4['speedup_adaptive_cost_vs_fixed'], '{:.2f}')} of fixed; drafts "

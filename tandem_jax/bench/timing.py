@@ -125,18 +125,25 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 
 
 # -- per-call costs ---------------------------------------------------------------------------------------------
+def auto_calls(cell: dict) -> dict:
+  """What an ``auto`` cell's calls did (an :func:`interleaved` result): the last round's calls, how many ran the plain
+  program, their wall times and policy notes, the γ chosen per iteration, and over every timed round how many probed
+  (speculated on a record below 1x) and the last probe's reason."""
+  run = cell["run"]
+  return dict(calls=int(run["calls"]), plain_calls=int(run["plain_calls"]),
+              gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
+              call_walls=run["call_walls"],  # the last round's calls, (seconds, ran the plain program) each
+              call_notes=run["call_notes"],  # their policy notes, in call_walls' order
+              probes=sum(n.startswith("probing") for n in cell["notes"]),
+              last_probe=next((n for n in reversed(cell["notes"]) if n.startswith("probing")), ""))
+
+
 def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) -> dict:
-  """Table 2's ``auto`` cell: its summary, the γ chosen per iteration and its ratio to the best fixed γ's cell."""
-  run = res["auto"]["run"]
-  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, calls=int(run["calls"]),
-              plain_calls=int(run["plain_calls"]), gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
+  """Table 2's ``auto`` cell: its summary, what its calls did (:func:`auto_calls`) beside ar's calls of the last
+  round, and its ratio to the best fixed γ's cell."""
+  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, **auto_calls(res["auto"]),
               vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])),
-              # the last round's calls, (seconds, ran the plain program) each, beside ar's calls of that round
-              call_walls=run["call_walls"], ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]],
-              call_notes=run["call_notes"],  # the last round's calls' policy notes, in call_walls' order
-              # every timed round's calls: how many probed (speculated on a record below 1x) and the last reason
-              probes=sum(n.startswith("probing") for n in res["auto"]["notes"]),
-              last_probe=next((n for n in reversed(res["auto"]["notes"]) if n.startswith("probing")), ""))
+              ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]])
 
 
 def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, primary, drafter, tandem,

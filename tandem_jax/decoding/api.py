@@ -35,6 +35,7 @@ class DecodeResult:
   costs: costs_lib.CostTable | None = None  # the cost table the "auto" policy read
   policy_note: str = ""            # "auto": why this call ran the plain program (or probed), else empty
   ran_plain: bool = False          # "auto": this call ran the plain ``ar`` program instead of speculating
+  first_run: bool = False          # this call built its program: wall_time includes the first run's one-time costs
 
   @property
   def summary(self) -> dict[str, float]:
@@ -332,7 +333,10 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" and costs.has_plain and not trace:
     key = ("outcome", method, tuple((n, id(m)) for n, m in sorted(models.items())), b, p_pad, max_new, k, sampling,
            mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
-    outcome = costs_lib.outcome(tuple(models.values()), key, rows=b)
+    # the family: every key of these primary and drafter models (the router aside) and this sampling, whatever the
+    # shapes; a key with no speculative call yet decides at the acceptance its family met
+    family = ("family", method, tuple((n, id(m)) for n, m in sorted(models.items()) if n != "router"), sampling)
+    outcome = costs_lib.outcome(tuple(models.values()), key, rows=b, family=family)
     on, note = costs_lib.speculate(costs, outcome)
     outcome.calls += 1
     costs = outcome.prior(costs)
@@ -340,7 +344,8 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
       plain = generate("ar", prompts, primary=main_model, max_new_tokens=max_new_list, block_len=k,
                        sampling=sampling, eos_id=eos_id, seed=seed, mesh=mesh, rules=rules, on_tokens=on_tokens,
                        buffer_new_tokens=max_new)
-      outcome.record_plain(costs, [len(t) for t in plain.tokens], plain.wall_time * 1e3)
+      if not plain.first_run:
+        outcome.record_plain(costs, [len(t) for t in plain.tokens], plain.wall_time * 1e3)
       return _plain_as_speculative(plain, k, costs, note)
   names = tuple(sorted(models))
   graphdefs, states = zip(*(nnx.split(models[n]) for n in names))
@@ -368,6 +373,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     key = (statics["method"], statics["graphdefs"], statics["k"], sampling, max_new, capacity, statics["trace"],
            statics["variable_block"], b, p_pad, mesh_key(mesh), _rules_key(rules) if mesh is not None else None,
            statics["stream"], policy, router_stop)  # tests read [-3]: stream
+    fresh = key not in _compiled
     t0 = time.perf_counter()
     program = _compiled.get_or_compile(key, lambda: _decode_jit.lower(
         statics["method"], statics["graphdefs"], *args,
@@ -377,7 +383,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     if on_tokens is None:
       t1 = time.perf_counter()
       em, stats = jax.block_until_ready(program(*args))
-      return em, stats, time.perf_counter() - t1, compile_time
+      return em, stats, time.perf_counter() - t1, compile_time, fresh
     with output.streaming(on_tokens, b) as stream:
       t1 = time.perf_counter()
       em, stats = jax.block_until_ready(program(*args))
@@ -386,18 +392,23 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
       stream(em.tokens, em.count)  # whatever the callbacks did not deliver (nothing, normally)
     if stream.error is not None:
       raise stream.error
-    return em, stats, wall, compile_time
+    return em, stats, wall, compile_time, fresh
 
   if mesh is not None:
     with jax.set_mesh(mesh), shd.use_rules(rules):
-      em, stats, wall, compile_time = run()
+      em, stats, wall, compile_time, fresh = run()
   else:
-    em, stats, wall, compile_time = run()
+    em, stats, wall, compile_time, fresh = run()
   tokens_np, count = np.asarray(em.tokens), np.asarray(em.count)
   result = DecodeResult(tokens=[tokens_np[i, :count[i]].tolist() for i in range(b)],
                         stats={n: np.asarray(v) for n, v in stats.items()}, wall_time=wall,
-                        compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "")
-  if outcome is not None:
+                        compile_time=compile_time, costs=costs, policy_note=note if outcome is not None else "",
+                        first_run=fresh)
+  # a program's first run carries one-time costs (the real-model benchmark's router inside auto at batch 1, on CPU:
+  # 1.61 s, the next five calls 0.83-1.19 s; benchmarks/auto_trace.py --router): a call that built its program is
+  # not recorded, or one slow first run switches speculation off for good (that program is built by its first call,
+  # not by the calibration, which runs without the router)
+  if outcome is not None and not fresh:
     outcome.record(costs, [len(t) for t in result.tokens], wall * 1e3, int(result.stats["accepted"].sum()),
                    int(result.stats["rejections"].sum()))
   return result

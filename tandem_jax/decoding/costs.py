@@ -250,16 +250,21 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide spread (single prompts at
 # batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough calls say it loses. A fixed
 # count (this module's first rule: off after 3 calls whose decayed mean was below 1x) switched the real-model
-# benchmark's batch 1 off after its first three calls although fixed γ gained there. The first call has no record and
-# speculates when the table says a block pays at PRIOR_ALPHA.
+# benchmark's batch 1 off after its first three calls although fixed γ gained there. A key without a speculative
+# record follows the table: it speculates when a block pays at the acceptance its family met (the calls of every key
+# with the same primary, drafter and sampling, whatever their shapes: acceptance is the models' and the sampling's,
+# not the batch's), at PRIOR_ALPHA before any. (With PRIOR_ALPHA alone the real-model benchmark's T = 1 batch 8, whose
+# break-even acceptance 0.30 sits below 0.5 but above the 0.24 its batch-1 calls had met, speculated on its first call
+# at 0.82x and, its ratios disagreeing, probed again in later rounds: 0.89x.)
 FIRST_SPREAD, SD_FLOOR, WINDOW = 0.1, 0.03, 32
 
 
 class Outcome:
   """What the calls of one (models, shapes, sampling) key measured, and how many calls the key made."""
 
-  def __init__(self, rows: int = 1):
+  def __init__(self, rows: int = 1, family=None):
     self.rows = rows               # the batch of this key's calls
+    self.family = family           # keys of one family pool their acceptance (:meth:`family_alpha`); None: alone
     self.calls = 0                 # calls decided for this key (both programs)
     self.spec: list[tuple[int, float]] = []    # the last WINDOW speculative calls: (plain steps, measured ms)
     self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step
@@ -302,12 +307,24 @@ class Outcome:
   @property
   def alpha(self) -> float | None:
     """The acceptance the recorded calls met: accepted / (accepted + rejections), pooled (None without drafts)."""
-    acc, rej = (sum(x) for x in zip(*self.trials)) if self.trials else (0, 0)
-    return acc / (acc + rej) if acc + rej else None
+    return _pooled_alpha(self.trials)
+
+  def family_alpha(self) -> tuple[float, int] | None:
+    """(acceptance, speculative calls) pooled over the recorded calls of every live key of this key's family (this
+    one included); None without drafts or without a family."""
+    if self.family is None:
+      return None
+    trials = [t for _, rec in _outcomes.values() if rec.family == self.family for t in rec.trials]
+    a = _pooled_alpha(trials)
+    return None if a is None else (a, len(trials))
 
   def prior(self, table: CostTable) -> CostTable:
-    """``table`` with the loop's acceptance prior set from the recorded calls (unchanged before any)."""
+    """``table`` with the loop's acceptance prior set from the recorded calls, this key's or else its family's
+    (unchanged before any)."""
     a = self.alpha
+    if a is None:
+      fam = self.family_alpha()
+      a = None if fam is None else fam[0]
     if a is None:
       return table
     return table._replace(prior_alpha=np.float32(a), prior_weight=np.float32(RECORDED_WEIGHT))
@@ -337,14 +354,19 @@ class Outcome:
 _outcomes: dict = {}
 
 
-def outcome(models, key, rows: int = 1) -> Outcome:
+def _pooled_alpha(trials) -> float | None:
+  acc, rej = (sum(x) for x in zip(*trials)) if trials else (0, 0)
+  return acc / (acc + rej) if acc + rej else None
+
+
+def outcome(models, key, rows: int = 1, family=None) -> Outcome:
   """The :class:`Outcome` record of ``key`` (calls of ``rows`` rows) while ``models`` (part of ``key`` by id) are
-  alive."""
+  alive; ``family`` (hashable, ids of the same live models) names the keys whose acceptance it pools."""
   for k in [k for k, (refs, _) in _outcomes.items() if any(r() is None for r in refs)]:
     del _outcomes[k]
   entry = _outcomes.get(key)
   if entry is None or any(r() is not m for r, m in zip(entry[0], models)):
-    entry = _outcomes[key] = (tuple(weakref.ref(m) for m in models), Outcome(rows))
+    entry = _outcomes[key] = (tuple(weakref.ref(m) for m in models), Outcome(rows, family))
   return entry[1]
 
 
@@ -363,11 +385,16 @@ def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
   if not table.has_plain:
     return True, ""
   if rec.speedup is None:
-    g, ms = best_block_ms_per_token(table, PRIOR_ALPHA)
+    fam = rec.family_alpha()
+    alpha = PRIOR_ALPHA if fam is None else fam[0]
+    g, ms = best_block_ms_per_token(table, alpha)
     if ms < plain:
       return True, ""
-    return False, (f"speculation off: even at acceptance {PRIOR_ALPHA} the best block (γ = {g}) would cost "
-                   f"{ms:.2f} ms per token against {plain:.2f} ms for a plain primary step")
+    at = (f"even at acceptance {PRIOR_ALPHA}" if fam is None else
+          f"at the acceptance {alpha:.2f} that {fam[1]} speculative call{'s' if fam[1] > 1 else ''} of these models "
+          f"and sampling met")
+    return False, (f"speculation off: {at} the best block (γ = {g}) would cost {ms:.2f} ms per token against "
+                   f"{plain:.2f} ms for a plain primary step")
   n, mean, sd, bound = len(rec.spec), rec.speedup, rec.spread, rec.bound()
   if mean >= 1.0:
     return True, ""
