@@ -66,7 +66,10 @@ def main(argv=None):
     r = generate("tandem_speed", batches[i % len(batches)], **kw)
     (_, rec), = costs._outcomes.values()  # the held-out prompts pad to one length (32): one key
     hist = r.stats["gamma_hist"].sum(0).tolist()
-    print(f"call {i}: {r.wall_time:.3f} s, {'plain' if r.ran_plain else f'speculated (γ histogram {hist})'}; "
+    acc, rej = int(r.stats["accepted"].sum()), int(r.stats["rejections"].sum())
+    spec = f"speculated (γ histogram {hist}, accepted {acc}, rejections {rej})"
+    print(f"call {i}: {r.wall_time:.3f} s{' (built its program: not recorded)' if r.first_run else ''}, "
+          f"{'plain' if r.ran_plain else spec}; "
           f"record: ratios "
           f"{np.round(rec.ratios, 3).tolist()}, plain steps (ms) {np.round(rec.plain, 2).tolist()}, bound "
           f"{rec.bound():.3f}; {r.policy_note or 'speculating'}", flush=True)

@@ -392,13 +392,23 @@ def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkey
   b1.record(table, [9], 100.0, accepted=0, rejections=2)
   assert b8.family_alpha() == (pytest.approx(0.2), 2) and t1.family_alpha() is None
   on, why = costs.speculate(table, b8)
-  assert not on and "at the acceptance 0.20 that 2 speculative calls of these models and sampling met" in why
+  assert not on and "at the acceptance 0.20 that the drafts of 2 calls of these models and sampling met" in why
   assert "(γ = 1) would cost 10.00 ms per token against 9.00 ms" in why
   assert costs.speculate(table, t1) == (True, "")  # another sampling: still at the prior
   assert float(b8.prior(table).prior_alpha) == pytest.approx(0.2) and t1.prior(table) is table
   assert costs.Outcome().family_alpha() is None  # no family: alone
-  b8.record(table, [9], 60.0, accepted=1, rejections=9)  # its own call: 8 x 9 ms plain against 60 ms, 1.2x
-  assert costs.speculate(table, b8) == (True, "") and float(b8.prior(table).prior_alpha) == pytest.approx(0.1)
+  b8.record(table, [9], 60.0, accepted=0, rejections=9)  # its own call: 8 x 9 ms plain against 60 ms, 1.2x
+  assert costs.speculate(table, b8) == (True, "")
+  # its acceptance, 0, is below the table's break-even (1 / 11): the loop's prior is floored just above it, so a
+  # call the switch lets speculate still drafts (at 0 the loop's first choice would be γ = 0, and with no drafts the
+  # key's acceptance would never be measured again)
+  floor = table.break_even_alpha() + costs.PROBE_MARGIN
+  assert float(b8.prior(table).prior_alpha) == pytest.approx(floor) and floor > b8.alpha
+  on1 = jnp.asarray([True])
+  start = lambda t: int(costs.choose_gamma(costs.estimate(jnp.zeros(1), jnp.zeros(1), t), on1, t, 3))  # noqa: E731
+  assert start(b8.prior(table)) >= 1 and start(table._replace(prior_alpha=np.float32(0.0), prior_weight=6.0)) == 0
+  b8.record(table, [9], 60.0, accepted=0, rejections=0)  # a call that drafted nothing: not a call with drafts
+  assert b8.family_alpha()[1] == 3
 
   # through generate: the first key's calls set the family's acceptance; a new batch size of the same models and
   # sampling decides on it, as does the streamed call (another key: its own program)
@@ -415,7 +425,7 @@ def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkey
   between = table._replace(plain_ms=np.float32((at_alpha + at_prior) / 2))  # pays at the prior, not at alpha
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=16).tokens
   out = generate("tandem_speed", prompts, **kw, costs=between)
-  assert out.ran_plain and out.tokens == want and f"at the acceptance {alpha:.2f} that {n} speculative calls" in \
+  assert out.ran_plain and out.tokens == want and f"at the acceptance {alpha:.2f} that the drafts of {n} calls" in \
       out.policy_note
   hot = generate("tandem_speed", prompts, **kw, costs=between, sampling=api.SamplingParams(temperature=1.0))
   assert not hot.ran_plain and hot.policy_note == ""  # another family: at the prior, a block pays

@@ -28,12 +28,16 @@ from flax import nnx
 
 # Running acceptance estimate per row: α = (A + w α0) / (A + R + w), where A and R count accepted drafts and rejection
 # events (a block that stopped short of its drafts), both decayed by DECAY each iteration, and α0 with weight w is
-# the prior: PRIOR_ALPHA with weight 2 before this key's first speculative call, then the acceptance its earlier calls
-# met (:class:`Outcome`, pooled) with weight RECORDED_WEIGHT. Without drafts the estimate drifts back to the prior, so
-# a row whose speculation was switched off is probed again after a few iterations. A measured prior matters where α
-# is far from 0.5 (the real-model benchmark's tandem drafter: about 0.35): the first iterations of every call drafted
-# too long.
-DECAY, PRIOR_ALPHA, FIRST_WEIGHT, RECORDED_WEIGHT = 0.8, 0.5, 2.0, 6.0
+# the prior: PRIOR_ALPHA with weight 2 before any call of this key's family has speculated, then the acceptance its
+# earlier calls met, or before its first its family's (:class:`Outcome`, pooled) with weight RECORDED_WEIGHT. Without
+# drafts the estimate drifts back to the prior, so a row whose speculation was switched off is probed again after a
+# few iterations. A measured prior matters where α is far from 0.5 (the real-model benchmark's tandem drafter: about
+# 0.35): the first iterations of every call drafted too long. A measured prior is floored at the table's break-even
+# acceptance + PROBE_MARGIN: at a prior below it the loop never drafts, so a call (a probe of the host switch, below)
+# measures only γ = 0 iterations and its key's acceptance is never measured again (the real-model benchmark's T = 1
+# batch 1: one call met 12 of 44, below break-even 0.285, and the next eleven calls drafted nothing). At the floor the
+# loop drafts until rejections pull the estimate below break-even and again when it has drifted back.
+DECAY, PRIOR_ALPHA, FIRST_WEIGHT, RECORDED_WEIGHT, PROBE_MARGIN = 0.8, 0.5, 2.0, 6.0, 0.02
 
 
 class CostTable(NamedTuple):
@@ -310,23 +314,24 @@ class Outcome:
     return _pooled_alpha(self.trials)
 
   def family_alpha(self) -> tuple[float, int] | None:
-    """(acceptance, speculative calls) pooled over the recorded calls of every live key of this key's family (this
+    """(acceptance, calls with drafts) pooled over the recorded calls of every live key of this key's family (this
     one included); None without drafts or without a family."""
     if self.family is None:
       return None
-    trials = [t for _, rec in _outcomes.values() if rec.family == self.family for t in rec.trials]
+    trials = [t for _, rec in _outcomes.values() if rec.family == self.family for t in rec.trials if sum(t)]
     a = _pooled_alpha(trials)
     return None if a is None else (a, len(trials))
 
   def prior(self, table: CostTable) -> CostTable:
-    """``table`` with the loop's acceptance prior set from the recorded calls, this key's or else its family's
-    (unchanged before any)."""
+    """``table`` with the loop's acceptance prior set from the recorded calls, this key's or else its family's, at
+    least the table's break-even acceptance + PROBE_MARGIN (unchanged before any)."""
     a = self.alpha
     if a is None:
       fam = self.family_alpha()
       a = None if fam is None else fam[0]
     if a is None:
       return table
+    a = max(a, min(table.break_even_alpha() + PROBE_MARGIN, PRIOR_ALPHA))
     return table._replace(prior_alpha=np.float32(a), prior_weight=np.float32(RECORDED_WEIGHT))
 
   def _calibrate(self, table: CostTable) -> None:
@@ -391,7 +396,7 @@ def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
     if ms < plain:
       return True, ""
     at = (f"even at acceptance {PRIOR_ALPHA}" if fam is None else
-          f"at the acceptance {alpha:.2f} that {fam[1]} speculative call{'s' if fam[1] > 1 else ''} of these models "
+          f"at the acceptance {alpha:.2f} that the drafts of {fam[1]} call{'s' if fam[1] > 1 else ''} of these models "
           f"and sampling met")
     return False, (f"speculation off: {at} the best block (γ = {g}) would cost {ms:.2f} ms per token against "
                    f"{plain:.2f} ms for a plain primary step")
