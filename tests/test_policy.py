@@ -303,11 +303,13 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
 
   def call(rec, emitted, wall_ms):
-    """What generate does: decide, count the call, record it when it speculated."""
+    """What generate does: decide, count the call, record it (a plain call: at the table's plain step)."""
     on, why = costs.speculate(table, rec)
     rec.calls += 1
     if on:
       rec.record(table, emitted, wall_ms)
+    else:
+      rec.record_plain(table, emitted, float(table.prefill_ms) + (max(emitted) - 1) * float(table.plain_ms))
     return on, why
 
   rec = costs.Outcome()
@@ -327,14 +329,28 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   call(rec, [33], 160.0)  # 960 ms plain against 160 ms: 6x
   assert rec.speedup == pytest.approx(3.25) and costs.speculate(table, rec) == (True, "")
 
-  # single prompts: ratios 0.84, 1.15, 0.95, ... (mean below 1 after the first, spread wide): speculation stays on
+  # single prompts: ratios 0.84, 1.15, 0.95, ... (mean below 1 after the first, spread wide): before the key has
+  # run the plain program, a ratio this close to 1x (within the calibration's error) measures the plain program once;
+  # with its step measured (here as calibrated), speculation stays on
   noisy = _with_ratios(table, [0.84, 1.15, 0.95, 0.90, 1.10], 5)
+  on, why = costs.speculate(table, noisy)
+  assert not on and why.startswith("speculation off for one call, measuring the plain program") and "0.99x" in why
+  noisy.record_plain(table, [11], 300.0)
   assert noisy.speedup == pytest.approx(0.988) and costs.speculate(table, noisy)[0]
-  # a loss every call agrees on: 240 ms plain against 252 ms, 0.95x: off after two calls, re-measured rarely, and
-  # ever more rarely
+  # a calibrated plain step 9% high (the real-model benchmark's T = 1 batch 1): speculative calls at 0.92x of the true
+  # plain time read 1.00x until the key measures the plain program, then speculation is off
+  biased = _with_ratios(table, [1.0, 1.0], 2)  # 300 ms for 10 steps of the calibrated 30 ms
+  on, why = costs.speculate(table, biased)
+  assert not on and "measuring the plain program" in why and "calibrated" in why
+  biased.record_plain(table, [11], 275.0)  # the plain program's true step: 27.5 ms
+  assert biased.speedup == pytest.approx(275 / 300)
+  on, why = costs.speculate(table, biased)
+  assert not on and why.startswith("speculation off: the last 2") and "median of 1 plain calls" in why
+  # a loss every call agrees on: 240 ms plain against 252 ms, 0.95x: the second call measures the plain program,
+  # the third probes, then off, re-measured rarely, and ever more rarely
   mild = costs.Outcome()
   ons = [call(mild, [9], 252.0)[0] for _ in range(200)]
-  assert ons[:2] == [True, True] and not ons[2] and mild.speedup == pytest.approx(240 / 252)
+  assert ons[:4] == [True, False, True, False] and mild.speedup == pytest.approx(240 / 252)
   probes = [i for i, on in enumerate(ons) if on]
   assert 2 < len(probes) < 10, probes
   assert np.all(np.diff(np.diff(probes[1:])) >= 0), probes  # the gaps between probes grow
