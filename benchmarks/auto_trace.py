@@ -1,9 +1,10 @@
 """What the ``auto`` policy's host switch decides, call by call, on the real-model benchmark's trained models: each
 call's wall time, whether it ran the plain ``ar`` program, the key's record after it (the speculative calls' ratios,
-the plain calls' measured steps, the upper bound) and the reason it printed. 64 new tokens per row.
+the plain calls' measured steps, the upper bound) and the reason it printed. The preset's budget (64 new tokens per
+row), γ and router settings come from configs/benchmark.py:smollm2.
 
   python benchmarks/auto_trace.py WORKDIR [--temperature=1] [--batch=8] [--calls=10] [--plain_ms=MS]
-                                          [--router --tau=0.7 --max_block_len=6]
+                                          [--router --tau=0.7 --max_block_len=K]
 
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
 Prompts: the 24 held-out prompts (tandem_jax.data.heldout) in batches, cycled. The cost table is calibrated on the
@@ -11,7 +12,7 @@ decode program as ``generate`` does (printed); ``--plain_ms`` replaces its plain
 to make the first call speculate: the first call follows the table at the prior acceptance, later ones the record).
 ``--router``: the benchmark's router (WORKDIR/tandem/router.npz, trained by the benchmark with its settings) stops
 the blocks at ``--tau`` inside the auto policy, blocks of up to ``--max_block_len`` drafts (Table 4's router-in-auto
-cell at batch 1).
+cell at batch 1; K defaults to the preset's: its router cap, else its largest γ).
 """
 import argparse
 import os
@@ -21,6 +22,8 @@ import time
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import numpy as np  # noqa: E402
+
+from configs import benchmark as bench_cfg  # noqa: E402
 
 from tandem_jax.data.heldout import PROMPTS  # noqa: E402
 from tandem_jax.decoding import SamplingParams, api, costs, generate  # noqa: E402
@@ -43,15 +46,20 @@ def main(argv=None):
   held = [tok.encode(p, add_bos=True) for p in PROMPTS[:24]]
   batches = [held[i:i + args.batch] for i in range(0, len(held) - args.batch + 1, args.batch)]
   sampling = SamplingParams(temperature=args.temperature)
-  k = args.max_block_len or (6 if args.router else 4)
+  bench = bench_cfg.get_config("smollm2")
+  new = int(bench.decode.max_new_tokens)
+  k = args.max_block_len or (int(bench.gamma_max) if args.router else max(int(g) for g in bench.decode.gammas))
   extra = {}
-  if args.router:  # the benchmark's router settings (configs/benchmark.py:smollm2): reused, not retrained
+  if args.router:  # the benchmark's router, with its settings: reused from WORKDIR, not retrained
     from tandem_jax import recipe_router
-    extra = dict(router=recipe_router.train_router(os.path.join(args.workdir, "tandem"), steps=300, gamma_max=6,
-                                                   top_k=4, hidden=64, sampled_sequences=256)["router"],
+    r = bench.router
+    extra = dict(router=recipe_router.train_router(os.path.join(args.workdir, "tandem"), steps=int(r.steps),
+                                                   gamma_max=int(bench.gamma_max), top_k=int(r.top_k),
+                                                   hidden=int(r.hidden),
+                                                   sampled_sequences=int(r.sampled_sequences))["router"],
                  threshold=args.tau, max_block_len=k)
   table = api.calibrate_loop("tandem_speed", dict(tandem=tandem), batch_size=args.batch,
-                             prompt_len=max(len(p) for p in held), max_new_tokens=64, max_block_len=k,
+                             prompt_len=max(len(p) for p in held), max_new_tokens=new, max_block_len=k,
                              sampling=sampling)
   if args.plain_ms is not None:
     table = table._replace(plain_ms=np.float32(args.plain_ms))
@@ -59,7 +67,7 @@ def main(argv=None):
   print(f"cost table: verify ms (1..{k + 1} tokens) {[round(v, 2) for v in t['verify_ms']]}, drafter step "
         f"{t['draft_ms']:.2f} ms, plain step {t['plain_ms']:.2f} ms, prefill {t['prefill_ms']:.1f} ms; break-even "
         f"acceptance of one draft {table.break_even_alpha():.3f}", flush=True)
-  kw = dict(tandem=tandem, max_new_tokens=64, sampling=sampling, seed=0, block_len=k, policy="auto", costs=table,
+  kw = dict(tandem=tandem, max_new_tokens=new, sampling=sampling, seed=0, block_len=k, policy="auto", costs=table,
             **extra)
   t0 = time.perf_counter()
   for i in range(args.calls):
