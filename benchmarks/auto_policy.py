@@ -3,12 +3,15 @@ for calls where earlier calls measured speculation below 1x) against ``ar`` and 
 benchmark's trained models. Ratios of median wall times over interleaved repeats (tandem_jax.bench.timing), 64 new
 tokens per row.
 
-  python benchmarks/auto_policy.py WORKDIR [--temperatures=0,1] [--batches=1,8,40] [--repeats=2]
+  python benchmarks/auto_policy.py WORKDIR [--temperatures=0,1] [--batches=1,8,40] [--repeats=2] [--router --tau=0.7]
 
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
 Prompts: batch 1 the first 6 held-out prompts (tandem_jax.data.heldout), batch 8 all 24; batch 40 the first 24 tokens
 of 40 validation rows of the recipe's cached data (the primary's own continuations of topic prompts, rows the
 drafter was not trained on): another corpus, and more rows than the held-out set has.
+``--router``: two more cells, Table 4's: the benchmark's router (WORKDIR/tandem/router.npz, trained by the benchmark
+with the preset's settings, reused) stopping fixed blocks of up to K drafts at ``--tau``, and the same router inside
+the auto policy (K = the preset's router cap, configs/benchmark.py:smollm2).
 """
 import argparse
 import json
@@ -44,11 +47,21 @@ def main(argv=None):
   ap.add_argument("--temperatures", default="0")
   ap.add_argument("--batches", default="1,8")
   ap.add_argument("--repeats", type=int, default=2)
+  ap.add_argument("--router", action="store_true")
+  ap.add_argument("--tau", type=float, default=0.7)
   args = ap.parse_args(argv)
   tandem_dir = os.path.join(args.workdir, "tandem")
   run = load_workdir(tandem_dir)
   tandem, primary, tok = run.model, run.model.primary, run.tokenizer
   held = [tok.encode(p, add_bos=True) for p in PROMPTS[:24]]
+  router = None
+  if args.router:  # the benchmark's router, with its settings: reused from WORKDIR, not retrained
+    from configs import benchmark as bench_cfg
+    from tandem_jax import recipe_router
+    bench = bench_cfg.get_config("smollm2")
+    r, kmax = bench.router, int(bench.gamma_max)
+    router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=kmax, top_k=int(r.top_k),
+                                        hidden=int(r.hidden), sampled_sequences=int(r.sampled_sequences))["router"]
   rows = []
   for temp in [float(t) for t in args.temperatures.split(",")]:
     common = dict(sampling=SamplingParams(temperature=temp), max_new=64, k=4, seed=0)
@@ -60,6 +73,13 @@ def main(argv=None):
         cells[f"fixed γ={g}"] = timing.decode_cell("tandem_speed", ps, b, g, models=dict(tandem=tandem), **common)
       cells["auto (≤ 4)"] = timing.decode_cell("tandem_speed", ps, b, 4, models=dict(tandem=tandem),
                                                policy="auto", costs=None, **common)
+      if router is not None:  # Table 4's router cells: τ-stopped blocks of up to K, and inside auto
+        rk = dict(common, k=kmax)
+        cells["router"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=tandem), router=router,
+                                             threshold=args.tau, **rk)
+        cells["router in auto"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=tandem),
+                                                     router=router, threshold=args.tau, policy="auto", costs=None,
+                                                     **rk)
       # ar's program again: the spread two cells that cannot differ show in this run
       cells["ar again"] = timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)
       res = timing.interleaved(cells, args.repeats)
@@ -69,6 +89,11 @@ def main(argv=None):
       best = max((n for n in ratio if n.startswith("fixed")), key=ratio.get)
       rows.append((temp, b, len(ps), ratio, best, auto_run, time.perf_counter() - t0))
       hist = np.asarray(auto_run["gamma_hist"]).tolist()
+      if router is not None:
+        ra = res["router in auto"]["run"]
+        print(f"  router in auto: plain program in {ra['plain_calls']} of {ra['calls']} calls, block caps per "
+              f"iteration {np.asarray(ra['gamma_hist']).tolist()}, drafts {int(ra.get('drafted', 0))} (router "
+              f"alone {int(res['router']['run'].get('drafted', 0))})", flush=True)
       print(f"T={temp:g} batch {b} ({len(ps)} prompts): "
             + ", ".join(f"{n} {v:.3f}x" for n, v in ratio.items())
             + f"; auto / best fixed ({best}) {ratio['auto (≤ 4)'] / ratio[best]:.3f}; auto ran the plain program in "
@@ -81,6 +106,13 @@ def main(argv=None):
     print(f"| {temp:g} | {b} | {n} | 1.000 | {ratio['ar again']:.3f} | {ratio['fixed γ=1']:.3f} | "
           f"{ratio['fixed γ=2']:.3f} | {ratio['fixed γ=3']:.3f} | **{ratio['auto (≤ 4)']:.3f}** | "
           f"{ratio['auto (≤ 4)'] / ratio[best]:.3f} | {auto_run['plain_calls']} / {auto_run['calls']} |")
+  if router is not None:
+    print(f"\n| T | batch | router τ = {args.tau:g} (K = {kmax}) | router in auto | router / best fixed | "
+          "router in auto / best fixed |")
+    print("|---|---|---|---|---|---|")
+    for temp, b, n, ratio, best, _, _ in rows:
+      print(f"| {temp:g} | {b} | {ratio['router']:.3f} | **{ratio['router in auto']:.3f}** | "
+            f"{ratio['router'] / ratio[best]:.3f} | {ratio['router in auto'] / ratio[best]:.3f} |")
   for key, (_, table) in costs._calibrated.items():
     if key[0] == "loop":
       t = table.as_dict()
