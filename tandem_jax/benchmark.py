@@ -1,6 +1,7 @@
 """The benchmark: every model trained (or reused), the paper's claims measured side by side.
 
   python -m tandem_jax.benchmark --workdir=/tmp/bench [--config=configs/benchmark.py:cpu] [--json]
+  python -m tandem_jax.benchmark --workdir=/tmp/bwd --config=configs/benchmark.py:smollm2 --report_only
 
 Trains primary, mid-size, secondary, secondary_long (equal-training control), secondary_distil, tandem (CE),
 tandem_distil and router in
@@ -31,6 +32,9 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the models are trained (o
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "keep compiled programs in <workdir>/jax_cache",
                            allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document", allow_override=True)
+_RERENDER = flags.DEFINE_bool("report_only", False, "real-model presets: write the report of the workdir's finished "
+                              "run again from its results JSON (derived tables recomputed, nothing timed)",
+                              allow_override=True)
 
 HEADLINE_KEYS = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tandem_speed_vs_speed",
                  "speedup_adaptive_vs_fixed", "realized_over_ideal")
@@ -49,12 +53,17 @@ def main(argv):
   command = "python -m tandem_jax.benchmark " + " ".join(shlex.quote(a) for a in sys.argv[1:])
   if "tiny" in _CONFIG.value:  # the real-model presets (configs/benchmark.py:smollm2)
     from tandem_jax.bench import real
-    r = real.run(_CONFIG.value, _WORKDIR.value, command=command)
+    if _RERENDER.value:
+      r = real.rerender(_WORKDIR.value)
+    else:
+      r = real.run(_CONFIG.value, _WORKDIR.value, command=command)
     if _JSON.value:
       print(json.dumps({k: r[k] for k in ("targets", "phases_seconds")}, indent=1))
     else:
       print(r["report"])
     return
+  if _RERENDER.value:
+    raise ValueError("--report_only applies to the real-model presets (configs/benchmark.py:smollm2)")
   r = run.run(_CONFIG.value, _WORKDIR.value, command=command)
   if _JSON.value:
     print(json.dumps(report.jsonable({k: r[k] for k in HEADLINE_KEYS + ("targets", "phases_seconds")}), indent=1))

@@ -34,6 +34,10 @@ def test_smollm2_benchmark_smoke(tmp_path):
     assert all(n.startswith("speculation off") for n, (_, plain) in zip(a["call_notes"], a["call_walls"]) if plain)
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}
+  assert [t["setting"] for t in r["auto_targets"]] == ["greedy_b1", "greedy_b2", "T1_b1", "T1_b2", "greedy_b1",
+                                                        "T1_b1"]
+  assert "The auto policy's targets (issue 16)" in r["report"]
+  assert real.rerender(str(tmp_path))["report"] == r["report"]  # --report_only: the same report from the JSON
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data
   with open(os.path.join(tmp_path, real.RESULTS_FILE)) as fh:
     assert json.load(fh)["phases_seconds"]["total"] > 0
@@ -79,3 +83,21 @@ def _check_gpu_bundle(workdir):
   r = gpu_decode.run(bundle, out, "", [], 0, ["greedy_b1"])
   assert r["greedy_outputs_identical"] is True and set(r["table2"]) == {"greedy_b1"}
   assert os.path.isfile(os.path.join(out, "gpu_report.md"))
+
+
+def test_auto_targets_are_judged_against_the_aa_cell():
+  """A value at its target is met; one short by no more than the A/A cell's distance from 1x is "within A/A"; one
+  short by more is not met. Batch 1 is judged against the best fixed γ, batch > 1 against ar, the router inside
+  auto (Table 4) against its fixed γ at 1.04."""
+  def row(batch, auto, vs_best, aa):
+    return dict(batch=batch, auto=dict(speedup=auto, vs_best_fixed=vs_best), ar_again=dict(speedup=aa))
+  r = dict(table2=dict(greedy_b1=row(1, 0.9, 0.98, 1.03), greedy_b8=row(8, 0.97, 1.2, 0.98),
+                       T1_b8=row(8, 1.01, 1.3, 0.9), T1_b1=row(1, 1.0, 1.0, 1.0)),
+           table4=dict(greedy_b1=dict(fixed_gamma=2, fixed=dict(speedup=1.0), adaptive_auto=dict(speedup=1.02)),
+                       T1_b1=dict(fixed_gamma=1, fixed=dict(speedup=0.9), adaptive_auto=dict(speedup=0.95))))
+  got = [(t["setting"], t["met"]) for t in real.auto_targets(r)]
+  assert got == [("greedy_b1", "within A/A"), ("greedy_b8", "no"), ("T1_b8", "yes"), ("T1_b1", "yes"),
+                 ("greedy_b1", "within A/A"), ("T1_b1", "yes")], got
+  assert real.auto_targets(r)[0]["what"] == "auto vs the best fixed γ"
+  assert real.auto_targets(r)[4]["value"] == pytest.approx(1.02) and real.auto_targets(r)[4]["target"] == 1.04
+
