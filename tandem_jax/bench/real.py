@@ -201,7 +201,8 @@ def auto_targets(r: dict) -> list[dict]:
     row = r["table2"].get(name, {})
     if "adaptive_auto" in t4 and "ar_again" in row:
       judge(name, f"router inside auto vs fixed γ = {t4['fixed_gamma']}",
-            t4["adaptive_auto"]["speedup"] / t4["fixed"]["speedup"], 1.04, abs(1.0 - float(row["ar_again"]["speedup"])))
+            t4["adaptive_auto"]["speedup"] / t4["fixed"]["speedup"], 1.04,
+            abs(1.0 - float(row["ar_again"]["speedup"])))
   return out
 
 
@@ -372,4 +373,3 @@ def rerender(workdir: str) -> dict:
   with open(os.path.join(os.path.dirname(path), REPORT_FILE), "w") as fh:
     fh.write(r["report"])
   return r
-
