@@ -235,11 +235,10 @@ def markdown(r: dict) -> str:
     lines.append(f"| {n} | {_f(v['agreement'])} | {_f(v['tv'])} | {_f(v['ce'])} | {_f(v['soft_ce'])} |")
   lines += ["", "## Table 3: per-call costs (ms, median of repeats; cached calls at a fixed fill)", ""]
   for b, cb in r["costs"].items():
-    ks = sorted(cb["primary"], key=int)  # int keys, or str ones read back from the results JSON
-    one = lambda d: d[1] if 1 in d else d["1"]  # noqa: E731
+    ks = sorted(int(k) for k in cb["primary"])
     lines.append(f"batch {b}: primary " + ", ".join(f"k={k} {cb['primary'][k]['median']:.2f}" for k in ks) +
-                 f"; tandem secondary step {one(cb['tandem'])['median']:.2f}; standalone step "
-                 f"{one(cb['standalone'])['median']:.2f}  ")
+                 f"; tandem secondary step {cb['tandem'][1]['median']:.2f}; standalone step "
+                 f"{cb['standalone'][1]['median']:.2f}  ")
   lines += ["", "## Table 2: speedup over ar (ratio of median wall times; tokens per primary call; α)", ""]
   for name, row in r["table2"].items():
     lines += [f"### {name} ({row['prompts']} held-out prompts; ar {row['ar']['tokens_per_second']:.1f} tokens/s)",
@@ -366,6 +365,8 @@ def rerender(workdir: str) -> dict:
     raise ValueError(f"no {RESULTS_FILE} in {workdir}: run the benchmark there first")
   with open(path) as fh:
     r = json.load(fh)
+  # JSON keeps the per-call costs' block sizes as strings; the report indexes them by int, as the run does
+  r["costs"] = {b: {m: {int(k): v for k, v in d.items()} for m, d in cb.items()} for b, cb in r["costs"].items()}
   r["auto_targets"] = auto_targets(r)
   r["report"] = markdown(r)
   with open(path, "w") as fh:
