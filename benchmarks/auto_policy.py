@@ -11,10 +11,10 @@ of 40 validation rows of the recipe's cached data (the primary's own continuatio
 drafter was not trained on): another corpus, and more rows than the held-out set has.
 ``--router``: two more cells, Table 4's: the benchmark's router (WORKDIR/tandem/router.npz, trained by the benchmark
 with the preset's settings, reused) stopping fixed blocks of up to K drafts at ``--tau``, and the same router inside
-the auto policy (K = the preset's router cap, configs/benchmark.py:smollm2).
+the auto policy (K = the preset's router cap, configs/benchmark.py:smollm2); and the router's gate
+(``threshold="gate"``: a draft sent only where it pays at its own predicted acceptance), alone and inside auto.
 """
 import argparse
-import json
 import os
 import sys
 import time
@@ -26,19 +26,8 @@ import numpy as np  # noqa: E402
 from tandem_jax.bench import timing  # noqa: E402
 from tandem_jax.data.heldout import PROMPTS  # noqa: E402
 from tandem_jax.decoding import SamplingParams, costs  # noqa: E402
-from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, split_rows  # noqa: E402
+from tandem_jax.recipe import validation_prompts  # noqa: E402
 from tandem_jax.workdir import load_workdir  # noqa: E402
-
-
-def recipe_prompts(tandem_dir: str, n: int, length: int = 24) -> list[list[int]]:
-  """The first ``length`` tokens of ``n`` validation rows of the recipe's cached data."""
-  with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
-    rc = RecipeConfig(**json.load(fh))
-  tokens = np.load(os.path.join(tandem_dir, DATA_DIR, "tokens.npy"))
-  _, val_rows = split_rows(len(tokens), rc.val_fraction)
-  if len(val_rows) < n:
-    raise ValueError(f"the recipe data has {len(val_rows)} validation rows, fewer than {n}")
-  return [[int(t) for t in tokens[r, :length]] for r in val_rows[:n]]
 
 
 def main(argv=None):
@@ -66,7 +55,7 @@ def main(argv=None):
   for temp in [float(t) for t in args.temperatures.split(",")]:
     common = dict(sampling=SamplingParams(temperature=temp), max_new=64, k=4, seed=0)
     for b in [int(x) for x in args.batches.split(",")]:
-      ps = held[:6] if b == 1 else held if b <= 24 else recipe_prompts(tandem_dir, b)
+      ps = held[:6] if b == 1 else held if b <= 24 else validation_prompts(tandem_dir, b)
       t0 = time.perf_counter()
       cells = {"ar": timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)}
       for g in (1, 2, 3):
@@ -80,6 +69,11 @@ def main(argv=None):
         cells["router in auto"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=tandem),
                                                      router=router, threshold=args.tau, policy="auto", costs=None,
                                                      **rk)
+        # the router's gate: a draft sent only where it pays at its own prediction (0 sent: a plain step)
+        cells["router gate"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=tandem),
+                                                  router=router, threshold="gate", **rk)
+        cells["gate in auto"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=tandem),
+                                                   router=router, threshold="gate", policy="auto", costs=None, **rk)
       # ar's program again: the spread two cells that cannot differ show in this run
       cells["ar again"] = timing.decode_cell("ar", ps, b, None, models=dict(primary=primary), **common)
       res = timing.interleaved(cells, args.repeats)
@@ -94,6 +88,10 @@ def main(argv=None):
         print(f"  router in auto: plain program in {ra['plain_calls']} of {ra['calls']} calls, block caps per "
               f"iteration {np.asarray(ra['gamma_hist']).tolist()}, drafts {int(ra.get('drafted', 0))} (router "
               f"alone {int(res['router']['run'].get('drafted', 0))})", flush=True)
+        ga, gg = res["gate in auto"]["run"], res["router gate"]["run"]
+        print(f"  router gate: drafts {int(gg.get('drafted', 0))}, primary calls {int(gg.get('primary_calls', 0))}; "
+              f"gate in auto: plain program in {ga['plain_calls']} of {ga['calls']} calls, drafts "
+              f"{int(ga.get('drafted', 0))}", flush=True)
       print(f"T={temp:g} batch {b} ({len(ps)} prompts): "
             + ", ".join(f"{n} {v:.3f}x" for n, v in ratio.items())
             + f"; auto / best fixed ({best}) {ratio['auto (≤ 4)'] / ratio[best]:.3f}; auto ran the plain program in "
@@ -107,12 +105,14 @@ def main(argv=None):
           f"{ratio['fixed γ=2']:.3f} | {ratio['fixed γ=3']:.3f} | **{ratio['auto (≤ 4)']:.3f}** | "
           f"{ratio['auto (≤ 4)'] / ratio[best]:.3f} | {auto_run['plain_calls']} / {auto_run['calls']} |")
   if router is not None:
-    print(f"\n| T | batch | router τ = {args.tau:g} (K = {kmax}) | router in auto | router / best fixed | "
-          "router in auto / best fixed |")
-    print("|---|---|---|---|---|---|")
+    print(f"\n| T | batch | router τ = {args.tau:g} (K = {kmax}) | router in auto | router gate | gate in auto | "
+          "router / best fixed | router in auto / best fixed | gate / best fixed | gate in auto / best fixed |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
     for temp, b, n, ratio, best, _, _ in rows:
-      print(f"| {temp:g} | {b} | {ratio['router']:.3f} | **{ratio['router in auto']:.3f}** | "
-            f"{ratio['router'] / ratio[best]:.3f} | {ratio['router in auto'] / ratio[best]:.3f} |")
+      print(f"| {temp:g} | {b} | {ratio['router']:.3f} | {ratio['router in auto']:.3f} | {ratio['router gate']:.3f} | "
+            f"**{ratio['gate in auto']:.3f}** | {ratio['router'] / ratio[best]:.3f} | "
+            f"{ratio['router in auto'] / ratio[best]:.3f} | {ratio['router gate'] / ratio[best]:.3f} | "
+            f"{ratio['gate in auto'] / ratio[best]:.3f} |")
   for key, (_, table) in costs._calibrated.items():
     if key[0] == "loop":
       t = table.as_dict()

@@ -50,7 +50,8 @@ _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per pr
 _ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router", allow_override=True)
 _THRESHOLD = flags.DEFINE_string("threshold", None, "the router's stop: τ in [0, 1] (default: the router config's), or "
                                  "'cost': end a block where one more draft no longer pays at the decode program's "
-                                 "calibrated costs", allow_override=True)
+                                 "calibrated costs, or 'gate': send each draft only where it pays at its own "
+                                 "predicted acceptance (an unsent first draft: a plain step)", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed", allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_override=True)
 _SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
@@ -247,16 +248,16 @@ def _prompts() -> list[str]:
 
 
 def threshold_value() -> float | str:
-  """--threshold as generate takes it: a τ in [0, 1], or "cost"."""
+  """--threshold as generate takes it: a τ in [0, 1], "cost" or "gate"."""
   v = _THRESHOLD.value.strip()
-  if v == "cost":
+  if v in ("cost", "gate"):
     return v
   try:
     tau = float(v)
   except ValueError:
     tau = -1.0
   if not 0.0 <= tau <= 1.0:
-    raise cli.UserError(f"--threshold must be a number in [0, 1] or 'cost', got {_THRESHOLD.value!r}")
+    raise cli.UserError(f"--threshold must be a number in [0, 1], 'cost' or 'gate', got {_THRESHOLD.value!r}")
   return tau
 
 

@@ -229,6 +229,19 @@ def split_rows(n: int, val_fraction: float) -> tuple[np.ndarray, np.ndarray]:
   return np.arange(n_val, n), np.arange(n_val)
 
 
+def validation_prompts(run_dir: str, n: int, length: int = 24) -> list[list[int]]:
+  """The first ``length`` tokens of ``n`` validation rows of a finished recipe run's cached data (the primary's own
+  continuations of topic prompts, rows the drafter was not trained on): prompts for batches larger than a held-out
+  prompt set."""
+  with open(os.path.join(run_dir, RECIPE_FILE)) as fh:
+    rc = RecipeConfig(**json.load(fh))
+  tokens = np.load(os.path.join(run_dir, DATA_DIR, "tokens.npy"))
+  _, val_rows = split_rows(len(tokens), rc.val_fraction)
+  if len(val_rows) < n:
+    raise ValueError(f"the recipe data in {run_dir} has {len(val_rows)} validation rows, fewer than the {n} asked for")
+  return [[int(t) for t in tokens[r, :length]] for r in val_rows[:n]]
+
+
 # -- training ----------------------------------------------------------------------------------------------------
 
 

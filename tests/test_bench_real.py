@@ -22,6 +22,8 @@ def test_smollm2_benchmark_smoke(tmp_path):
       assert all(cell["speedup"] > 0 and cell["tokens"] > 0 for cell in row[m].values())
   assert set(r["table4"]) == {"greedy_b1", "T1_b1"} and r["table4"]["greedy_b1"]["adaptive"]["tokens"] > 0
   assert all(t4["adaptive_cost"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's cost-aware stop
+  assert all(t4["adaptive_gate"]["tokens"] > 0 for t4 in r["table4"].values())  # the router's gate
+  assert "router's gate" in r["report"]
   for t4 in r["table4"].values():  # the router inside auto: what its calls did, as Table 2's auto cells
     a = t4["adaptive_auto"]
     assert len(a["call_walls"]) == len(a["call_notes"]) == a["calls"] and 0 <= a["plain_calls"] <= a["calls"]
@@ -34,8 +36,14 @@ def test_smollm2_benchmark_smoke(tmp_path):
     assert all(n.startswith("speculation off") for n, (_, plain) in zip(a["call_notes"], a["call_walls"]) if plain)
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}
-  assert [t["setting"] for t in r["auto_targets"]] == ["greedy_b1", "greedy_b2", "T1_b1", "T1_b2", "greedy_b1",
-                                                        "T1_b1"]
+  # decode.auto_batches: ar, auto and ar again on prompts of the recipe's validation rows (batch 40 in the preset)
+  assert set(r["table2_auto"]) == {"greedy_b3", "T1_b3"}
+  for row in r["table2_auto"].values():
+    assert row["prompts"] == 3 and row["auto"]["tokens"] > 0 and row["ar_again"]["tokens"] == row["ar"]["tokens"]
+    assert "speed" not in row and "vs_best_fixed" not in row["auto"]
+  assert "### greedy_b3 (3 recipe validation-row prompts" in r["report"]
+  assert [t["setting"] for t in r["auto_targets"]] == ["greedy_b1", "greedy_b2", "T1_b1", "T1_b2", "greedy_b3",
+                                                        "T1_b3", "greedy_b1", "T1_b1"]
   assert "The auto policy's targets (issue 16)" in r["report"]
   assert real.rerender(str(tmp_path))["report"] == r["report"]  # --report_only: the same report from the JSON
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data

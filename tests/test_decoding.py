@@ -41,6 +41,21 @@ def models():
 
 # K = 8; verify costs that grow with the block, cheap drafts: the cost-aware stop ends blocks at varying lengths
 COST_STOP = costs.cost_table([1.0, 1.1, 1.25, 1.4, 1.55, 1.7, 1.85, 2.0, 2.15], 0.02)
+# K = 8; a dear first draft: the gate (threshold="gate") sends it where the predicted acceptance is above about 0.4
+GATE = costs.cost_table([1.0, 1.4, 1.5, 1.6, 1.7, 1.8, 1.9, 2.0, 2.1], 0.0)
+
+
+class SpreadRouter(Router):
+  """A router whose predictions spread over [0, 1] from draft to draft (a random one's barely move): a fixed
+  function of the drafter's logits, as a trained router's are, so the gate's choices cannot bias acceptance."""
+
+  def accept_prob(self, logits_bv, embed_vd, greedy=False):
+    return jnp.abs(jnp.sin(100.0 * logits_bv[:, 0].astype(jnp.float32)))
+
+
+def spread_router(d_embed: int = S_CFG["d_model"], **kw) -> SpreadRouter:
+  with nnx.use_eager_sharding(False):
+    return SpreadRouter(d_embed, top_k=4, hidden=8, rngs=nnx.Rngs(0), **kw)
 
 
 def _prompts(rng, b, vocab=64):
@@ -73,6 +88,10 @@ def test_greedy_speculative_equals_ar_for_every_row(models, b):
     ac = generate("tandem_speed", prompts, tandem=tandem, router=router, max_new_tokens=max_new, eos_id=eos,
                   block_len=8, threshold="cost", costs=COST_STOP)
     assert ac.tokens == want, (case, "adaptive, cost-aware stop")
+    # the router's gate: a draft sent only where it pays at its own prediction; an unsent first one, a plain step
+    ag = generate("tandem_speed", prompts, tandem=tandem, router=spread_router(), max_new_tokens=max_new,
+                  eos_id=eos, block_len=8, threshold="gate", costs=GATE)
+    assert ag.tokens == want, (case, "adaptive, gate")
   for r, m in zip(want, max_new):
     assert len(r) <= m
   assert accepted_any > 0 and rejected_any > 0  # both paths of Algorithm 1 ran

@@ -107,7 +107,7 @@ def test_generate_errors(tiny_chain, capsys):
   assert "give at least one --prompt" in _run_error(capsys, f"--workdir={tandem}")
   assert "max_seq_len" in _run_error(capsys, f"--workdir={tandem}", "--prompt=x", "--max_new_tokens=100000")
   for bad in ("2", "often"):
-    assert "must be a number in [0, 1] or 'cost'" in _run_error(
+    assert "must be a number in [0, 1], 'cost' or 'gate'" in _run_error(
         capsys, f"--workdir={tiny_chain['router']['workdir']}", "--adaptive", f"--threshold={bad}", "--prompt=x")
 
 

@@ -11,7 +11,7 @@ from flax import nnx
 
 from tandem_jax.decoding import api, costs, generate
 from tandem_jax.models.router import Router
-from test_decoding import _build, _prompts
+from test_decoding import GATE, _build, _prompts, spread_router
 
 
 @pytest.fixture(scope="module")
@@ -569,3 +569,35 @@ def test_cost_aware_router_stop(models):
     generate("tandem_speed", prompts, tandem=tandem, threshold="cost", max_new_tokens=4)
   with pytest.raises(ValueError, match="'cost'"):
     generate("tandem_speed", prompts, tandem=tandem, router=router, threshold="never", max_new_tokens=4)
+
+
+def test_router_gate_sends_a_draft_only_where_it_pays(models):
+  """threshold="gate": each draft joins the block only where it raises the block's expected tokens per ms at its own
+  predicted acceptance, so iterations whose first draft does not pay are plain primary steps (a 1-token verify);
+  outputs stay the primary's."""
+  # before any draft (n = 0, R = 1, E = 0) a first draft pays iff (1 + a) C(0) > C(1): a > 0.4 under GATE
+  a = jnp.asarray([0.45, 0.35])
+  one, none = jnp.ones(2), jnp.zeros(2)
+  assert costs.keeps_drafting(one, none, a, 0, GATE, 8).tolist() == [True, False]
+  tandem, _, _ = models
+  router = spread_router()
+  prompts = _prompts(np.random.default_rng(21), 4)
+  want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=24).tokens
+  kw = dict(tandem=tandem, router=router, block_len=8, max_new_tokens=24, trace=True)
+  out = generate("tandem_speed", prompts, threshold="gate", costs=GATE, **kw)
+  assert out.tokens == want
+  tr = out.stats["trace"]
+  n_draft = tr[..., 8][tr[..., 8] >= 0]  # drafts sent per iteration
+  assert (n_draft == 0).sum() > 0 and (n_draft > 0).sum() > 0 and n_draft.max() > 1, np.bincount(n_draft)
+  # a first draft never pays: every iteration is a plain step, one token per primary call (the prefill's included)
+  never = generate("tandem_speed", prompts, threshold="gate", costs=costs.cost_table([1.0] + [100.0] * 8, 0.01),
+                   **kw)
+  assert never.tokens == want and int(never.stats["drafted"].sum()) == 0
+  np.testing.assert_array_equal(never.stats["primary_calls"], [len(t) for t in want])
+  # drafts are free: every draft pays (a > 0), the blocks of a router that never stops (τ = 0)
+  free = generate("tandem_speed", prompts, threshold="gate", costs=costs.cost_table([1.0] * 9, 0.0), **kw)
+  always = generate("tandem_speed", prompts, threshold=0.0, **kw)
+  assert free.tokens == want
+  np.testing.assert_array_equal(free.stats["drafted"], always.stats["drafted"])
+  with pytest.raises(ValueError, match="needs a router"):
+    generate("tandem_speed", prompts, tandem=tandem, threshold="gate", max_new_tokens=4)

@@ -13,6 +13,7 @@ from tandem_jax.decoding.sampling import probs, speculative_accept
 from tandem_jax import recipe
 from tandem_jax.models.router import Router
 from tandem_jax.models import TandemConfig, TandemLM, Transformer
+from test_decoding import spread_router
 
 
 def chi2_pvalue(counts, expected_probs, min_expected=5.0):
@@ -115,6 +116,9 @@ def test_speculative_sampling_matches_primary_distribution(params):
               # the router's cost-aware stop (a table for K = 3)
               ("tandem_speed", dict(tandem=tandem, router=router, threshold="cost", max_block_len=3,
                                     costs=costs.cost_table([1.0, 1.2, 1.4, 1.6], 0.05))),
+              # the router's gate: blocks of 0 (a plain step) to K = 3 drafts
+              ("tandem_speed", dict(tandem=tandem, router=spread_router(16), threshold="gate", max_block_len=3,
+                                    costs=costs.cost_table([1.0, 1.4, 1.5, 1.6], 0.0))),
               ("speed", dict(primary=tandem.primary, drafter=drafter, max_block_len=4)),  # γ < K: switch
               # the auto policy with a table under which the first blocks' rejections switch speculation off
               ("tandem_speed", dict(tandem=tandem, policy="auto", costs=costs.cost_table([1.0, 1.6, 1.6], 0.01)))]
@@ -129,6 +133,8 @@ def test_speculative_sampling_matches_primary_distribution(params):
     out = generate(method, prompts, max_new_tokens=3, block_len=2, sampling=params, seed=11, **kw)
     assert 0 < out.stats["accepted"].sum() < out.stats["drafted"].sum()
     assert chi2_pvalue(joint(out), want) > 1e-3, method
+    if kw.get("threshold") == "gate":  # both plain primary steps and drafted blocks ran
+      assert out.stats["drafted"].min() == 0 and out.stats["drafted"].max() > 1
     if kw.get("policy") == "auto":  # both plain primary steps and drafted blocks ran
       assert out.stats["gamma_hist"][:, 0].sum() > 0 and out.stats["gamma_hist"][:, 1:].sum() > 0
     drafter = kw.get("drafter", kw.get("tandem").secondary if "tandem" in kw else None)

@@ -12,7 +12,8 @@ Phases, each timed into results.json:
 - Table 3: per-call costs (ms) of the primary for k = 1..K+1 tokens and of the drafters' step, batch 1 and 8;
 - Table 2: speedup over ``ar`` of ``speed`` and ``tandem_speed`` at each γ, greedy and T = 1, batch 1 and 8, on
   held-out prompts (:mod:`tandem_jax.data.heldout`: text no training step saw); outputs checked equal to ``ar``
-  under greedy decoding;
+  under greedy decoding; and, at ``decode.auto_batches`` (40: more rows than the held-out set has), ``ar``, the
+  ``auto`` policy and ``ar`` again on the first tokens of the recipe's validation rows (``table2_auto``);
 - Table 4: the adaptive router against the best fixed γ (batch 1), and Leviathan's ideal speedup with the measured α,
   drafter cost c and verify cost, against the realized one.
 """
@@ -27,8 +28,8 @@ import time
 import numpy as np
 
 from tandem_jax.bench import timing
-from tandem_jax.bench.run import decode_settings, say as _say
-from tandem_jax.decoding import generate
+from tandem_jax.bench.run import decode_settings, say as _say, setting_name
+from tandem_jax.decoding import SamplingParams, generate
 from tandem_jax.decoding.api import buffer_sizes
 from tandem_jax.decoding.costs import leviathan_speedup
 
@@ -66,12 +67,15 @@ def train_all(bench, workdir: str) -> dict:
   return out
 
 
-def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None = None) -> dict:
+def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None = None,
+                  auto_prompts: dict | None = None) -> dict:
   """Tables 2 and 4. The ``auto`` cells calibrate on their own decode program (``api.calibrate_loop``, what
-  ``generate(policy="auto")`` does by default); ``costs`` (the per-call table) is reported beside them."""
+  ``generate(policy="auto")`` does by default); ``costs`` (the per-call table) is reported beside them.
+  ``auto_prompts`` {batch: prompts}: the ``decode.auto_batches`` settings, timed with ``ar``, ``auto`` and ``ar``
+  again only (``table2_auto``)."""
   d = bench.decode
   k = max(int(g) for g in d.gammas)
-  table2, table4 = {}, {}
+  table2, table4, table2_auto = {}, {}, {}
   for name, b, ps, common in decode_settings(d, prompts, k):
     cells, row = timing.table2_setting(ps, b, d.gammas, common, int(d.repeats), primary=models["primary"],
                                        drafter=models["standalone"], tandem=models["tandem"], auto_costs=None)
@@ -97,6 +101,11 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
       cells4["adaptive_cost"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=models["tandem"]),
                                                    router=models["router"], threshold="cost",
                                                    **dict(common, k=kmax))
+      # the router's gate (threshold="gate"): each draft sent only where it pays at its own predicted acceptance,
+      # an iteration whose first draft does not pay a plain step
+      cells4["adaptive_gate"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=models["tandem"]),
+                                                   router=models["router"], threshold="gate",
+                                                   **dict(common, k=kmax))
       res4 = timing.interleaved(cells4, int(d.repeats))
       t4 = {n: timing.summarize(res4[n], res4["ar"]["times"] if n != "ar" else None) for n in cells4}
       t4["adaptive_auto"].update(timing.auto_calls(res4["adaptive_auto"]))
@@ -105,9 +114,19 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
                 speedup_adaptive_vs_fixed=float(np.median(res4["fixed"]["times"]) /
                                                 np.median(res4["adaptive"]["times"])),
                 speedup_adaptive_cost_vs_fixed=float(np.median(res4["fixed"]["times"]) /
-                                                     np.median(res4["adaptive_cost"]["times"])))
+                                                     np.median(res4["adaptive_cost"]["times"])),
+                speedup_adaptive_gate_vs_fixed=float(np.median(res4["fixed"]["times"]) /
+                                                     np.median(res4["adaptive_gate"]["times"])))
       table4[name] = t4
-  return dict(table2=table2, table4=table4)
+  for temp in d.temperatures:  # batches past the held-out set: auto against ar and its A/A cell only
+    common = dict(sampling=SamplingParams(temperature=float(temp)), max_new=int(d.max_new_tokens), k=k,
+                  seed=int(d.seed))
+    for b, ps in (auto_prompts or {}).items():
+      name = setting_name(temp, b)
+      _say(f"[benchmark] decode {name}: ar, auto and ar again on {len(ps)} validation-row prompts")
+      table2_auto[name] = dict(timing.auto_setting(ps, int(b), common, int(d.repeats), primary=models["primary"],
+                                                   tandem=models["tandem"]), source="recipe validation-row")
+  return dict(table2=table2, table4=table4, table2_auto=table2_auto)
 
 
 def call_costs(bench, models: dict) -> dict:
@@ -189,7 +208,7 @@ def auto_targets(r: dict) -> list[dict]:
     met = "yes" if value >= target else ("within A/A" if target - value <= aa else "no")
     out.append(dict(setting=setting, what=what, value=float(value), target=target, aa=float(aa), met=met))
 
-  for name, row in r["table2"].items():
+  for name, row in {**r["table2"], **r.get("table2_auto", {})}.items():
     if "auto" not in row or "ar_again" not in row:
       continue
     aa = abs(1.0 - float(row["ar_again"]["speedup"]))
@@ -240,11 +259,12 @@ def markdown(r: dict) -> str:
                  f"; tandem secondary step {cb['tandem'][1]['median']:.2f}; standalone step "
                  f"{cb['standalone'][1]['median']:.2f}  ")
   lines += ["", "## Table 2: speedup over ar (ratio of median wall times; tokens per primary call; α)", ""]
-  for name, row in r["table2"].items():
-    lines += [f"### {name} ({row['prompts']} held-out prompts; ar {row['ar']['tokens_per_second']:.1f} tokens/s)",
+  for name, row in {**r["table2"], **r.get("table2_auto", {})}.items():
+    lines += [f"### {name} ({row['prompts']} {row.get('source', 'held-out')} prompts; ar "
+              f"{row['ar']['tokens_per_second']:.1f} tokens/s" + ("" if "speed" in row else "; auto and ar only") + ")",
               "", "| γ | speed | tandem_speed | speed tok/call | tandem tok/call | speed α | tandem α |",
               "|---|---|---|---|---|---|---|"]
-    for g in sorted(row["speed"]):
+    for g in sorted(row.get("speed", ())):
       s, t = row["speed"][g], row["tandem_speed"][g]
       lines.append(f"| {g} | {_f(s['speedup'], '{:.2f}x')} | {_f(t['speedup'], '{:.2f}x')} | "
                    f"{_f(s['tokens_per_primary_call'], '{:.2f}')} | {_f(t['tokens_per_primary_call'], '{:.2f}')} | "
@@ -256,8 +276,8 @@ def markdown(r: dict) -> str:
                    f"{_f(a['tokens_per_primary_call'], '{:.2f}')} | | {_f(a.get('alpha'))} |")
       lines += ["", f"auto: tandem_speed with γ chosen per iteration from its decode loop's calibration, and the plain "
                 f"ar program for the calls where earlier ones measured speculation below 1x ({a.get('plain_calls', 0)} "
-                f"of {a.get('calls', '?')} timed calls; γ per iteration: {hist}); "
-                f"{_f(a['vs_best_fixed'], '{:.2f}x')} the best fixed γ"]
+                f"of {a.get('calls', '?')} timed calls; γ per iteration: {hist})"
+                + (f"; {_f(a['vs_best_fixed'], '{:.2f}x')} the best fixed γ" if "vs_best_fixed" in a else "")]
       if a.get("call_walls"):
         calls = ", ".join(f"{w:.2f}{' plain' if plain else ''}" for w, plain in a["call_walls"])
         lines.append(f"auto's calls in the last round (s): {calls}; ar's calls in that round: "
@@ -286,7 +306,12 @@ def markdown(r: dict) -> str:
                  + (f"; router with the cost-aware stop {_f(t4['adaptive_cost'].get('speedup'), '{:.2f}x')} "
                     f"({_f(t4['speedup_adaptive_cost_vs_fixed'], '{:.2f}')} of fixed; drafts "
                     f"{t4['adaptive_cost'].get('drafted', 0)} against the τ router's {t4['adaptive'].get('drafted', 0)}"
-                    f" and fixed γ's {t4['fixed'].get('drafted', 0)})" if "adaptive_cost" in t4 else "") + "  ")
+                    f" and fixed γ's {t4['fixed'].get('drafted', 0)})" if "adaptive_cost" in t4 else "")
+                 + (f"; router's gate {_f(t4['adaptive_gate'].get('speedup'), '{:.2f}x')} "
+                    f"({_f(t4['speedup_adaptive_gate_vs_fixed'], '{:.2f}')} of fixed; drafts "
+                    f"{t4['adaptive_gate'].get('drafted', 0)} in {t4['adaptive_gate'].get('primary_calls', 0)} "
+                    f"primary calls, fixed γ's {t4['fixed'].get('primary_calls', 0)})" if "adaptive_gate" in t4 else "")
+                 + "  ")
   lines += ["", "| setting | method | γ | α | c | verify cost (steps) | ideal | ideal (verify = 1) | realized | "
             "realized / ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
   for name, rows in r["leviathan"].items():
@@ -301,6 +326,7 @@ def markdown(r: dict) -> str:
 def run(bench, workdir: str, command: str = "") -> dict:
   from tandem_jax.bench.run import machine
   from tandem_jax.data.heldout import HELDOUT_TUNING, PROMPTS
+  from tandem_jax.recipe import validation_prompts
   from tandem_jax.workdir import load_workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
@@ -334,7 +360,9 @@ def run(bench, workdir: str, command: str = "") -> dict:
   _say("[benchmark] phase decode: Tables 2 and 4, timed decoding")
   t0 = time.perf_counter()
   before = machine()
-  tables = decode_tables(bench, models, prompts, tune_prompts, costs)
+  auto_prompts = {int(b): validation_prompts(trained["paths"]["tandem"], int(b), int(d.prompt_tokens) or 24)
+                  for b in d.get("auto_batches", ())}
+  tables = decode_tables(bench, models, prompts, tune_prompts, costs, auto_prompts)
   phases["decode"] = time.perf_counter() - t0
   phases["total"] = time.perf_counter() - t_all
   training = {n: v for n, v in trained.items() if n != "paths"}

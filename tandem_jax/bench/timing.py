@@ -138,12 +138,14 @@ def auto_calls(cell: dict) -> dict:
               last_probe=next((n for n in reversed(cell["notes"]) if n.startswith("probing")), ""))
 
 
-def auto_row(res: dict, ar_times: list[float], best_fixed: str, gamma_max: int) -> dict:
+def auto_row(res: dict, ar_times: list[float], best_fixed: str | None, gamma_max: int) -> dict:
   """Table 2's ``auto`` cell: its summary, what its calls did (:func:`auto_calls`) beside ar's calls of the last
-  round, and its ratio to the best fixed γ's cell."""
-  return dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, **auto_calls(res["auto"]),
-              vs_best_fixed=float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"])),
-              ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]])
+  round, and its ratio to the best fixed γ's cell (None: no fixed γ timed, no ratio)."""
+  row = dict(summarize(res["auto"], ar_times), gamma_max=gamma_max, **auto_calls(res["auto"]),
+             ar_call_walls=[w for w, _ in res["ar"]["run"]["call_walls"]])
+  if best_fixed is not None:
+    row["vs_best_fixed"] = float(np.median(res[best_fixed]["times"]) / np.median(res["auto"]["times"]))
+  return row
 
 
 def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, primary, drafter, tandem,
@@ -174,6 +176,21 @@ def table2_setting(prompts, batch: int, gammas, common: dict, repeats: int, *, p
     row["auto"] = auto_row(res, ar_times, f"tandem_speed@{row['best_gamma']['tandem_speed']}", int(common["k"]))
     row["ar_again"] = summarize(res["ar_again"], ar_times)
   return cells, row
+
+
+def auto_setting(prompts, batch: int, common: dict, repeats: int, *, primary, tandem) -> dict:
+  """A setting timed for the ``auto`` policy alone, at a batch Table 2's γ sweep does not cover: ``ar``, ``auto``
+  (γ up to ``common["k"]``, calibrating on its own program) and ``ar`` again (the A/A cell), interleaved."""
+  k = int(common["k"])
+  cells = {"ar": decode_cell("ar", prompts, batch, None, models=dict(primary=primary), **common),
+           "auto": decode_cell("tandem_speed", prompts, batch, k, models=dict(tandem=tandem), policy="auto",
+                               costs=None, **common),
+           "ar_again": decode_cell("ar", prompts, batch, None, models=dict(primary=primary), **common)}
+  res = interleaved(cells, repeats)
+  ar_times = res["ar"]["times"]
+  return {"ar": summarize(res["ar"]), "prompts": len(prompts), "batch": batch,
+          "temperature": float(common["sampling"].temperature), "auto": auto_row(res, ar_times, None, k),
+          "ar_again": summarize(res["ar_again"], ar_times)}
 
 
 def tune_threshold(cell_for, thresholds, tune_prompts, repeats: int) -> dict:

@@ -255,7 +255,9 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   ``block_len`` (γ) is traced. With ``max_block_len`` K > γ (or a router) the program is compiled for every
   verify size up to K + 1 and any γ <= K reuses it, each block verifying only its drafts + 1; with K = γ (the
   default) the program has one verify size, K + 1. With ``router`` (K = its cap) the block ends early when the
-  predicted acceptance falls below ``threshold``.
+  predicted acceptance falls below ``threshold`` (τ); ``threshold="cost"``: where one more draft no longer raises
+  the block's expected tokens per ms (router predictions, calibrated costs); ``threshold="gate"``: each draft is
+  sent only where it pays at its own predicted acceptance (:func:`speculative.decode_speculative`).
   ``trace`` (speculative methods) adds ``stats["trace"]``: per block the drafts, accepted count and primary token.
   ``policy`` (``speed``, ``tandem_speed``): "fixed" drafts ``block_len`` per block; "auto" chooses γ in
   0..block_len every iteration from running acceptance estimates and ``costs`` (a
@@ -281,13 +283,14 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   k = int(max_block_len or block_len)
   if block_len > k:
     raise ValueError(f"block_len {block_len} exceeds max_block_len {k}")
-  router_stop = "cost" if isinstance(threshold, str) and threshold == "cost" else "threshold"
-  if router_stop == "cost":
+  router_stop = threshold if isinstance(threshold, str) and threshold in ("cost", "gate") else "threshold"
+  if router_stop != "threshold":
     if router is None:
-      raise ValueError("threshold='cost' is the router's cost-aware stop: it needs a router")
+      what = "cost-aware stop" if router_stop == "cost" else "cost-aware gate"
+      raise ValueError(f"threshold={router_stop!r} is the router's {what}: it needs a router")
     threshold = 0.0
   elif isinstance(threshold, str) or not 0.0 <= threshold <= 1.0:
-    raise ValueError(f"threshold must be in [0, 1] or 'cost', got {threshold!r}")
+    raise ValueError(f"threshold must be in [0, 1], 'cost' or 'gate', got {threshold!r}")
   if policy not in ("fixed", "auto"):
     raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
   if policy == "auto" and method not in ("speed", "tandem_speed"):
@@ -319,7 +322,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   prompt = np.zeros((b, p_pad), np.int32)
   for i, p in enumerate(prompts):
     prompt[i, :len(p)] = p
-  if policy == "auto" or router_stop == "cost":
+  if policy == "auto" or router_stop != "threshold":
     if costs is None:
       costs = calibrate_loop(method, {n: m for n, m in models.items() if n != "router"}, batch_size=b,
                              prompt_len=max(lens), max_new_tokens=max(max(max_new_list), buffer_new_tokens),

@@ -116,7 +116,7 @@ class DraftLoop(NamedTuple):
   calls: jax.Array     # [B] drafter calls while the row was drafting
   reach: Any           # [B] float32: the router's predicted probability that every draft so far is accepted
   expect: Any          # [B] float32: the drafts of this block expected to be accepted (sum of ``reach`` so far);
-                       # both None unless the router stops by cost
+                       # both None unless the router stops by cost or gates
 
 
 class DecodeLoop(NamedTuple):
@@ -161,7 +161,11 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   raise the block's expected tokens per ms, from the router's per-draft predictions a_1..a_n (reach R_n = Π a_i,
   expected accepted drafts E_n = Σ R_i) and the table's iteration costs C(n): a row drafts on while
   (1 + E_n + R_n a_n) C(n) > (1 + E_n) C(n + 1), taking the next draft's acceptance to be the last one's
-  (:func:`tandem_jax.decoding.costs.keeps_drafting`).
+  (:func:`tandem_jax.decoding.costs.keeps_drafting`). "gate" (needs ``cost_table``): the router judges each draft
+  before it is sent: draft n + 1 joins the block only when it raises the block's expected tokens per ms at its own
+  predicted acceptance a_{n+1} ((1 + E_n + R_n a_{n+1}) C(n) > (1 + E_n) C(n + 1)), else the block is verified
+  without it; an unsent first draft makes the iteration a plain primary step (a 1-token verify, compiled in). The
+  prediction reads the drafter's distribution, not the sampled draft, so the choice cannot bias acceptance.
 
   With ``trace`` the stats also hold ``trace`` [B, max_new, K+3]: per iteration the K drafts, the number drafted,
   the number accepted and the primary's token (replacement or bonus), for displaying the draft stream.
@@ -170,11 +174,12 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     raise ValueError(f"policy must be 'fixed' or 'auto', got {policy!r}")
   if policy == "auto" and cost_table is None:
     raise ValueError("policy 'auto' needs a cost table (tandem_jax.decoding.api.calibrate_loop)")
-  if router_stop not in ("threshold", "cost"):
-    raise ValueError(f"router_stop must be 'threshold' or 'cost', got {router_stop!r}")
-  if router_stop == "cost" and (router is None or cost_table is None):
-    raise ValueError("router_stop 'cost' needs a router and a cost table")
-  cost_stop = router is not None and router_stop == "cost"
+  if router_stop not in ("threshold", "cost", "gate"):
+    raise ValueError(f"router_stop must be 'threshold', 'cost' or 'gate', got {router_stop!r}")
+  if router_stop in ("cost", "gate") and (router is None or cost_table is None):
+    raise ValueError(f"router_stop {router_stop!r} needs a router and a cost table")
+  cost_stop = router is not None and router_stop in ("cost", "gate")
+  gate = router is not None and router_stop == "gate"
   auto = policy == "auto"
   b, k, vocab = prompt_bt.shape[0], max_block_len, primary.cfg.vocab_size
   cache_l = primary.init_cache(b, capacity)
@@ -212,10 +217,15 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       drafts = drafts.at[:, g].set(d)
       if q is not None:  # greedy acceptance needs only the drafts
         q = q.at[:, g].set(qg)
+      if router is not None:
+        a = router.accept_prob(logits, drafter.embed, params.greedy)  # reads the distribution, not the draft
+      if gate:  # sent only where it pays at its own predicted acceptance; the first one unsent: a plain step
+        drafting = drafting & costs_lib.keeps_drafting(reach, expect, a, g, cost_table, k)
+        reach = jnp.where(drafting, reach * a, reach)
+        expect = jnp.where(drafting, expect + reach, expect)
       n_draft = n_draft + drafting.astype(jnp.int32)
       keep = drafting & (g + 1 < gamma)
-      if router is not None:
-        a = router.accept_prob(logits, drafter.embed, params.greedy)
+      if router is not None and not gate:
         if cost_stop:
           reach = reach * a
           expect = expect + reach
@@ -248,7 +258,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
   # positions; acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
-  sizes = verify_sizes(k, with_plain_step=auto)
+  sizes = verify_sizes(k, with_plain_step=auto or gate)
   variable = (router is not None or variable_block or auto) and len(sizes) > 1
 
   def verify_call(size):
