@@ -72,7 +72,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
   """Tables 2 and 4. The ``auto`` cells calibrate on their own decode program (``api.calibrate_loop``, what
   ``generate(policy="auto")`` does by default); ``costs`` (the per-call table) is reported beside them.
   ``auto_prompts`` {batch: prompts}: the ``decode.auto_batches`` settings, timed with ``ar``, ``auto`` and ``ar``
-  again only (``table2_auto``)."""
+  again only (``table2_auto``), ``decode.auto_repeats`` rounds."""
   d = bench.decode
   k = max(int(g) for g in d.gammas)
   table2, table4, table2_auto = {}, {}, {}
@@ -124,7 +124,8 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
     for b, ps in (auto_prompts or {}).items():
       name = setting_name(temp, b)
       _say(f"[benchmark] decode {name}: ar, auto and ar again on {len(ps)} validation-row prompts")
-      table2_auto[name] = dict(timing.auto_setting(ps, int(b), common, int(d.repeats), primary=models["primary"],
+      repeats = int(d.get("auto_repeats", d.repeats))
+      table2_auto[name] = dict(timing.auto_setting(ps, int(b), common, repeats, primary=models["primary"],
                                                    tandem=models["tandem"]), source="recipe validation-row")
   return dict(table2=table2, table4=table4, table2_auto=table2_auto)
 
