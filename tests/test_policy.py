@@ -524,26 +524,30 @@ def test_router_stage_trains_for_the_configured_sampling_setting():
 
 
 def test_auto_with_a_router_lets_the_router_set_the_block_length(models):
-  """auto with a router: the table decides whether an iteration drafts (γ = 0 or not), the router how far, up to
-  block_len; without the router the same table caps blocks at the γ it favours. Lossless either way."""
+  """auto with a router: the router ends every block (up to block_len), whatever γ the table would choose per
+  iteration; without the router the table caps blocks at the γ it favours, or makes them plain steps. Lossless
+  either way. (trace=True keeps the speculative program on every call: no per-call switch.)"""
   tandem, _, router = models
   k = 4
   one = costs.cost_table([1.0, 1.1, 3.0, 3.0, 3.0], 0.01)  # γ = 1 best at acceptance 0.5; break-even about 0.1
+  never = costs.cost_table([1.0] + [100.0] * 4, 0.01)  # γ = 0 best at any acceptance
   prompts = _prompts(np.random.default_rng(13), 3)
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=24).tokens
-  kw = dict(tandem=tandem, max_new_tokens=24, block_len=k, policy="auto", costs=one, trace=True)
-  runs = {"table": generate("tandem_speed", prompts, **kw),
-          "router": generate("tandem_speed", prompts, router=router, threshold=0.0, **kw)}  # τ = 0: never stops
-  for name, out in runs.items():
-    assert out.tokens == want, name
-    tr = out.stats["trace"]
-    n_draft = tr[..., k][tr[..., k] > 0]  # the drafting iterations' drafts per row
-    assert n_draft.size > 0, name
-    hist = out.stats["gamma_hist"]
-    if name == "table":
-      assert (n_draft == 1).all() and hist[:, 2:].sum() == 0
-    else:
-      assert (n_draft == k).all() and hist[:, 1:k].sum() == 0 and hist[:, k].sum() > 0
+  kw = dict(tandem=tandem, max_new_tokens=24, block_len=k, policy="auto", trace=True)
+  for table_name, table in (("one", one), ("never", never)):
+    runs = {"table": generate("tandem_speed", prompts, costs=table, **kw),  # τ = 0: the router never stops
+            "router": generate("tandem_speed", prompts, router=router, threshold=0.0, costs=table, **kw)}
+    for name, out in runs.items():
+      assert out.tokens == want, (table_name, name)
+      tr = out.stats["trace"]
+      n_draft = tr[..., k][tr[..., k] >= 0]  # drafts per iteration per row
+      hist = out.stats["gamma_hist"]
+      if name == "router":
+        assert (n_draft == k).all() and hist[:, :k].sum() == 0, table_name
+      elif table_name == "one":
+        assert (n_draft == 1).all() and hist[:, 2:].sum() == 0 and hist[:, 1].sum() > 0
+      else:
+        assert (n_draft == 0).all() and hist[:, 1:].sum() == 0
 
 
 def test_cost_aware_router_stop(models):

@@ -92,7 +92,7 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
       tuned = timing.tune_threshold(adaptive, d.thresholds, tune_prompts, 1)
       tau = tuned["chosen"]
       cells4 = {"ar": cells["ar"], "fixed": cells[f"tandem_speed@{g}"], "adaptive": adaptive(tau, ps)}
-      # the router inside the auto policy: γ per iteration from the loop's calibration, the router's stop within it
+      # the router inside the auto policy: the router's blocks, and per call the plain program where they lose
       cells4["adaptive_auto"] = timing.decode_cell("tandem_speed", ps, b, kmax, models=dict(tandem=models["tandem"]),
                                                    router=models["router"], threshold=tau, policy="auto",
                                                    costs=None, **dict(common, k=kmax))
