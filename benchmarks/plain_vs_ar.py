@@ -27,11 +27,12 @@ for temp in (0.0, 1.0):
     generate("ar", [p], primary=tandem.primary, **common)
     generate("tandem_speed", [p], tandem=tandem, policy="auto", costs=never, **common)
   a, b = [], []
-  for rep in range(4):
+  for _ in range(4):
     for p in ps:
       ra = generate("ar", [p], primary=tandem.primary, **common)
       rb = generate("tandem_speed", [p], tandem=tandem, policy="auto", costs=never, **common)
       assert rb.ran_plain and rb.tokens == ra.tokens
       a.append(ra.wall_time); b.append(rb.wall_time)
   a, b = np.array(a), np.array(b)
-  print(f"T={temp}: ar {a.sum():.2f} s, auto-plain {b.sum():.2f} s, ratio ar/auto {a.sum()/b.sum():.3f}, per-call ratio median {np.median(a/b):.3f}", flush=True)
+  print(f"T={temp}: ar {a.sum():.2f} s, auto-plain {b.sum():.2f} s, ratio ar/auto {a.sum() / b.sum():.3f}, "
+        f"per-call ratio median {np.median(a / b):.3f}", flush=True)

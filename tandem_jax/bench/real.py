@@ -311,7 +311,8 @@ def markdown(r: dict) -> str:
                  + (f"; router's gate {_f(t4['adaptive_gate'].get('speedup'), '{:.2f}x')} "
                     f"({_f(t4['speedup_adaptive_gate_vs_fixed'], '{:.2f}')} of fixed; drafts "
                     f"{t4['adaptive_gate'].get('drafted', 0)} in {t4['adaptive_gate'].get('primary_calls', 0)} "
-                    f"primary calls, fixed γ's {t4['fixed'].get('primary_calls', 0)})" if "adaptive_gate" in t4 else "")
+                    f"primary calls, fixed γ's {t4['fixed'].get('primary_calls', 0)})"
+                    if "adaptive_gate" in t4 else "")
                  + "  ")
   lines += ["", "| setting | method | γ | α | c | verify cost (steps) | ideal | ideal (verify = 1) | realized | "
             "realized / ideal |", "|---|---|---|---|---|---|---|---|---|---|"]
