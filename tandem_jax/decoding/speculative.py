@@ -318,7 +318,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                   stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32),
                   stats.gamma_hist + a[:, None] * jax.nn.one_hot(gamma, k + 1, dtype=jnp.int32),
                   stats.drafter_steps + a * steps, stats.rejections + a * (accepted < n_draft))
-    if auto:
+    if auto and router is None:  # only the table's per-iteration choice reads them
       counts = costs_lib.update_counts(accepted, accepted < n_draft, n_draft, active, *counts)
     new_prev = jnp.where(accepted > 0, jnp.take_along_axis(drafts, jnp.maximum(accepted - 1, 0)[:, None], 1)[:, 0],
                          pending)
