@@ -399,6 +399,11 @@ def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkey
   assert not on and "at the acceptance 0.20 that the drafts of 2 calls of these models and sampling met" in why
   assert "(γ = 1) would cost 10.00 ms per token against 9.00 ms" in why
   assert costs.speculate(table, t1) == (True, "")  # another sampling: still at the prior
+  on, why = costs.speculate(table, b8, probe_first=True)  # a router's key: its loop measured once, whatever the table
+  assert on and why.startswith("probing: the first speculative call")
+  lost = costs.outcome(pair, ("key", 2), rows=1, family=fam)
+  lost.record(table, [9], 400.0)  # 8 plain steps, 72 ms, against 400 ms: from its first record the record decides
+  assert not costs.speculate(table, lost, probe_first=True)[0]
   assert float(b8.prior(table).prior_alpha) == pytest.approx(0.2) and t1.prior(table) is table
   assert costs.Outcome().family_alpha() is None  # no family: alone
   b8.record(table, [9], 60.0, accepted=0, rejections=9)  # its own call: 8 x 9 ms plain against 60 ms, 1.2x

@@ -10,6 +10,7 @@ import os
 import shutil
 
 import jax
+import jax.numpy as jnp
 import numpy as np
 import pytest
 from flax import nnx
@@ -162,9 +163,10 @@ def test_self_distill_sampled_continuations(primary_dir):
     assert len(np.unique(out["tokens"][:, 6])) > 1 and (out["tokens"][:, 6:] != greedy["tokens"][:, 6:9]).any()
 
 
-def test_router_heads_learn_in_their_own_contexts(trained):
-  """train_router: the greedy head on the greedy data, the sampled head on cached sampled continuations; both
-  cached, the router reused while its settings match and retrained when they change."""
+def test_router_heads_learn_on_text_the_secondary_never_trained_on(trained):
+  """train_router: both heads on cached sampled continuations (``greedy_head="greedy"``: the greedy head on the
+  greedy data, which the secondary trained on); the greedy label is the argmax mismatch against the primary's top-1;
+  data and router cached, the router reused while its settings match and retrained when they change."""
   from tandem_jax import recipe_router
   wd = trained[0]
   kw = dict(steps=3, gamma_max=3, top_k=2, hidden=8, batch_size=4, progress=lambda _: None)
@@ -183,8 +185,26 @@ def test_router_heads_learn_in_their_own_contexts(trained):
   again = recipe_router.train_router(wd, sampled_sequences=4, **kw)
   assert again["validation"] == val
   assert (os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)), os.path.getmtime(meta)) == mtime
+  on_greedy = recipe_router.train_router(wd, sampled_sequences=4, greedy_head="greedy", **kw)  # retrained
+  mtime2 = os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE))
+  assert mtime2 > mtime[0] and on_greedy["validation"]["greedy_pred"] != val["greedy_pred"]
+  assert on_greedy["validation"]["greedy_label"] == val["greedy_label"]  # each validated on the same held-out rows
   old = recipe_router.train_router(wd, sampled_sequences=0, **kw)  # both heads on the greedy data: retrained
-  assert os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)) > mtime[0]
+  assert os.path.getmtime(os.path.join(wd, recipe_router.ROUTER_FILE)) >= mtime2
   assert old["validation"]["sampled_label"] != val["sampled_label"]
   with pytest.raises(ValueError, match="sampled_sequences"):
     recipe_router.train_router(wd, sampled_sequences=1, **kw)
+  with pytest.raises(ValueError, match="greedy_head"):
+    recipe_router.train_router(wd, greedy_head="sampld", **kw)
+
+
+def test_router_labels_read_the_primary_top1():
+  """The greedy label is 1[argmax q != the first cached top-k id] (-1 off the draft vocabulary: never matched); the
+  sampled label is TV over the cached top-k (0 where q equals p on it and p's mass is all there)."""
+  from tandem_jax import recipe_router
+  q = jnp.log(jnp.array([[[0.7, 0.2, 0.1], [0.1, 0.3, 0.6], [0.5, 0.25, 0.25]]]))
+  top_idx = jnp.array([[[0, 1], [1, 2], [-1, 0]]])
+  top_logp = jnp.log(jnp.array([[[0.7, 0.3], [0.5, 0.5], [0.6, 0.4]]]))
+  y = np.asarray(recipe_router.router_labels(q, top_idx, top_logp))
+  np.testing.assert_array_equal(y[0, :, 1], [0.0, 1.0, 1.0])
+  assert y[0, 0, 0] == pytest.approx(0.1, abs=1e-5)  # p = (0.7, 0.3, 0), q = (0.7, 0.2, 0.1)

@@ -95,6 +95,30 @@ def _exact_joint_t2_t3(primary, prompt, params, vocab):
   return np.asarray(joint.sum(0))                                                        # [t2, t3]
 
 
+def test_acceptance_over_a_verify_calls_own_positions_equals_the_full_blocks():
+  """The decode loop accepts inside each verify size's call, on its s positions (s - 1 drafts): for every row whose
+  drafts fit, the result equals acceptance over the whole K + 1 block (same key: ``uniform_width`` draws the full
+  block's uniforms), greedy and sampled, s = 1 (no drafts: a plain step) included."""
+  from tandem_jax.decoding.sampling import greedy_accept
+  b, k, v = 64, 4, 6
+  for seed in range(5):
+    ks = jax.random.split(jax.random.key(seed), 4)
+    p = jax.nn.softmax(2 * jax.random.normal(ks[0], (b, k + 1, v)), -1)
+    q = jax.nn.softmax(2 * jax.random.normal(ks[1], (b, k, v)), -1)
+    drafts = jax.random.randint(ks[2], (b, k), 0, v)
+    drafts = drafts.at[: b // 2].set(jnp.argmax(p[: b // 2, :k], -1))  # half the rows: the greedy target
+    for s in range(1, k + 2):
+      n = jax.random.randint(jax.random.fold_in(ks[3], s), (b,), 0, s)
+      full = speculative_accept(ks[3], p, q, drafts, n)
+      part = speculative_accept(ks[3], p[:, :s], q[:, :s - 1], drafts[:, :s - 1], n, uniform_width=k)
+      np.testing.assert_array_equal(np.asarray(full[0]), np.asarray(part[0]))
+      np.testing.assert_array_equal(np.asarray(full[1]), np.asarray(part[1]))
+      logits = jnp.log(p)
+      for x, y in zip(greedy_accept(logits, drafts, n), greedy_accept(logits[:, :s], drafts[:, :s - 1], n)):
+        np.testing.assert_array_equal(np.asarray(x), np.asarray(y))
+    assert int(jnp.sum(greedy_accept(jnp.log(p), drafts, jnp.full((b,), k))[0])) > 0  # some drafts accepted
+
+
 @pytest.mark.parametrize("params", [SamplingParams(temperature=1.0),
                                     SamplingParams(temperature=2.0, top_k=8, top_p=0.95)])
 def test_speculative_sampling_matches_primary_distribution(params):

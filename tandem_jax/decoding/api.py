@@ -340,7 +340,7 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
     # shapes; a key with no speculative call yet decides at the acceptance its family met
     family = ("family", method, tuple((n, id(m)) for n, m in sorted(models.items()) if n != "router"), sampling)
     outcome = costs_lib.outcome(tuple(models.values()), key, rows=b, family=family)
-    on, note = costs_lib.speculate(costs, outcome)
+    on, note = costs_lib.speculate(costs, outcome, probe_first="router" in models)
     outcome.calls += 1
     costs = outcome.prior(costs)
     if not on:  # the plain program of calibrate_loop's shapes: the one whose step the table holds

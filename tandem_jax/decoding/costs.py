@@ -259,7 +259,10 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # with the same primary, drafter and sampling, whatever their shapes: acceptance is the models' and the sampling's,
 # not the batch's), at PRIOR_ALPHA before any. (With PRIOR_ALPHA alone the real-model benchmark's T = 1 batch 8, whose
 # break-even acceptance 0.30 sits below 0.5 but above the 0.24 its batch-1 calls had met, speculated on its first call
-# at 0.82x and, its ratios disagreeing, probed again in later rounds: 0.89x.)
+# at 0.82x and, its ratios disagreeing, probed again in later rounds: 0.89x.) A key whose loop has a router
+# speculates on its first call instead: the table prices fixed blocks, and where none pays at the family's acceptance
+# the router's loop was never measured (benchmarks/auto_policy.py --router: every call of the router inside ``auto``
+# ran the plain program, the router alone 1.02x).
 #
 # Both arms are measured: while a key has no plain call of its own and its speculative calls read within
 # CALIBRATION_ERROR of 1x against the calibrated plain step, a call it would speculate runs the plain program once
@@ -389,12 +392,18 @@ def best_block_ms_per_token(table: CostTable, alpha: float) -> tuple[int, float]
   return g, per[g]
 
 
-def speculate(table: CostTable, rec: Outcome) -> tuple[bool, str]:
+def speculate(table: CostTable, rec: Outcome, probe_first: bool = False) -> tuple[bool, str]:
   """Whether the next call of ``rec``'s key runs the speculative program (else the plain ``ar`` one), and why in
-  words (empty when speculation is simply ahead). Pure: :func:`generate` counts the call (``rec.calls``)."""
+  words (empty when speculation is simply ahead). Pure: :func:`generate` counts the call (``rec.calls``).
+
+  ``probe_first``: a key without a speculative record speculates instead of following the table (a router's loop,
+  whose blocks end by its per-draft predictions, is not the table's fixed blocks: at the acceptance where no fixed
+  block pays it may still gain, so it is measured once; the record decides from then on)."""
   plain = float(table.plain_ms)
   if not table.has_plain:
     return True, ""
+  if rec.speedup is None and probe_first:
+    return True, "probing: the first speculative call of this key (a router's blocks are not the table's)"
   if rec.speedup is None:
     fam = rec.family_alpha()
     alpha = PRIOR_ALPHA if fam is None else fam[0]

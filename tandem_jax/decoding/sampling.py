@@ -111,18 +111,23 @@ def greedy_accept(logits_bkv: jax.Array, drafts_bk: jax.Array, num_drafts_b: jax
 
 
 def speculative_accept(key: jax.Array, p_bkv: jax.Array, q_bkv: jax.Array, drafts_bk: jax.Array,
-                       num_drafts_b: jax.Array):
+                       num_drafts_b: jax.Array, uniform_width: int | None = None):
   """Algorithm 1 for a batch with a per-row number of drafts.
 
   p_bkv: [B, K+1, V] primary distributions at the K+1 verified positions; q_bkv: [B, K, V] drafter distributions the
   drafts were drawn from; drafts_bk: [B, K]; num_drafts_b: [B] (<= K) how many drafts each row really made.
+  ``uniform_width`` (>= K): draw the acceptance uniforms for that many drafts and use the first K, so that a call
+  over the first K positions of a longer block draws what the full call would (a decode loop's smaller verify sizes
+  keep its random stream). K may be 0 (no drafts: the next token is drawn from p).
   Returns (accepted [B] in 0..num_drafts, next_token [B]): the replacement token on a rejection, else the bonus.
   """
   b, k = drafts_bk.shape
   key_accept, key_next = jax.random.split(key)
+  if k == 0:
+    return jnp.zeros((b,), jnp.int32), sample(key_next, p_bkv[:, 0])
   p_x = jnp.take_along_axis(p_bkv[:, :k], drafts_bk[..., None], -1)[..., 0]
   q_x = jnp.take_along_axis(q_bkv, drafts_bk[..., None], -1)[..., 0]
-  r = jax.random.uniform(key_accept, (b, k))
+  r = jax.random.uniform(key_accept, (b, max(k, uniform_width or k)))[:, :k]
   ok = (r * q_x < p_x) & (jnp.arange(k)[None] < num_drafts_b[:, None])
   accepted = jnp.sum(jnp.cumprod(ok.astype(jnp.int32), -1), -1)
   rows = jnp.arange(b)

@@ -257,20 +257,31 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                                                  reach, expect))
     return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g
 
-  # Verify-call sizes of a variable-length program (a lax.switch branch each). Outputs are padded to K+1
-  # positions; acceptance never reads past a row's drafts + 1, and the cache slots past the accepted ones are dead.
+  # Verify-call sizes of a variable-length program (a lax.switch branch each). Each branch accepts on its own
+  # positions (no logits padded to K+1: a 1-token call costs what a plain step does); the hidden states are padded to
+  # K+1 positions for the drafter's commit, which never reads past a row's accepted ones + 1.
   sizes = verify_sizes(k, with_plain_step=auto or gate)
   variable = (router is not None or variable_block or auto) and len(sizes) > 1
 
   def verify_call(size):
-    def call(block, cache_l):
-      logits, hidden, cache_l = primary.extend(block[:, :size], cache_l, return_hidden=drafter.needs_hidden)
+    def call(block, cache_l, drafts, n_draft, q, key):
+      with jax.named_scope("verify"):
+        logits, hidden, cache_l = primary.extend(block[:, :size], cache_l, return_hidden=drafter.needs_hidden)
+      with jax.named_scope("accept"):
+        accepted, nxt = accept(logits, drafts[:, :size - 1], n_draft, None if q is None else q[:, :size - 1], key)
       pad = k + 1 - size
-      if pad:
-        logits = jnp.pad(logits, ((0, 0), (0, pad), (0, 0)))
-        hidden = None if hidden is None else jnp.pad(hidden, ((0, 0), (0, 0), (0, pad), (0, 0)))
-      return logits, hidden, cache_l
+      if pad and hidden is not None:
+        hidden = jnp.pad(hidden, ((0, 0), (0, 0), (0, pad), (0, 0)))
+      return accepted, nxt, hidden, cache_l
     return call
+
+  def accept(logits, drafts, n_draft, q, key):
+    """Acceptance over the verified positions [B, s, V] of a call for s - 1 drafts (every row's n_draft < s)."""
+    if accept_all:
+      return n_draft, sampling.sample_logits(key, logits[jnp.arange(b), n_draft], params)[0]
+    if params.greedy:
+      return sampling.greedy_accept(logits, drafts, n_draft)
+    return sampling.speculative_accept(key, sampling.probs(logits, params), q, drafts, n_draft, uniform_width=k)
 
   def cond(c: DecodeLoop):
     return jnp.any(~c.em.done) & (c.it < max_new)
@@ -287,22 +298,14 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       gamma = block_len
     dstate, n_draft, drafts, q, calls, steps = draft(dstate, prev, pending, n, k_draft, gamma, active)
     block = jnp.concatenate([pending[:, None], drafts], 1)
-    with jax.named_scope("verify"):
-      if not variable:
-        logits, hidden, cache_l = verify_call(k + 1)(block, cache_l)
-      else:  # the primary verifies the smallest size holding every active row's drafts + 1
-        need = jnp.max(jnp.where(active, n_draft, 0)) + 1
-        branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
-        logits, hidden, cache_l = jax.lax.switch(branch, [verify_call(s) for s in sizes], block, cache_l)
+    args = (block, cache_l, drafts, n_draft, q, k_accept)
+    if not variable:
+      accepted, nxt, hidden, cache_l = verify_call(k + 1)(*args)
+    else:  # the primary verifies the smallest size holding every active row's drafts + 1
+      need = jnp.max(jnp.where(active, n_draft, 0)) + 1
+      branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
+      accepted, nxt, hidden, cache_l = jax.lax.switch(branch, [verify_call(s) for s in sizes], *args)
     with jax.named_scope("accept"):
-      if accept_all:
-        accepted = n_draft
-        nxt, _ = sampling.sample_logits(k_accept, logits[jnp.arange(b), n_draft], params)
-      elif params.greedy:
-        accepted, nxt = sampling.greedy_accept(logits, drafts, n_draft)
-      else:
-        p = sampling.probs(logits, params)
-        accepted, nxt = sampling.speculative_accept(k_accept, p, q, drafts, n_draft)
       accepted = jnp.where(active, accepted, 0)
     cache_l = cache_l.with_lengths(jnp.where(active, n + 1 + accepted, n))
     with jax.named_scope("commit"):
