@@ -91,9 +91,9 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
   """Trains the adaptive block-length router of a recipe Tandem on its cached data and saves it to
   ``<tandem_dir>/router.npz`` (reused while ``router.json`` holds the same settings). Labels come from the
   secondary's teacher-forced drafts at block length γ_max with random block phases (every within-block offset):
-  the sampled head's on ``sampled_sequences`` sampled continuations, the greedy head's on those too or (``greedy_head
-  ="greedy"``) on the greedy data, half of every batch (see the module docstring); features are the secondary's draft distribution and the embeddings of
-  its top-k tokens (:mod:`tandem_jax.models.router`).
+  the sampled head's on ``sampled_sequences`` sampled continuations, the greedy head's on those too or
+  (``greedy_head="greedy"``) on the greedy data, half of every batch (see the module docstring); features are the
+  secondary's draft distribution and the embeddings of its top-k tokens (:mod:`tandem_jax.models.router`).
   Returns {"router": Router, "validation": {...}} (each head measured on its own held-out rows)."""
   from tandem_jax.models import router as router_lib
   from tandem_jax.workdir import load_workdir

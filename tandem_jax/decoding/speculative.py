@@ -258,8 +258,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Each branch accepts on its own
-  # positions (no logits padded to K+1: a 1-token call costs what a plain step does); the hidden states are padded to
-  # K+1 positions for the drafter's commit, which never reads past a row's accepted ones + 1.
+  # positions (no logits padded to K+1, nothing computed for positions it did not verify); the hidden states are
+  # padded to K+1 positions for the drafter's commit, which never reads past a row's accepted ones + 1.
   sizes = verify_sizes(k, with_plain_step=auto or gate)
   variable = (router is not None or variable_block or auto) and len(sizes) > 1
 

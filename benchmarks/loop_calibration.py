@@ -1,0 +1,27 @@
+"""The ``auto`` policy's loop calibration, three times per sampling setting: what one iteration of the speculative
+decode loop costs when it drafts γ = 0..K tokens, against a step of the plain ``ar`` program (batch 1, K = 4, 64
+new tokens; ``api.calibrate_loop``, the table ``generate(policy="auto")`` measures on its first call).
+
+  python benchmarks/loop_calibration.py WORKDIR
+
+WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
+The γ = 0 column less the plain step is what a plain step costs inside the speculative loop (the drafter's step on
+the pending token and the loop's own work).
+"""
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+from tandem_jax.decoding import SamplingParams, api, costs  # noqa: E402
+from tandem_jax.workdir import load_workdir  # noqa: E402
+
+run = load_workdir(os.path.join(sys.argv[1], "tandem"))
+for temp in (0.0, 1.0):
+  for _ in range(3):
+    costs._calibrated.clear()
+    t = api.calibrate_loop("tandem_speed", dict(tandem=run.model), batch_size=1, prompt_len=16, max_new_tokens=64,
+                           max_block_len=4, sampling=SamplingParams(temperature=temp)).as_dict()
+    it = [round(v + max(g, 1) * t["draft_ms"], 2) for g, v in enumerate(t["verify_ms"])]
+    print(f"T={temp:g}: iteration ms for γ = 0..4 {it}; plain ar step {t['plain_ms']:.2f} ms; γ = 0 over the plain "
+          f"step {it[0] - t['plain_ms']:.2f} ms", flush=True)
