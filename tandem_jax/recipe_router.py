@@ -14,8 +14,8 @@ CHOICE (``greedy_head``): "sampled" (default) trains the greedy head on those co
 the recipe's greedy data, the primary's own greedy continuations (the contexts of greedy decisions); but the
 secondary was trained on exactly those sequences, so there its drafts agree more often than on new text and the head
 over-predicts acceptance on new text: on the real-model preset's held-out greedy rows (the benchmark report's router
-validation) it predicted a mean rejection of 0.449 for a measured 0.569 (3,000 steps instead of 300: 0.461), the
-head trained on the sampled continuations 0.572.
+validation) it predicted a mean rejection of 0.449 for a measured 0.569, the head trained on the sampled
+continuations 0.572.
 ``sampled_sequences=0``: both heads learn on the greedy data (routers saved before the sampled data existed)."""
 
 from __future__ import annotations
@@ -91,9 +91,10 @@ def train_router(tandem_dir: str, *, steps: int = 300, gamma_max: int = 8, top_k
   """Trains the adaptive block-length router of a recipe Tandem on its cached data and saves it to
   ``<tandem_dir>/router.npz`` (reused while ``router.json`` holds the same settings). Labels come from the
   secondary's teacher-forced drafts at block length γ_max with random block phases (every within-block offset):
-  the sampled head's on ``sampled_sequences`` sampled continuations, the greedy head's on those too or
-  (``greedy_head="greedy"``) on the greedy data, half of every batch (see the module docstring); features are the
-  secondary's draft distribution and the embeddings of its top-k tokens (:mod:`tandem_jax.models.router`).
+  the sampled head's on ``sampled_sequences`` sampled continuations, the greedy head's on those too (every batch
+  all sampled rows) or (``greedy_head="greedy"``) on the greedy data (half of every batch; see the module docstring);
+  features are the secondary's draft distribution and the embeddings of its top-k tokens
+  (:mod:`tandem_jax.models.router`).
   Returns {"router": Router, "validation": {...}} (each head measured on its own held-out rows)."""
   from tandem_jax.models import router as router_lib
   from tandem_jax.workdir import load_workdir
