@@ -6,7 +6,7 @@ router's prediction and of the secondary's top-1 probability alone, per within-b
   python benchmarks/router_calibration.py WORKDIR
 
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2`; the router is
-WORKDIR/tandem/router.npz with the preset's settings (trained there by the benchmark).
+WORKDIR/tandem/router.npz, reused while its settings are the preset's (else trained there first).
 """
 import json
 import os
@@ -17,11 +17,9 @@ sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
-from flax import nnx  # noqa: E402
 
 from configs import benchmark as bench_cfg  # noqa: E402
 from tandem_jax import recipe_router  # noqa: E402
-from tandem_jax.models import router as router_lib  # noqa: E402
 from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows  # noqa: E402
 from tandem_jax.recipe_data import target_index  # noqa: E402
 from tandem_jax.workdir import load_workdir  # noqa: E402
@@ -40,11 +38,9 @@ def main():
   tandem = load_workdir(td).model
   bench = bench_cfg.get_config("smollm2")
   k, r = int(bench.gamma_max), bench.router
-  with nnx.use_eager_sharding(False):
-    router = router_lib.Router(tandem.secondary.cfg.d_model, int(r.top_k), int(r.hidden), rngs=nnx.Rngs(0))
-  state = nnx.state(router)
-  nnx.replace_by_pure_dict(state, recipe_router.read_params(os.path.join(td, recipe_router.ROUTER_FILE)))
-  nnx.update(router, state)
+  # the benchmark's router, as benchmarks/auto_policy.py gets it: reused while its settings match the preset's
+  router = recipe_router.train_router(td, steps=int(r.steps), gamma_max=k, top_k=int(r.top_k), hidden=int(r.hidden),
+                                      sampled_sequences=int(r.sampled_sequences))["router"]
   with open(os.path.join(td, RECIPE_FILE)) as fh:
     rc = RecipeConfig(**json.load(fh))
   dd = os.path.join(td, DATA_DIR)
