@@ -325,6 +325,15 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   assert not on and why.startswith("speculation off for one call, measuring the plain program") and "0.99x" in why
   noisy.record_plain(table, [11], 300.0)
   assert noisy.speedup == pytest.approx(0.988) and costs.speculate(table, noisy)[0]
+  # one call far off the rest (a stall: 0.30x among calls at 0.91-0.93x) does not hold the bound above 1x: from three
+  # calls on the spread is capped at twice the robust one (median absolute deviation), and the key is off
+  stalled = _with_ratios(table, [0.92, 0.93, 0.91, 0.30, 0.92, 0.93], 6)
+  stalled.record_plain(table, [11], 300.0)
+  assert float(np.std(stalled.ratios, ddof=1)) > 0.25 and stalled.spread == pytest.approx(costs.SD_FLOOR)
+  on, why = costs.speculate(table, stalled)
+  assert not on and why.startswith("speculation off") and stalled.bound() < 0.9
+  # a spread the calls share keeps its standard deviation: the wide single-prompt ratios above
+  assert noisy.spread == pytest.approx(float(np.std(noisy.ratios, ddof=1)))
   # a calibrated plain step 9% high (the real-model benchmark's T = 1 batch 1): speculative calls at 0.92x of the true
   # plain time read 1.00x until the key measures the plain program, then speculation is off
   biased = _with_ratios(table, [1.0, 1.0], 2)  # 300 ms for 10 steps of the calibrated 30 ms

@@ -249,7 +249,10 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # confidence bound (UCB1): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1, with n the speculative calls
 # recorded (the last WINDOW), t this key's calls so far (both programs) and sd their ratios' spread: FIRST_SPREAD /
 # sqrt(B) for a batch of B rows while one call cannot show it (rows' acceptances vary independently), then the
-# measured one, at least SD_FLOOR. A clear loss switches off after one call; a loss that calls agree on (a batch
+# measured one, at least SD_FLOOR and, from three calls on, at most ROBUST_CAP times the robust one (from the median
+# absolute deviation: the real-model benchmark's T = 1 batch 1 at a7a8458 read spread 0.25 around 0.86x after six
+# calls and probed eleven calls at 0.87x before its bound fell below 1x; a call or two far off the rest, a stall of
+# the machine, should not keep a loss measured). A clear loss switches off after one call; a loss that calls agree on (a batch
 # whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call) after two, and is then
 # re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide spread (single prompts at
 # batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough calls say it loses. A fixed
@@ -269,7 +272,7 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # instead, to measure the step the ratios are taken against. The calibration's step is one process's minimum of two
 # short runs: on the real-model benchmark's T = 1 batch 1 it was 16.12 ms against the 14.8 ms of `ar`'s calls in the
 # same rounds, so calls at about 0.91x were recorded near 1.00x and the key speculated on every call (0.90x).
-FIRST_SPREAD, SD_FLOOR, WINDOW, CALIBRATION_ERROR = 0.1, 0.03, 32, 0.15
+FIRST_SPREAD, SD_FLOOR, WINDOW, CALIBRATION_ERROR, ROBUST_CAP = 0.1, 0.03, 32, 0.15, 2.0
 
 
 class Outcome:
@@ -304,11 +307,17 @@ class Outcome:
 
   @property
   def spread(self) -> float:
-    """The ratios' standard deviation, at least SD_FLOOR; FIRST_SPREAD / sqrt(rows) while one call cannot show it."""
+    """The ratios' standard deviation, at least SD_FLOOR; FIRST_SPREAD / sqrt(rows) while one call cannot show it.
+    From three calls on it is at most ROBUST_CAP times the robust one (1.4826 x the median absolute deviation from
+    the median), so that one call far off the rest (a stall of the machine) does not hold the bound above 1x for
+    many calls; a spread the calls share (prompts whose acceptances differ) moves the median deviation as much."""
     r = self.ratios
     if len(r) < 2:
       return FIRST_SPREAD / math.sqrt(self.rows)
-    return max(float(np.std(r, ddof=1)), SD_FLOOR)
+    sd = float(np.std(r, ddof=1))
+    if len(r) >= 3:
+      sd = min(sd, ROBUST_CAP * 1.4826 * float(np.median(np.abs(np.array(r) - np.median(r)))))
+    return max(sd, SD_FLOOR)
 
   def bound(self) -> float:
     """UCB1's index of the speculative program for the next call (+inf before the first record)."""
