@@ -5,8 +5,8 @@ new tokens; ``api.calibrate_loop``, the table ``generate(policy="auto")`` measur
   python benchmarks/loop_calibration.py WORKDIR
 
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
-The γ = 0 column less the plain step is what a plain step costs inside the speculative loop (the drafter's step on
-the pending token and the loop's own work).
+The γ = 0 column less the plain step is what a plain step costs inside the speculative loop: the loop's own work
+(the Tandem secondary is not called at γ = 0: its commit writes the primary's states over the pending position).
 """
 import os
 import sys

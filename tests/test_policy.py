@@ -103,6 +103,10 @@ def test_auto_policy_is_lossless_and_switches_within_a_sequence(models, b):
       hist = out.stats["gamma_hist"]
       assert hist.shape == (b, 9) and (hist.sum(1) == out.stats["primary_calls"] - 1).all()
       switched |= bool(((hist[:, 0] > 0) & (hist[:, 1:].sum(1) > 0)).any())
+      if b == 1 and "router" not in models_kw:  # a drafter call per draft, + one per γ = 0 step for the standalone
+        plain_steps = 0 if method == "tandem_speed" else int(hist[0, 0])  # Tandem's commit covers that position
+        assert int(out.stats["drafter_steps"][0]) == int(out.stats["drafted"][0]) + plain_steps, (case, method)
+        assert int(out.stats["secondary_calls"][0]) == int(out.stats["drafter_steps"][0])
   assert switched  # some row had plain primary steps and speculative blocks in one sequence
 
 

@@ -7,9 +7,10 @@ shapes, kept by :func:`cached`): a :class:`CostTable`.
 
 :func:`choose_gamma` is what the decode loop does with it each iteration (traced, inside ``lax.while_loop``): with
 per-row acceptance estimates α_r, a block of γ drafts yields Σ_r (1 - α_r^{γ+1}) / (1 - α_r) tokens for the active
-rows (Leviathan et al., Thm 3.8, per row) and costs max(γ, 1) drafter steps + one verify call of γ + 1 tokens (the
-drafter always reads the pending token, so γ = 0, a plain primary step, keeps its state in sync); the γ with the
-most tokens per millisecond wins.
+rows (Leviathan et al., Thm 3.8, per row) and costs max(γ, 1) drafter steps + one verify call of γ + 1 tokens (a
+standalone drafter always reads the pending token, so γ = 0, a plain primary step, keeps its state in sync; the
+Tandem secondary is not called at γ = 0, and the table built from measured iterations, :func:`loop_table`, holds that
+iteration's cost whatever it runs); the γ with the most tokens per millisecond wins.
 """
 
 from __future__ import annotations
@@ -233,8 +234,8 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 
 
 # -- the host-level switch: the plain ``ar`` program where speculation does not pay -----------------------------------
-# A γ = 0 iteration of the speculative loop still runs the drafter's catch-up step and the loop's bookkeeping, so at a
-# batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
+# A γ = 0 iteration of the speculative loop still runs the loop's bookkeeping (and a standalone drafter's catch-up
+# step), so at a batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
 # chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with the same
 # models and shapes measured: each speculative call records its wall time and the plain steps its tokens would take
 # (its longest row's, one step each after the prefill), and its speedup is the plain program's time for those steps

@@ -15,8 +15,9 @@ Rows that finished stop advancing and drafting; the loop ends when every row is 
 
 Block length policy: ``fixed`` drafts γ = ``block_len`` every iteration (the router may stop earlier); ``auto``
 chooses γ in 0..block_len each iteration from running per-row acceptance estimates and a cost table
-(:mod:`tandem_jax.decoding.costs`), γ = 0 being a plain primary step (the drafter still reads the pending token,
-so its state stays in sync). ``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the
+(:mod:`tandem_jax.decoding.costs`), γ = 0 being a plain primary step (a standalone drafter still reads the pending
+token, so its state stays in sync; the Tandem secondary is not called, since its commit writes the primary's states
+over that position anyway). ``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the
 router (its per-draft predictions know more about this block than the running average does), and ``auto`` chooses
 per call between this loop and the plain program (:func:`tandem_jax.decoding.api.generate`). Two earlier rules lost
 to the router alone in the real-model benchmark: blocks capped at the γ the average favours (236faf5: 0.99 of the
@@ -45,6 +46,7 @@ class Drafter(NamedTuple):
   needs_hidden: bool
   embed: Any       # [N, D] embedding rows of the drafter's logit indices (what the router reads)
   ids: Any = None  # [N] token id of each logit index (a draft vocabulary), None: logits cover the vocabulary
+  idle_free: bool = False  # a block of no drafts needs no drafter call: end() overwrites what begin() would write
 
 
 def standalone_drafter(drafter, capacity: int) -> Drafter:
@@ -90,7 +92,11 @@ def tandem_drafter(tandem, capacity: int) -> Drafter:
   def end(cache, hidden, n, accepted):
     return tandem.commit(cache, hidden, n, accepted + 1)
 
-  return Drafter(init, begin, step, end, True, tandem.secondary.output_embedding(), tandem.secondary.output_ids())
+  # idle_free: begin() writes the secondary's own keys of the pending token at n, and end() writes the primary's
+  # projected ones over position n (and the verified ones after it) whatever begin wrote: in a block of no drafts
+  # (the auto policy's γ = 0) the secondary's call changes nothing, and the loop skips it
+  return Drafter(init, begin, step, end, True, tandem.secondary.output_embedding(), tandem.secondary.output_ids(),
+                 idle_free=True)
 
 
 class Stats(NamedTuple):
@@ -235,8 +241,15 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
           keep = keep & (a >= threshold)
       return d, key, keep, n_draft, drafts, q, reach, expect
 
+    begun = jnp.int32(1)  # the block's first drafter call ran
     with jax.named_scope("draft"):
-      logits, dstate = drafter.begin(dstate, prev, pending, n)
+      if auto and router is None and drafter.idle_free:  # γ = 0: a plain primary step, no drafter call (Drafter)
+        def idle(dstate, *_):
+          return jnp.zeros(jax.eval_shape(drafter.begin, dstate, prev, pending, n)[0].shape, jnp.float32), dstate
+        logits, dstate = jax.lax.cond(gamma > 0, drafter.begin, idle, dstate, prev, pending, n)
+        begun = (gamma > 0).astype(jnp.int32)
+      else:
+        logits, dstate = drafter.begin(dstate, prev, pending, n)
     q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
     reach, expect = (jnp.ones((b,), jnp.float32), jnp.zeros((b,), jnp.float32)) if cost_stop else (None, None)
     d, key, keep, n_draft, drafts, q, reach, expect = record(0, logits, key, active & (gamma > 0), zeros,
@@ -253,9 +266,9 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                                                                c.q, c.reach, c.expect)
       return DraftLoop(c.g + 1, d, dstate, key, keep, n_draft, drafts, q, calls, reach, expect)
 
-    c = jax.lax.while_loop(cond, body, DraftLoop(jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q, ones,
-                                                 reach, expect))
-    return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g
+    c = jax.lax.while_loop(cond, body, DraftLoop(jnp.int32(1), d, dstate, key, keep, n_draft, drafts, q,
+                                                 ones * begun, reach, expect))
+    return c.dstate, c.n_draft, c.drafts, c.q, c.calls, c.g * begun
 
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Each branch accepts on its own
   # positions (no logits padded to K+1, nothing computed for positions it did not verify); the hidden states are
