@@ -235,16 +235,16 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 
 # -- the host-level switch: the plain ``ar`` program where speculation does not pay -----------------------------------
 # A γ = 0 iteration of the speculative loop still runs the loop's bookkeeping (and a standalone drafter's catch-up
-# step), so at a batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")`` therefore
-# chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with the same
-# models and shapes measured: each speculative call records its wall time and the plain steps its tokens would take
-# (its longest row's, one step each after the prefill), and its speedup is the plain program's time for those steps
+# step), so at a batch where drafting never pays the loop is slower than the primary alone. ``generate(policy="auto")``
+# therefore chooses, per call, between its speculative program and the plain ``ar`` one, from what earlier calls with
+# the same models and shapes measured: each speculative call records its wall time and the plain steps its tokens would
+# take (its longest row's, one step each after the prefill), and its speedup is the plain program's time for those steps
 # (prefill + steps x plain step) over that wall time, what the benchmark's ratio to ``ar`` is. The plain step is the
 # median of the plain calls this key ran (wall less prefill, per step), the calibrated one before any: both arms are
-# measured on the calls themselves. (The first rule predicted the speculative time from the block lengths the loop
-# chose at the calibrated iteration costs: free of wall-clock noise, but where a loop step is a fraction of a
-# millisecond the calibration is off by more than the margin; on the toy models' T = 1 batch 8 the table said one
-# draft pays and every call ran at 0.75x of ar.)
+# measured on the calls themselves. (The first rule predicted the speculative time from the block lengths the loop chose
+# at the calibrated iteration costs: free of wall-clock noise, but where a loop step is a fraction of a millisecond the
+# calibration is off by more than the margin; on the toy models' T = 1 batch 8 the table said one draft pays and every
+# call ran at 0.75x of ar.)
 #
 # The choice is a two-armed bandit with one arm the reference (the plain program: 1x), decided by an upper
 # confidence bound (UCB1): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1, with n the speculative calls
@@ -253,9 +253,9 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # measured one, at least SD_FLOOR and, from three calls on, at most ROBUST_CAP times the robust one (from the median
 # absolute deviation: the real-model benchmark's T = 1 batch 1 at a7a8458 read spread 0.25 around 0.86x after six
 # calls and probed eleven calls at 0.87x before its bound fell below 1x; a call or two far off the rest, a stall of
-# the machine, should not keep a loss measured). A clear loss switches off after one call; a loss that calls agree on (a batch
-# whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call) after two, and is then
-# re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide spread (single prompts at
+# the machine, should not keep a loss measured). A clear loss switches off after one call; a loss that calls agree on
+# (a batch whose loop runs mostly γ = 0 iterations, a little dearer than plain steps: 0.9x every call) after two, and
+# is then re-measured ever more rarely (the bound grows with ln t); a ratio near 1 with a wide spread (single prompts at
 # batch 1, whose acceptance varies from prompt to prompt) keeps speculating until enough calls say it loses. A fixed
 # count (this module's first rule: off after 3 calls whose decayed mean was below 1x) switched the real-model
 # benchmark's batch 1 off after its first three calls although fixed γ gained there. A key without a speculative

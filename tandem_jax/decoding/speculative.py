@@ -244,8 +244,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     begun = jnp.int32(1)  # the block's first drafter call ran
     with jax.named_scope("draft"):
       if auto and router is None and drafter.idle_free:  # γ = 0: a plain primary step, no drafter call (Drafter)
-        def idle(dstate, *_):
-          return jnp.zeros(jax.eval_shape(drafter.begin, dstate, prev, pending, n)[0].shape, jnp.float32), dstate
+        def idle(dstate, *_):  # logits over the drafter's N logit indices (its embedding rows), unused
+          return jnp.zeros((b, drafter.embed.shape[0]), jnp.float32), dstate
         logits, dstate = jax.lax.cond(gamma > 0, drafter.begin, idle, dstate, prev, pending, n)
         begun = (gamma > 0).astype(jnp.int32)
       else:
