@@ -349,8 +349,9 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   on, why = costs.speculate(table, biased)
   assert not on and why.startswith("speculation off: the last 2") and "median of 1 plain calls" in why
   # the plain arm has its own bound: one plain call 3% slow (the real-model benchmark's greedy batch 1 at 295c2a8:
-  # plain step 31.14 ms from one call against 30.3 ms in ar's calls) reads calls at 0.97x of the true plain time near
-  # 1.00x, inside the spec arm's bound; the plain program is measured again until its steps say the calls lose
+  # ratios against one plain call's 31.14 ms step read 0.99x for calls at 0.96x of ar in the same rounds) reads calls
+  # at 0.97x of the true plain time near 1.00x, inside the spec arm's bound; the plain program is measured again until
+  # its steps say the calls lose
   rng = np.random.default_rng(0)
   true_ratios = list(0.97 + 0.05 * rng.standard_normal(6))
   one_slow = _with_ratios(table, true_ratios, 7)
