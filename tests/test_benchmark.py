@@ -10,6 +10,7 @@ import numpy as np
 import pytest
 
 from configs import benchmark as bench_cfg
+from conftest import COMPILE_FLAGS
 from tandem_jax.bench import chain, timing
 from tandem_jax.training import loop
 
@@ -22,7 +23,7 @@ HEADLINE = ("accuracy_gain_points", "speedup_tandem_speed_vs_ar", "speedup_tande
 def smoke(tmp_path_factory):
   workdir = str(tmp_path_factory.mktemp("bench"))
   env = dict(os.environ, JAX_PLATFORMS="cpu")
-  env.pop("XLA_FLAGS", None)  # one CPU device, as a user runs it
+  env["XLA_FLAGS"] = COMPILE_FLAGS  # one CPU device, as a user runs it (compiled faster, see conftest)
   proc = subprocess.run([sys.executable, "-m", "tandem_jax.benchmark", f"--workdir={workdir}",
                          "--config=configs/benchmark.py:smoke", "--json"], cwd=REPO, env=env, capture_output=True,
                         text=True, timeout=900)

@@ -11,6 +11,8 @@ import time
 import portpicker
 import pytest
 
+from conftest import COMPILE_FLAGS
+
 pytestmark = pytest.mark.slow
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
@@ -18,7 +20,7 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 def test_two_processes_train_and_stop_together_on_one_sigterm(tmp_path):
   port = portpicker.pick_unused_port()
-  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS="--xla_force_host_platform_device_count=2",
+  env = dict(os.environ, JAX_PLATFORMS="cpu", XLA_FLAGS=COMPILE_FLAGS + " --xla_force_host_platform_device_count=2",
              PYTHONPATH=ROOT + os.pathsep + os.environ.get("PYTHONPATH", ""))
   wd = tmp_path / "wd"
   cmd = [sys.executable, "-m", "tandem_jax.train", f"--config={ROOT}/configs/primary.py:tiny", f"--workdir={wd}",
