@@ -12,7 +12,9 @@
    continuation, tokens/s of both (medians of interleaved repeats, compilation excluded), the speedup, tokens per
    primary call and the acceptance rate α.
 
-Rerunning resumes: the import, the recipe's data and its checkpoints are reused. ``--preset=tiny`` runs the same
+Rerunning resumes: the import, the recipe's data and its checkpoints are reused. ``--preset=cpu_long`` trains the
+drafter on 2.8x the data with twice the steps (recipe.py ``cpu_long``: ~40 minutes, a better drafter, docs/
+pretrained.md); it needs its own workdir (a workdir holding one recipe run refuses another's settings). ``--preset=tiny`` runs the same
 path on a tiny random primary in seconds (tests); ``--from_scratch`` instead trains a primary, a secondary and a
 Tandem-CE secondary on the embedded corpus (configs/base.py presets), the path of the project's first benchmark.
 """
@@ -33,8 +35,10 @@ def define_flags():
   does) must not define or override global flags that ``tandem_jax.generate`` also defines."""
   global _WORKDIR, _PRESET, _FROM_SCRATCH, _GGUF_DIR, _STEPS, _PROMPTS, _MAX_NEW, _BLOCK, _REPEATS, _JSON
   _WORKDIR = flags.DEFINE_string("workdir", "/tmp/tandem_quickstart", "root directory of the runs")
-  _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "tiny"], "cpu: SmolLM2-135M (minutes); tiny: a tiny random "
-                              "primary (seconds, for tests)")
+  _PRESET = flags.DEFINE_enum("preset", "cpu", ["cpu", "cpu_long", "tiny"],
+                              "cpu: SmolLM2-135M (~15 minutes); cpu_long: the same with 2.8x the drafter's data and "
+                              "twice its steps (~40 minutes, a better drafter); tiny: a tiny random primary (seconds, "
+                              "for tests)")
   _FROM_SCRATCH = flags.DEFINE_bool("from_scratch", False, "train primary, secondary and tandem on the embedded "
                                     "corpus instead of using the pretrained primary")
   _GGUF_DIR = flags.DEFINE_string("gguf_dir", "~/.cache/tandem_jax/smollm2", "where the SmolLM2 GGUF file is kept")

@@ -138,6 +138,34 @@ def test_self_distill_equals_generate_and_a_full_forward(primary_dir):
       np.testing.assert_allclose(out["hidden"][j, r, :n], np.asarray(hidden[m, r, :n]), rtol=2e-3, atol=2e-3)
 
 
+def test_corpus_windows_join_the_data_teacher_forced(primary_dir, tmp_path):
+  """``num_corpus_sequences`` (the ``cpu_long`` preset's extra data): corpus windows the primary reads teacher-forced
+  join the generated rows, every position valid, with the labels, top-k and hidden states of a full forward."""
+  assert recipe.PRESETS["cpu_long"].num_corpus_sequences > 0
+  path, docs = primary_dir
+  run = load_workdir(path)
+  primary, tok = run.model, run.tokenizer
+  rc = dataclasses.replace(RC, num_corpus_sequences=3)
+  layers = (primary.cfg.num_layers,)
+  data = recipe.build_data(primary, tok, docs, rc, layers, str(tmp_path / "data"))
+  t = rc.prompt_len + rc.gen_len
+  assert data["tokens"].shape == (rc.num_sequences + 3, t) and data["hidden"].shape[1] == rc.num_sequences + 3
+  windows = recipe_data.corpus_prompts(tok, docs, 3, t, rc.seed + 1)
+  logits, hidden = jax.jit(lambda x: primary.forward(x, return_hidden=True))(windows)
+  for w in range(3):
+    rows = np.flatnonzero((data["tokens"] == windows[w]).all(1))
+    assert len(rows) == 1, "each corpus window is one row of the data"
+    r = int(rows[0])
+    assert data["valid"][r].all()
+    np.testing.assert_array_equal(data["labels"][r], np.argmax(np.asarray(logits[w]), -1))
+    np.testing.assert_allclose(data["hidden"][0, r], np.asarray(hidden[layers[0], w]), rtol=2e-3, atol=2e-3)
+  # the cache is keyed by the setting: the same call reuses it, a run without the windows rebuilds
+  again = recipe.build_data(primary, tok, docs, rc, layers, str(tmp_path / "data"))
+  np.testing.assert_array_equal(again["tokens"], data["tokens"])
+  plain = recipe.build_data(primary, tok, docs, RC, layers, str(tmp_path / "data"))
+  assert plain["tokens"].shape[0] == RC.num_sequences
+
+
 def test_self_distill_sampled_continuations(primary_dir):
   """temperature > 0: the continuations are draws from the primary's softmax(logits / T) (first generated token
   of 1,024 rows of one prompt against the primary's probabilities, its five likeliest tokens within 5 sigma), the kept labels / top-k still match a full
