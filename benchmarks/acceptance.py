@@ -10,6 +10,7 @@ Each TANDEM_DIR is a recipe run's workdir (``python -m tandem_jax.recipe``, the 
 the spread of α over the prompts and α on the first 6 (the benchmark's batch-1 prompts).
 """
 import argparse
+import json
 import os
 import sys
 
@@ -28,11 +29,9 @@ def acceptance(tandem_dir: str, gamma: int, temperature: float, max_new: int) ->
   r = generate("tandem_speed", prompts, tandem=run.model, max_new_tokens=max_new, block_len=gamma,
                sampling=SamplingParams(temperature=temperature), eos_id=run.tokenizer.eos_id)
   acc, drafted = r.stats["accepted"].astype(float), r.stats["drafted"].astype(float)
-  emitted = np.array([len(t) for t in r.tokens], float)
-  calls = r.stats["primary_calls"].astype(float) - 1  # the prefill emits the first token
   per_row = acc / np.maximum(drafted, 1)
-  return dict(alpha=acc.sum() / drafted.sum(), drafts=int(drafted.sum()),
-              tokens_per_call=(emitted.sum() - len(prompts)) / calls.sum(),
+  m = r.summary  # acceptance_rate and tokens_per_primary_call as generate and the quickstart report them
+  return dict(alpha=m["acceptance_rate"], drafts=int(drafted.sum()), tokens_per_call=m["tokens_per_primary_call"],
               row_sd=float(per_row.std()), alpha_first6=acc[:6].sum() / drafted[:6].sum())
 
 
@@ -51,7 +50,6 @@ def main(argv=None):
     s = {}
     summary = os.path.join(d, "recipe_summary.json")
     if os.path.isfile(summary):
-      import json
       with open(summary) as fh:
         s = json.load(fh)
     agree = s.get("validation", {}).get("agreement", float("nan"))

@@ -15,8 +15,9 @@
 Rerunning resumes: the import, the recipe's data and its checkpoints are reused. ``--preset=cpu_long`` trains the
 drafter on 2.8x the data with twice the steps (recipe.py ``cpu_long``: ~40 minutes, a better drafter,
 docs/pretrained.md) in its own workdir (a workdir holding one recipe run refuses another's settings).
-``--preset=tiny`` runs the same path on a tiny random primary in seconds (tests); ``--from_scratch`` instead trains a primary, a secondary and a
-Tandem-CE secondary on the embedded corpus (configs/base.py presets), the path of the project's first benchmark.
+``--preset=tiny`` runs the same path on a tiny random primary in seconds (tests); ``--from_scratch`` instead trains
+a primary, a secondary and a Tandem-CE secondary on the embedded corpus (configs/base.py presets), the path of the
+project's first benchmark.
 """
 
 from __future__ import annotations

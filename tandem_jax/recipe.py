@@ -118,7 +118,8 @@ PRESETS = {
     "cpu": RecipeConfig(),
     # the same + 3,000 corpus windows of 128 tokens the primary reads teacher-forced (384k tokens, ~2x the rate of
     # generation) and twice the steps: ~40 minutes; the drafter overfits 217k tokens (training batches reach
-    # 0.45-0.7 agreement with the primary, held-out rows 0.44), and these 601k tokens lift held-out agreement (docs/pretrained.md)
+    # 0.45-0.7 agreement with the primary, held-out rows 0.44), and these 601k tokens lift held-out agreement
+    # (docs/pretrained.md)
     "cpu_long": RecipeConfig(num_corpus_sequences=3000, steps=3200),
 }
 

@@ -140,7 +140,7 @@ def test_self_distill_equals_generate_and_a_full_forward(primary_dir):
 
 def test_corpus_windows_join_the_data_teacher_forced(primary_dir, tmp_path):
   """``num_corpus_sequences`` (the ``cpu_long`` preset's extra data): corpus windows the primary reads teacher-forced
-  join the generated rows, every position valid, with the labels, top-k and hidden states of a full forward."""
+  join the generated rows, every position valid, with the labels and hidden states of a full forward."""
   assert recipe.PRESETS["cpu_long"].num_corpus_sequences > 0
   path, docs = primary_dir
   run = load_workdir(path)
