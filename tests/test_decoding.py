@@ -303,3 +303,27 @@ def test_bad_inputs_fail_before_compiling(models):
     other = Transformer(tiny_config(vocab_size=80), nnx.Rngs(0))
   with pytest.raises(ValueError, match="one vocabulary"):
     generate("speed", ok, primary=tandem.primary, drafter=other)
+
+
+@pytest.mark.parametrize("method,policy", [("tandem_speed", "fixed"), ("tandem_speed", "auto"), ("speed", "auto")])
+def test_variable_verify_loop_copies_no_cache_buffer(models, method, policy):
+  """A variable-length program's verify calls sit in a ``lax.switch``. Writing the primary's cache inside the
+  branches made XLA copy every layer's buffer twice per iteration (into the branch, and back into the loop's carry;
+  on SmolLM2-135M at batch 1 about 10 MB a step, more at larger batches): the branches now return the block's
+  keys/values and the loop body writes them in place. The compiled loop holds no copy of a cache buffer."""
+  from tandem_jax.hlo_reading import loop_weight_ops
+  tandem, drafter, _ = models
+  kw = dict(tandem=tandem) if method == "tandem_speed" else dict(primary=tandem.primary, drafter=drafter)
+  if policy == "auto":
+    kw.update(policy="auto", costs=costs.cost_table([1.0, 1.1, 1.2, 1.3, 1.4], 0.05))
+  api._compiled.clear()
+  r = generate(method, [[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=8, block_len=2, max_block_len=4, **kw)
+  assert r.stats["drafted"].sum() > 0
+  (program,) = [p for key, p in api._compiled.items() if key[0] == method]
+  _, _, capacity = api.buffer_sizes(5, 8, 4)
+  shape = (2, capacity, P_CFG["num_kv_heads"], P_CFG["head_dim"])  # a layer's [B, S, K, H] buffer
+  text = program.as_text()
+  assert " conditional(" in text  # the switch over verify sizes is there
+  copies = loop_weight_ops(text, [np.prod(shape)], opcodes=("copy",))
+  # (the attention's transposed reads of the cache, [B, K, H, S] copies, are the plain step's too)
+  assert [c for c in copies if c["shape"] == "f32[{}]".format(",".join(map(str, shape)))] == []

@@ -51,6 +51,39 @@ def test_block_extends_match_full_forward(variant):
     assert np.all(np.asarray(cache.lengths) == t)
 
 
+@pytest.mark.parametrize("variant", range(len(VARIANTS) + 1))
+def test_deferred_write_extend_equals_the_writing_extend(variant):
+  """``write="defer"`` (the speculative loop's verify inside a lax.switch): the cache is only read, the block
+  attends to its row's valid prefix and to its own keys, and the keys/values it returns, written at the rows'
+  starts, give the cache the writing extend leaves; logits and hidden states equal. Ragged rows, stale slots past
+  each row's length (a rolled-back block), random block sizes; the last variant has sliding layers, soft-capping
+  and a query scalar (Gemma)."""
+  from tandem_jax import cache as kvcache
+  kw = VARIANTS[variant] if variant < len(VARIANTS) else dict(
+      num_layers=2, layer_types=("sliding", "full"), sliding_window=5, attn_softcap=20.0, query_pre_attn_scalar=12.0)
+  rng = np.random.default_rng(100 + variant)
+  model = _model(seed=variant, **kw)
+  extend = jitted(model, "extend", return_hidden=True, write=True)
+  defer = jitted(model, "extend", return_hidden=True, write="defer")
+  b, cap = 3, 40
+  for case in range(6):
+    cache = model.init_cache(b, cap)
+    prompt = jnp.asarray(rng.integers(0, 64, (b, 16)), jnp.int32)
+    _, _, cache = extend(prompt, cache, return_hidden=True, write=True)
+    # ragged lengths with stale slots after them (as after rejected drafts)
+    cache = cache.with_lengths(jnp.asarray(rng.integers(4, 17, (b,)), jnp.int32))
+    t = int(rng.choice([1, 2, 3, 5, 8]))
+    block = jnp.asarray(rng.integers(0, 64, (b, t)), jnp.int32)
+    logits_w, hidden_w, cache_w = extend(block, cache, return_hidden=True, write=True)
+    logits_d, hidden_d, (new_k, new_v) = defer(block, cache, return_hidden=True, write="defer")
+    np.testing.assert_allclose(logits_d, logits_w, atol=ATOL, err_msg=f"case {case}")
+    np.testing.assert_allclose(hidden_d, hidden_w, atol=ATOL, err_msg=f"case {case}")
+    written_k = kvcache.write_layers(cache.k, new_k, cache.lengths)
+    written_v = kvcache.write_layers(cache.v, new_v, cache.lengths)
+    for got, want in zip(jax.tree.leaves((written_k, written_v)), jax.tree.leaves((cache_w.k, cache_w.v))):
+      np.testing.assert_allclose(got, want, atol=ATOL)
+
+
 def test_last_logits_is_the_last_position_of_the_block():
   model = _model(seed=3)
   extend = jitted(model, "extend", last_logits=True)

@@ -6,7 +6,8 @@ has processed; the pending token t at position n was sampled from the primary bu
 2. the primary processes [t, d_0, .., d_{K-1}] in one block call: K+1 distributions and, for Tandem, hidden states
    (when drafts per block vary, with the router or a γ below the compiled K, the call is the smallest of the
    compiled sizes (:func:`verify_sizes`) that holds every active row's drafts + 1: a lax.switch, so an early stop
-   or a short γ also saves verify work);
+   or a short γ also saves verify work; its branches only read the cache and return the block's keys/values, which
+   the loop body writes in place: a branch writing the cache made XLA copy every layer's buffer twice an iteration);
 3. Algorithm 1 accepts n_acc drafts and yields the next pending token (replacement or bonus); ``tandem``
    (standalone Tandem, §1.5) instead accepts every draft and takes the primary's free token;
 4. the primary's cache is rolled back to n + 1 + n_acc; the drafter is told (Tandem commits the primary's hidden
@@ -32,6 +33,7 @@ from typing import Any, Callable, NamedTuple
 import jax
 import jax.numpy as jnp
 
+from tandem_jax import cache as kvcache
 from tandem_jax.decoding import costs as costs_lib
 from tandem_jax.decoding import output, sampling
 from tandem_jax.decoding.autoregressive import last_logits
@@ -276,16 +278,23 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   sizes = verify_sizes(k, with_plain_step=auto or gate)
   variable = (router is not None or variable_block or auto) and len(sizes) > 1
 
-  def verify_call(size):
+  def verify_call(size, defer=False):
+    """The primary's verify call for ``size`` positions. ``defer`` (a ``lax.switch`` branch): the cache is only read
+    and the block's keys/values come back padded to K + 1 positions, written by the loop body in place (a branch
+    writing into its cache operand makes XLA copy the whole cache twice per iteration: in the branch, and back into
+    the loop's carry)."""
     def call(block, cache_l, drafts, n_draft, q, key):
       with jax.named_scope("verify"):
-        logits, hidden, cache_l = primary.extend(block[:, :size], cache_l, return_hidden=drafter.needs_hidden)
+        logits, hidden, out = primary.extend(block[:, :size], cache_l, return_hidden=drafter.needs_hidden,
+                                             write="defer" if defer else True)
       with jax.named_scope("accept"):
         accepted, nxt = accept(logits, drafts[:, :size - 1], n_draft, None if q is None else q[:, :size - 1], key)
       pad = k + 1 - size
       if pad and hidden is not None:
         hidden = jnp.pad(hidden, ((0, 0), (0, 0), (0, pad), (0, 0)))
-      return accepted, nxt, hidden, cache_l
+      if pad and defer:  # [.., B, T, K, H] per layer (stacked: a leading layer axis): T padded to K + 1
+        out = jax.tree.map(lambda x: jnp.pad(x, [(0, pad if a == x.ndim - 3 else 0) for a in range(x.ndim)]), out)
+      return accepted, nxt, hidden, out
     return call
 
   def accept(logits, drafts, n_draft, q, key):
@@ -317,7 +326,11 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
     else:  # the primary verifies the smallest size holding every active row's drafts + 1
       need = jnp.max(jnp.where(active, n_draft, 0)) + 1
       branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
-      accepted, nxt, hidden, cache_l = jax.lax.switch(branch, [verify_call(s) for s in sizes], *args)
+      accepted, nxt, hidden, (new_k, new_v) = jax.lax.switch(branch, [verify_call(s, defer=True) for s in sizes],
+                                                             *args)
+      with jax.named_scope("verify"):  # the block's keys/values from n (padding past the verified ones: stale slots)
+        cache_l = cache_l.replace(k=kvcache.write_layers(cache_l.k, new_k, n),
+                                  v=kvcache.write_layers(cache_l.v, new_v, n))
     with jax.named_scope("accept"):
       accepted = jnp.where(active, accepted, 0)
     cache_l = cache_l.with_lengths(jnp.where(active, n + 1 + accepted, n))

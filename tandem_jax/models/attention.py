@@ -46,6 +46,30 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
   return out.reshape(b, t, n, h)
 
 
+def attend_parts(q_btnh: jax.Array, parts, *, scale: float | None = None, cap: float = 0.0) -> jax.Array:
+  """:func:`attend` over the concatenation of key/value parts without concatenating them: ``parts`` is a sequence of
+  (k [B, S_i, K, H], v [B, S_i, K, H], mask [B, T, S_i]). Scores are concatenated (small), one softmax over all
+  of them, and the output is the sum of each part's probabilities times its values.
+
+  A block verified against a cache it does not write (:meth:`~tandem_jax.models.transformer.Transformer.extend`
+  with ``write="defer"``) attends to the cache's valid prefix and to its own keys this way: writing them into the
+  cache first would copy the whole cache where the call sits in a ``lax.switch`` branch (a branch may not update its
+  operand in place)."""
+  b, t, n, h = q_btnh.shape
+  kh = parts[0][0].shape[2]
+  q = q_btnh.reshape(b, t, kh, n // kh, h)
+  scale = h ** -0.5 if scale is None else scale
+  scores = [jnp.where(m[:, None, None, :, :],
+                      softcap(jnp.einsum("btkgh,bskh->bkgts", q, k, preferred_element_type=jnp.float32) * scale, cap),
+                      _NEG_INF) for k, _, m in parts]
+  probs = jax.nn.softmax(jnp.concatenate(scores, -1), axis=-1)
+  out, start = None, 0
+  for k, v, _ in parts:
+    o = jnp.einsum("bkgts,bskh->btkgh", probs[..., start:start + k.shape[1]].astype(v.dtype), v)
+    out, start = (o if out is None else out + o), start + k.shape[1]
+  return out.reshape(b, t, n, h)
+
+
 def _key_blocks(s: int, block: int):
   """(number of full blocks, size of the shorter last block or 0) covering ``s`` keys."""
   return s // block, s % block

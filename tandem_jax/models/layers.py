@@ -20,7 +20,7 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tandem_jax.models.attention import attend, blockwise_attend, softcap  # noqa: F401 (attend: re-exported)
+from tandem_jax.models.attention import attend, attend_parts, blockwise_attend, softcap  # noqa: F401 (attend: re-exported)
 from tandem_jax.models.config import TransformerConfig, dtype_of
 from tandem_jax.sharding import constrain
 
@@ -235,6 +235,15 @@ class Block(nnx.Module):
     if c.attention_impl == "blockwise" and min(q_btnh.shape[1], k_bskh.shape[1]) > c.attention_block:
       return blockwise_attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale, block=c.attention_block)
     return attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale)
+
+  @scoped("attn_core")
+  def attend_parts(self, q_btnh, parts, local=None):
+    """:func:`attend_parts` with this layer's scale and soft-capping: ``parts`` is a sequence of (k, v, masks),
+    each ``masks`` a (full, sliding) pair as in :meth:`attend`."""
+    c = self.cfg
+    scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
+    parts = [(k, v, m[0] if m[1] is None else pick(local, m[1], m[0])) for k, v, m in parts]
+    return attend_parts(q_btnh, parts, cap=c.attn_softcap, scale=scale)
 
   def finish(self, x_btd, o_btnh):
     """Residual after attention output ``o``, then the MLP residual."""

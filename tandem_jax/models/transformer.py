@@ -4,8 +4,9 @@ Three ways to run it, all over the same layers:
 - :meth:`Transformer.forward`: full causal pass; logits and, on request, every hidden state x^(0..L)
   (x^(0) = embeddings, x^(j) = output of layer j), which Tandem's projections read.
 - :meth:`Transformer.extend`: k new tokens per row at each row's own position (``cache.lengths``), writing their
-  keys/values into the explicit :class:`~tandem_jax.cache.KVCache`. Prefill of a ragged batch, a single decoding
-  step and the primary's block-mode verification call are all this method.
+  keys/values into the explicit :class:`~tandem_jax.cache.KVCache` (or, with ``write="defer"``, returning them for
+  the caller to write). Prefill of a ragged batch, a single decoding step and the primary's block-mode verification
+  call are all this method.
 - rollback is :meth:`KVCache.rollback`.
 
 Layers are either a Python list (unrolled in the compiled program) or, with ``cfg.scan_layers``, one stacked module
@@ -189,35 +190,53 @@ class Transformer(nnx.Module):
                               dtype or dtype_of(c.dtype), stacked=c.scan_layers)
 
   def extend(self, tokens_bt, cache: kvcache.KVCache, *, extra_embed_btd=None, return_hidden: bool = False,
-             write: bool = True, start_b=None, last_logits: bool = False):
+             write: bool | str = True, start_b=None, last_logits: bool = False):
     """Runs k = T new tokens per row at positions ``start[b] + 0..k-1`` (default start: ``cache.lengths``).
 
     With ``write`` (the default) their keys/values are stored and each row's length becomes start + k (shrink rows
     that had fewer real tokens with :meth:`KVCache.rollback`/``with_lengths``). With ``write=False`` the cache is
-    only read: a query at position p attends to the slots 0..p already in it. Writing past the cache's capacity
-    raises ValueError where it can be known (:func:`~tandem_jax.cache.check_fits`).
-    Returns (logits [B, T, V], hidden [L+1, B, T, D] or None, new cache); with ``last_logits`` the logits are
-    only the last position's, [B, 1, V] (the output layer is the largest matmul of a small model's step).
+    only read: a query at position p attends to the slots 0..p already in it. With ``write="defer"`` the cache is
+    only read as well, but the tokens attend to the slots before their row's start and to their own keys/values
+    (causally), and the third value returned is those keys/values, ``(k, v)`` per layer [B, T, K, H] (a tuple over
+    layers, or [L, B, T, K, H] with ``scan_layers``), for the caller to write (:func:`~tandem_jax.cache.write_layers`)
+    where an in-place write is possible: the speculative loop's verify calls sit in a ``lax.switch``, whose branches
+    would copy the whole cache to write into it.
+    Writing past the cache's capacity raises ValueError where it can be known (:func:`~tandem_jax.cache.check_fits`).
+    Returns (logits [B, T, V], hidden [L+1, B, T, D] or None, new cache or the deferred keys/values); with
+    ``last_logits`` the logits are only the last position's, [B, 1, V] (the output layer is the largest matmul of a
+    small model's step).
     """
+    if write not in (True, False, "defer"):
+      raise ValueError(f"write must be True, False or 'defer', got {write!r}")
     b, t = tokens_bt.shape
     start = cache.lengths if start_b is None else start_b.astype(jnp.int32)
     if write:
       kvcache.check_fits(start, t, cache.capacity)
     positions = start[:, None] + jnp.arange(t, dtype=jnp.int32)[None, :]
-    masks = self.masks(kvcache.attention_mask(positions, cache.capacity), positions,
-                       jnp.arange(cache.capacity, dtype=jnp.int32)[None])
+    slots = jnp.arange(cache.capacity, dtype=jnp.int32)[None]
+    if write == "defer":  # the cache's valid prefix (slots before the row's start), then the block's own keys
+      prefix = jnp.broadcast_to((slots < start[:, None])[:, None, :], (b, t, cache.capacity))
+      masks = (self.masks(prefix, positions, slots),
+               self.masks(jnp.broadcast_to(causal_mask(t), (b, t, t)), positions, positions))
+    else:
+      masks = self.masks(kvcache.attention_mask(positions, cache.capacity), positions, slots)
     x0 = self.embed_tokens(tokens_bt, extra_embed_btd)
 
     def layer_fn(layer, x, kv):
       ck, cv, local = kv
       q, k, v = layer.qkv(x, positions, local)
+      if write == "defer":
+        x = layer.finish(x, layer.attend_parts(q, [(ck, cv, masks[0]), (k, v, masks[1])], local))
+        return x, ((k, v), x if return_hidden else None)
       if write:
         ck, cv = kvcache.write(ck, k, start), kvcache.write(cv, v, start)
       x = layer.finish(x, layer.attend(q, ck, cv, masks, local))
       return x, ((ck, cv) if write else None, x if return_hidden else None)
 
     x, (new_kv, hs) = self.run_layers(layer_fn, x0, self.per_layer(cache.k, cache.v, self.local_flags()))
-    if write:
+    if write == "defer":
+      cache = new_kv
+    elif write:
       cache = cache.replace(k=new_kv[0], v=new_kv[1], lengths=start + t)
     return self.logits(x[:, -1:] if last_logits else x), (self._hidden(x0, hs) if return_hidden else None), cache
 
