@@ -7,6 +7,7 @@ new tokens; ``api.calibrate_loop``, the table ``generate(policy="auto")`` measur
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
 The γ = 0 column less the plain step is what a plain step costs inside the speculative loop: the loop's own work
 (the Tandem secondary is not called at γ = 0: its commit writes the primary's states over the pending position).
+The break-even acceptance (C1 / C0 - 1, the table's ``break_even_alpha``) is where the loop starts drafting.
 """
 import os
 import sys
@@ -21,7 +22,8 @@ for temp in (0.0, 1.0):
   for _ in range(3):
     costs._calibrated.clear()
     t = api.calibrate_loop("tandem_speed", dict(tandem=run.model), batch_size=1, prompt_len=16, max_new_tokens=64,
-                           max_block_len=4, sampling=SamplingParams(temperature=temp)).as_dict()
+                           max_block_len=4, sampling=SamplingParams(temperature=temp))
+    be, t = t.break_even_alpha(), t.as_dict()
     it = [round(v + max(g, 1) * t["draft_ms"], 2) for g, v in enumerate(t["verify_ms"])]
     print(f"T={temp:g}: iteration ms for γ = 0..4 {it}; plain ar step {t['plain_ms']:.2f} ms; γ = 0 over the plain "
-          f"step {it[0] - t['plain_ms']:.2f} ms", flush=True)
+          f"step {it[0] - t['plain_ms']:.2f} ms; break-even acceptance of one draft {be:.3f}", flush=True)

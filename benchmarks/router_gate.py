@@ -1,0 +1,130 @@
+"""What a per-token gate between γ = 0 and γ = 1 can gain with a recipe Tandem's router, free of timing noise.
+
+  python benchmarks/router_gate.py TANDEM_DIR [--plain_ms=27.74 --c0_ms=28.54 --c1_ms=36.09]
+
+Where one draft barely pays (acceptance α near the break-even of a 2-token verify), the router's gain over a fixed
+γ = 1 comes from drafting only where the draft is likely accepted. This script measures how well the router's
+greedy head tells those positions apart, on the recipe's held-out rows (text neither the drafter nor the router
+trained on): every position is a block's first draft (the secondary reads the primary's states of every earlier
+position), the label is whether the secondary's argmax matches the primary's. It prints the head's AUC and
+calibration, then the speed over the plain program of each policy from those outcomes and the iteration costs
+given (the decode loop's calibration: ``tandem_jax.decoding.api.calibrate_loop``, printed by
+``benchmarks/loop_calibration.py``): a plain step ``plain_ms``, an iteration without a draft ``c0_ms``, with one
+``c1_ms`` (defaults: a greedy batch-1 calibration of SmolLM2-135M with the ``cpu_long`` drafter on the 2-core CPU of
+BENCHMARKS.md session 24). Policies: fixed γ = 1; the gate at each threshold θ (draft where the predicted acceptance >= θ); the
+threshold a cost model picks, α_pred (C1 / C0 - 1) break-even; an oracle that drafts exactly where the draft is
+accepted (the bound of any router on this drafter).
+"""
+import argparse
+import json
+import os
+import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+
+import jax  # noqa: E402
+import numpy as np  # noqa: E402
+from flax import nnx  # noqa: E402
+
+from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows  # noqa: E402
+from tandem_jax.recipe_data import target_index  # noqa: E402
+from tandem_jax.recipe_router import ROUTER_FILE, ROUTER_META, read_params, router_labels  # noqa: E402
+from tandem_jax.workdir import load_workdir  # noqa: E402
+
+
+def auc(score, label) -> float:
+  """Probability that a random positive scores above a random negative (ties count half)."""
+  order = np.argsort(score, kind="stable")
+  ranks = np.empty(len(score))
+  s = score[order]
+  i = 0
+  while i < len(s):  # average ranks over ties
+    j = i
+    while j + 1 < len(s) and s[j + 1] == s[i]:
+      j += 1
+    ranks[order[i:j + 1]] = (i + j) / 2 + 1
+    i = j + 1
+  pos = label.astype(bool)
+  n_pos, n_neg = pos.sum(), (~pos).sum()
+  return float((ranks[pos].sum() - n_pos * (n_pos + 1) / 2) / max(n_pos * n_neg, 1))
+
+
+def outcomes(tandem_dir: str, batch: int = 16):
+  """(predicted acceptance, accepted) per valid held-out position, block phase 0."""
+  from tandem_jax.models import router as router_lib
+
+  run = load_workdir(tandem_dir)
+  tandem = run.model
+  with open(os.path.join(tandem_dir, ROUTER_META)) as fh:
+    meta = json.load(fh)
+  with nnx.use_eager_sharding(False):
+    router = router_lib.Router(tandem.secondary.cfg.d_model, meta["top_k"], meta["hidden"], rngs=nnx.Rngs(0))
+  r_def, r_state = nnx.split(router)
+  nnx.replace_by_pure_dict(r_state, read_params(os.path.join(tandem_dir, ROUTER_FILE)))
+  router = nnx.merge(r_def, r_state)
+  with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
+    rc = RecipeConfig(**json.load(fh))
+  data_dir = os.path.join(tandem_dir, DATA_DIR)
+  data = {k[:-4]: np.load(os.path.join(data_dir, k), mmap_mode="r") for k in os.listdir(data_dir)
+          if k.endswith(".npy")}
+  target = target_index(np.asarray(data["labels"]), np.asarray(data["draft_ids"]), tandem.primary.cfg.vocab_size)
+  _, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
+  t_def, t_state = nnx.split(tandem)
+  r_def, r_state = nnx.split(router)
+
+  @jax.jit
+  def predict(t_state, r_state, tokens, hidden, offset, top_idx, top_logp):
+    tandem_, router_ = nnx.merge(t_def, t_state), nnx.merge(r_def, r_state)
+    q = tandem_.secondary_forward(tokens, 1, hidden, block_offset_b=offset)  # block length 1: all first drafts
+    y = router_labels(q, top_idx, top_logp)[..., 1]  # 1: the argmaxes differ (greedy rejection)
+    a = router_.accept_prob(q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding(), greedy=True)
+    return a.reshape(y.shape), 1.0 - y
+
+  preds, accepted = [], []
+  for i in range(0, len(val_rows), batch):
+    rows = val_rows[i:i + batch]
+    b = batch_at(data, rows, target, "tandem", 1, None)
+    a, acc = predict(t_state, r_state, b["tokens"], b["hidden"], b["offset"], b["top_idx"], b["top_logp"])
+    m = b["mask"] > 0
+    preds.append(np.asarray(a)[m])
+    accepted.append(np.asarray(acc)[m])
+  return np.concatenate(preds), np.concatenate(accepted)
+
+
+def main(argv=None):
+  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+  ap.add_argument("tandem_dir")
+  ap.add_argument("--plain_ms", type=float, default=27.74)
+  ap.add_argument("--c0_ms", type=float, default=28.54)
+  ap.add_argument("--c1_ms", type=float, default=36.09)
+  args = ap.parse_args(argv)
+  a, y = outcomes(args.tandem_dir)
+  plain, c0, c1 = args.plain_ms, args.c0_ms, args.c1_ms
+  print(f"{len(a)} held-out positions; acceptance {y.mean():.3f}; router predicts {a.mean():.3f} on average; "
+        f"AUC {auc(a, y):.3f}")
+  for lo, hi in zip(np.linspace(0, 1, 6)[:-1], np.linspace(0, 1, 6)[1:]):
+    m = (a >= lo) & (a < hi + (hi == 1))
+    if m.any():
+      print(f"  predicted [{lo:.1f}, {hi:.1f}): {m.mean():.3f} of positions, acceptance {y[m].mean():.3f}")
+
+  def speed(draft):  # tokens per ms over the plain program's, one iteration per position visited
+    tokens = 1 + draft * y
+    return plain * tokens.sum() / np.where(draft, c1, c0).sum()
+
+  rows = [("plain program", 1.0), ("γ = 0 every iteration", plain / c0), ("fixed γ = 1", speed(np.ones_like(y)))]
+  thetas = np.round(np.arange(0.05, 1.0, 0.05), 2)
+  gate = {t: speed((a >= t).astype(float)) for t in thetas}
+  best = max(gate, key=gate.get)
+  be = c1 / c0 - 1
+  rows += [(f"gate, best θ = {best:.2f} (in hindsight)", gate[best]),
+           (f"gate, θ = break-even {be:.2f} (C1 / C0 - 1)", speed((a >= be).astype(float))),
+           ("oracle (drafts exactly the accepted)", speed(y))]
+  fixed = rows[2][1]
+  print("\n| policy | speed over the plain program | over fixed γ = 1 |\n|---|---|---|")
+  for name, v in rows:
+    print(f"| {name} | {v:.3f} | {v / fixed:.3f} |")
+  print("\nθ: " + ", ".join(f"{t:.2f} {v:.3f}" for t, v in gate.items()))
+
+
+if __name__ == "__main__":
+  main()
