@@ -287,6 +287,8 @@ def markdown(r: dict) -> str:
                         if "probes" in a else ""))
         if a.get("last_probe"):
           lines.append(f"the last probe's reason: {a['last_probe']}")
+      if a.get("table"):
+        lines.append(f"auto's loop table: {timing.table_line(a['table'])}")
     if "ar_again" in row:
       sp = row["ar_again"]["speedup_per_round"]
       lines.append(f"ar timed again as a second cell (its very program: the spread between two cells that cannot "

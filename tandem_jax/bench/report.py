@@ -9,6 +9,8 @@ import os
 import jax
 import numpy as np
 
+from tandem_jax.bench import timing
+
 RESULTS_FILE, REPORT_FILE = "results.json", "report.md"
 PLOT_SPEEDUP, PLOT_HIST = "speedup_vs_gamma.png", "accepted_lengths.png"
 
@@ -107,6 +109,8 @@ def markdown(r: dict, plots: list[str]) -> str:
             f"timed calls; γ per iteration: {hist}); "
             f"{a['vs_best_fixed']:.2f}x the best fixed γ; timed calls that probed (speculated on a record below 1x, "
             f"all rounds): {a.get('probes', 'n/a')}."]
+      if a.get("table"):
+        L += [f"auto's loop table: {timing.table_line(a['table'])}."]
     if "ar_again" in row:
       again = row["ar_again"]
       L += ["", f"ar timed again as a second cell (its very program: the spread between two cells that cannot differ, "

@@ -37,6 +37,8 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
     wall += r.wall_time
     agg["call_walls"].append((round(r.wall_time, 4), bool(r.ran_plain)))  # per call: seconds, ran the plain program
     agg["call_notes"].append(r.policy_note)  # auto: why it ran the plain program or probed ("" when simply ahead)
+    if r.costs is not None:  # auto: the loop's calibrated table, with the acceptance prior of this call
+      agg["table"] = dict(r.costs.as_dict(), break_even_alpha=r.costs.break_even_alpha())
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
     agg["calls"] += 1
@@ -127,15 +129,26 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
 # -- per-call costs ---------------------------------------------------------------------------------------------
 def auto_calls(cell: dict) -> dict:
   """What an ``auto`` cell's calls did (an :func:`interleaved` result): the last round's calls, how many ran the plain
-  program, their wall times and policy notes, the γ chosen per iteration, and over every timed round how many probed
-  (speculated on a record below 1x) and the last probe's reason."""
+  program, their wall times and policy notes, the γ chosen per iteration, over every timed round how many probed
+  (speculated on a record below 1x) and the last probe's reason, and the cost table the last call read (its loop's
+  calibration, break-even acceptance and acceptance prior: what the γ choices followed)."""
   run = cell["run"]
   return dict(calls=int(run["calls"]), plain_calls=int(run["plain_calls"]),
               gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
               call_walls=run["call_walls"],  # the last round's calls, (seconds, ran the plain program) each
               call_notes=run["call_notes"],  # their policy notes, in call_walls' order
               probes=sum(n.startswith("probing") for n in cell["notes"]),
-              last_probe=next((n for n in reversed(cell["notes"]) if n.startswith("probing")), ""))
+              last_probe=next((n for n in reversed(cell["notes"]) if n.startswith("probing")), ""),
+              table=run.get("table"))  # the cost table its last call read (None: no auto call)
+
+
+def table_line(t: dict) -> str:
+  """An auto cell's cost table in words: the loop's iteration costs per γ, the plain step, the break-even acceptance
+  of one draft and the acceptance prior the call started from."""
+  it = [v + max(g, 1) * t["draft_ms"] for g, v in enumerate(t["verify_ms"])]
+  return (f"iteration ms for γ = 0..{len(it) - 1} " + " / ".join(f"{x:.2f}" for x in it)
+          + f", plain step {t['plain_ms']:.2f} ms, break-even acceptance {t['break_even_alpha']:.3f}, "
+          f"prior α of the last call {t['prior_alpha']:.3f}")
 
 
 def auto_row(res: dict, ar_times: list[float], best_fixed: str | None, gamma_max: int) -> dict:
