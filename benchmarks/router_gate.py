@@ -26,9 +26,10 @@ import jax  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
+from tandem_jax import recipe_router  # noqa: E402
 from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows  # noqa: E402
 from tandem_jax.recipe_data import target_index  # noqa: E402
-from tandem_jax.recipe_router import ROUTER_FILE, ROUTER_META, read_params, router_labels  # noqa: E402
+from tandem_jax.recipe_router import router_labels  # noqa: E402
 from tandem_jax.workdir import load_workdir  # noqa: E402
 
 
@@ -51,17 +52,15 @@ def auc(score, label) -> float:
 
 def outcomes(tandem_dir: str, batch: int = 16):
   """(predicted acceptance, accepted) per valid held-out position, block phase 0."""
-  from tandem_jax.models import router as router_lib
+  from configs import benchmark as bench_cfg
 
-  run = load_workdir(tandem_dir)
-  tandem = run.model
-  with open(os.path.join(tandem_dir, ROUTER_META)) as fh:
-    meta = json.load(fh)
-  with nnx.use_eager_sharding(False):
-    router = router_lib.Router(tandem.secondary.cfg.d_model, meta["top_k"], meta["hidden"], rngs=nnx.Rngs(0))
-  r_def, r_state = nnx.split(router)
-  nnx.replace_by_pure_dict(r_state, read_params(os.path.join(tandem_dir, ROUTER_FILE)))
-  router = nnx.merge(r_def, r_state)
+  # the benchmark's router, with its settings: reused from the workdir, not retrained (as benchmarks/auto_policy.py)
+  bench = bench_cfg.get_config("smollm2")
+  r = bench.router
+  router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max),
+                                      top_k=int(r.top_k), hidden=int(r.hidden),
+                                      sampled_sequences=int(r.sampled_sequences))["router"]
+  tandem = load_workdir(tandem_dir).model
   with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
     rc = RecipeConfig(**json.load(fh))
   data_dir = os.path.join(tandem_dir, DATA_DIR)

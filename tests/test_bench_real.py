@@ -36,7 +36,7 @@ def test_smollm2_benchmark_smoke(tmp_path):
     assert all(n.startswith("speculation off") for n, (_, plain) in zip(a["call_notes"], a["call_walls"]) if plain)
     # the cost table its γ choices followed, kept and reported (break-even from the loop's own iteration costs)
     t = a["table"]
-    assert len(t["verify_ms"]) == a["gamma_max"] + 1 and 0 < t["prior_alpha"] <= 1
+    assert len(t["verify_ms"]) == len(t["iteration_ms"]) == a["gamma_max"] + 1 and 0 < t["prior_alpha"] <= 1
     assert f"break-even acceptance {t['break_even_alpha']:.3f}" in r["report"]
   assert {"tandem", "standalone"} == set(r["table1"]) and 0 <= r["table1"]["tandem"]["tv"] <= 1
   assert set(r["targets"]) == {k for k, _, _ in real.TARGETS}

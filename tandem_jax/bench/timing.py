@@ -11,6 +11,7 @@ from typing import Callable
 import numpy as np
 
 from tandem_jax.decoding import SamplingParams, generate
+from tandem_jax.decoding import costs as costs_lib
 from tandem_jax.decoding.costs import call_ms, spread  # noqa: F401 - the benchmark's per-call table
 
 
@@ -38,7 +39,9 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
     agg["call_walls"].append((round(r.wall_time, 4), bool(r.ran_plain)))  # per call: seconds, ran the plain program
     agg["call_notes"].append(r.policy_note)  # auto: why it ran the plain program or probed ("" when simply ahead)
     if r.costs is not None:  # auto: the loop's calibrated table, with the acceptance prior of this call
-      agg["table"] = dict(r.costs.as_dict(), break_even_alpha=r.costs.break_even_alpha())
+      it = costs_lib.iteration_costs(r.costs, r.costs.max_block_len)  # what choose_gamma weighs for γ = 0..K
+      agg["table"] = dict(r.costs.as_dict(), break_even_alpha=r.costs.break_even_alpha(),
+                          iteration_ms=[float(x) for x in np.asarray(it)])
     agg.setdefault("tokens", 0)
     agg["tokens"] += sum(len(t) for t in r.tokens)
     agg["calls"] += 1
@@ -145,7 +148,7 @@ def auto_calls(cell: dict) -> dict:
 def table_line(t: dict) -> str:
   """An auto cell's cost table in words: the loop's iteration costs per γ, the plain step, the break-even acceptance
   of one draft and the acceptance prior the call started from."""
-  it = [v + max(g, 1) * t["draft_ms"] for g, v in enumerate(t["verify_ms"])]
+  it = t["iteration_ms"]
   return (f"iteration ms for γ = 0..{len(it) - 1} " + " / ".join(f"{x:.2f}" for x in it)
           + f", plain step {t['plain_ms']:.2f} ms, break-even acceptance {t['break_even_alpha']:.3f}, "
           f"prior α of the last call {t['prior_alpha']:.3f}")

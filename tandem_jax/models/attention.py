@@ -34,16 +34,7 @@ def attend(q_btnh: jax.Array, k_bskh: jax.Array, v_bskh: jax.Array, mask_bts: ja
   """Softmax attention with grouped query heads. Scores and softmax in fp32. Returns [B, T, N, H].
 
   ``scale``: the scores' factor (default head_dim ** -0.5); ``cap``: soft-capping of the scores (0: off)."""
-  b, t, n, h = q_btnh.shape
-  kh = k_bskh.shape[2]
-  q = q_btnh.reshape(b, t, kh, n // kh, h)
-  scores = jnp.einsum("btkgh,bskh->bkgts", q, k_bskh, preferred_element_type=jnp.float32) * (
-      h ** -0.5 if scale is None else scale)
-  scores = softcap(scores, cap)
-  scores = jnp.where(mask_bts[:, None, None, :, :], scores, _NEG_INF)
-  probs = jax.nn.softmax(scores, axis=-1).astype(v_bskh.dtype)
-  out = jnp.einsum("bkgts,bskh->btkgh", probs, v_bskh)
-  return out.reshape(b, t, n, h)
+  return attend_parts(q_btnh, [(k_bskh, v_bskh, mask_bts)], scale=scale, cap=cap)
 
 
 def attend_parts(q_btnh: jax.Array, parts, *, scale: float | None = None, cap: float = 0.0) -> jax.Array:

@@ -20,7 +20,8 @@ import jax
 import jax.numpy as jnp
 from flax import nnx
 
-from tandem_jax.models.attention import attend, attend_parts, blockwise_attend, softcap  # noqa: F401 (attend: re-exported)
+from tandem_jax.models.attention import (attend, attend_parts, blockwise_attend,  # noqa: F401 (attend: re-exported)
+                                        softcap)
 from tandem_jax.models.config import TransformerConfig, dtype_of
 from tandem_jax.sharding import constrain
 
@@ -132,6 +133,11 @@ def sliding_mask(mask_bts: jax.Array, q_positions_bt: jax.Array, k_positions_bs:
   return mask_bts & (q_positions_bt[:, :, None] - k_positions_bs[:, None, :] < window)
 
 
+def _pick_mask(masks, local):
+  """The mask of a layer from a (full, sliding) pair (sliding None without sliding layers); ``local`` picks."""
+  return masks[0] if masks[1] is None else pick(local, masks[1], masks[0])
+
+
 class Attention(nnx.Module):
   def __init__(self, cfg: TransformerConfig, rngs: nnx.Rngs):
     self.cfg = cfg
@@ -228,22 +234,24 @@ class Block(nnx.Module):
     """:func:`attend` with this layer's score scale, soft-capping and mask: ``masks`` is (full, sliding) (the
     sliding one None when the model has no sliding layer); ``local`` picks. With ``attention_impl="blockwise"``,
     queries and keys both longer than ``attention_block`` go through :func:`blockwise_attend`."""
-    c = self.cfg
-    mask = masks[0] if masks[1] is None else pick(local, masks[1], masks[0])
-    scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
+    c, mask = self.cfg, _pick_mask(masks, local)
     # Blockwise only where a [T, S] score tensor would be large: cached decode steps (T of a few tokens) stay plain.
     if c.attention_impl == "blockwise" and min(q_btnh.shape[1], k_bskh.shape[1]) > c.attention_block:
-      return blockwise_attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale, block=c.attention_block)
-    return attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=scale)
+      return blockwise_attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=self._scale(),
+                              block=c.attention_block)
+    return attend(q_btnh, k_bskh, v_bskh, mask, cap=c.attn_softcap, scale=self._scale())
 
   @scoped("attn_core")
   def attend_parts(self, q_btnh, parts, local=None):
     """:func:`attend_parts` with this layer's scale and soft-capping: ``parts`` is a sequence of (k, v, masks),
     each ``masks`` a (full, sliding) pair as in :meth:`attend`."""
+    parts = [(k, v, _pick_mask(m, local)) for k, v, m in parts]
+    return attend_parts(q_btnh, parts, cap=self.cfg.attn_softcap, scale=self._scale())
+
+  def _scale(self):
+    """The scores' factor: query_pre_attn_scalar ** -0.5 (Gemma), else None (head_dim ** -0.5)."""
     c = self.cfg
-    scale = c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
-    parts = [(k, v, m[0] if m[1] is None else pick(local, m[1], m[0])) for k, v, m in parts]
-    return attend_parts(q_btnh, parts, cap=c.attn_softcap, scale=scale)
+    return c.query_pre_attn_scalar ** -0.5 if c.query_pre_attn_scalar else None
 
   def finish(self, x_btd, o_btnh):
     """Residual after attention output ``o``, then the MLP residual."""
