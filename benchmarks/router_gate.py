@@ -13,7 +13,9 @@ given (the decode loop's calibration: ``tandem_jax.decoding.api.calibrate_loop``
 ``c1_ms`` (defaults: a greedy batch-1 calibration of SmolLM2-135M with the ``cpu_long`` drafter on the 2-core CPU of
 BENCHMARKS.md session 24). Policies: fixed γ = 1; the gate at each threshold θ (draft where the predicted acceptance >= θ); the
 threshold a cost model picks, α_pred (C1 / C0 - 1) break-even; an oracle that drafts exactly where the draft is
-accepted (the bound of any router on this drafter).
+accepted (the bound of any router on this drafter). Last, each row walked in order: the ``auto`` loop's running
+acceptance estimate choosing γ = 0 or 1 against fixed γ = 1 and a per-row oracle, with the outcomes' lag-1
+autocorrelation (whether a stretch of rejections predicts the next draft's).
 """
 import argparse
 import json
@@ -27,6 +29,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
 from tandem_jax import recipe_router  # noqa: E402
+from tandem_jax.decoding import costs  # noqa: E402
 from tandem_jax.recipe import DATA_DIR, RECIPE_FILE, RecipeConfig, batch_at, split_rows  # noqa: E402
 from tandem_jax.recipe_data import target_index  # noqa: E402
 from tandem_jax.recipe_router import router_labels  # noqa: E402
@@ -51,7 +54,7 @@ def auc(score, label) -> float:
 
 
 def outcomes(tandem_dir: str, batch: int = 16):
-  """(predicted acceptance, accepted) per valid held-out position, block phase 0."""
+  """(predicted acceptance, accepted, row) per valid held-out position in order, block phase 0."""
   from configs import benchmark as bench_cfg
 
   # the benchmark's router, with its settings: reused from the workdir, not retrained (as benchmarks/auto_policy.py)
@@ -79,7 +82,7 @@ def outcomes(tandem_dir: str, batch: int = 16):
     a = router_.accept_prob(q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding(), greedy=True)
     return a.reshape(y.shape), 1.0 - y
 
-  preds, accepted = [], []
+  preds, accepted, row_ids = [], [], []
   for i in range(0, len(val_rows), batch):
     rows = val_rows[i:i + batch]
     b = batch_at(data, rows, target, "tandem", 1, None)
@@ -87,7 +90,8 @@ def outcomes(tandem_dir: str, batch: int = 16):
     m = b["mask"] > 0
     preds.append(np.asarray(a)[m])
     accepted.append(np.asarray(acc)[m])
-  return np.concatenate(preds), np.concatenate(accepted)
+    row_ids.append(np.broadcast_to(np.asarray(rows)[:, None], m.shape)[m])
+  return np.concatenate(preds), np.concatenate(accepted), np.concatenate(row_ids)
 
 
 def main(argv=None):
@@ -97,7 +101,7 @@ def main(argv=None):
   ap.add_argument("--c0_ms", type=float, default=28.54)
   ap.add_argument("--c1_ms", type=float, default=36.09)
   args = ap.parse_args(argv)
-  a, y = outcomes(args.tandem_dir)
+  a, y, rows = outcomes(args.tandem_dir)
   plain, c0, c1 = args.plain_ms, args.c0_ms, args.c1_ms
   print(f"{len(a)} held-out positions; acceptance {y.mean():.3f}; router predicts {a.mean():.3f} on average; "
         f"AUC {auc(a, y):.3f}")
@@ -110,19 +114,56 @@ def main(argv=None):
     tokens = 1 + draft * y
     return plain * tokens.sum() / np.where(draft, c1, c0).sum()
 
-  rows = [("plain program", 1.0), ("γ = 0 every iteration", plain / c0), ("fixed γ = 1", speed(np.ones_like(y)))]
+  table = [("plain program", 1.0), ("γ = 0 every iteration", plain / c0), ("fixed γ = 1", speed(np.ones_like(y)))]
   thetas = np.round(np.arange(0.05, 1.0, 0.05), 2)
   gate = {t: speed((a >= t).astype(float)) for t in thetas}
   best = max(gate, key=gate.get)
   be = c1 / c0 - 1
-  rows += [(f"gate, best θ = {best:.2f} (in hindsight)", gate[best]),
+  table += [(f"gate, best θ = {best:.2f} (in hindsight)", gate[best]),
            (f"gate, θ = break-even {be:.2f} (C1 / C0 - 1)", speed((a >= be).astype(float))),
            ("oracle (drafts exactly the accepted)", speed(y))]
-  fixed = rows[2][1]
+  fixed = table[2][1]
   print("\n| policy | speed over the plain program | over fixed γ = 1 |\n|---|---|---|")
-  for name, v in rows:
+  for name, v in table:
     print(f"| {name} | {v:.3f} | {v / fixed:.3f} |")
   print("\nθ: " + ", ".join(f"{t:.2f} {v:.3f}" for t, v in gate.items()))
+  sequential(y, rows, plain, c0, c1)
+
+
+def sequential(y, rows, plain, c0, c1):
+  """The auto policy's running estimate against fixed γ = 1, walking each held-out row in order (an accepted draft
+  skips a position), with the loop's own estimator (costs.update_counts / estimate: DECAY, a prior at the rows'
+  mean acceptance with RECORDED_WEIGHT) choosing between γ = 0 and 1 at the break-even C1 / C0 - 1; and a per-row
+  oracle (γ = 1 on a row exactly when its own acceptance is above break-even). Adapting pays only where acceptance
+  varies between stretches of text more than its sampling noise: the lag-1 autocorrelation says how much."""
+  seqs = [y[rows == r] for r in np.unique(rows)]
+  be, prior = c1 / c0 - 1, float(y.mean())
+  lag1 = np.nanmean([np.corrcoef(s[:-1], s[1:])[0, 1] for s in seqs if len(s) > 2 and 0 < s.mean() < 1])
+  row_alpha = np.array([s.mean() for s in seqs])
+  print(f"\n{len(seqs)} rows in order: acceptance per row 10/50/90% {np.quantile(row_alpha, [0.1, 0.5, 0.9]).round(3)},"
+        f" lag-1 autocorrelation of outcomes {lag1:.3f}")
+
+  def walk(policy):  # policy(row, state) -> draft?; returns speed over the plain program
+    tokens = ms = 0.0
+    for s in seqs:
+      state = dict(a=0.0, r=0.0)
+      t = 0
+      while t < len(s):
+        if policy(s, state):
+          acc = float(s[t])
+          tokens, ms, t = tokens + 1 + acc, ms + c1, t + 1 + int(acc)
+          state["a"], state["r"] = costs.DECAY * state["a"] + acc, costs.DECAY * state["r"] + 1 - acc
+        else:
+          tokens, ms, t = tokens + 1, ms + c0, t + 1
+          state["a"], state["r"] = costs.DECAY * state["a"], costs.DECAY * state["r"]
+    return plain * tokens / ms
+
+  w = costs.RECORDED_WEIGHT
+  fixed = walk(lambda s, st: True)
+  auto = walk(lambda s, st: (st["a"] + w * prior) / (st["a"] + st["r"] + w) > be)
+  oracle = walk(lambda s, st: s.mean() > be)
+  print(f"fixed γ = 1 {fixed:.3f}; the auto estimator (decay {costs.DECAY}, prior {prior:.3f} x {w:g}) {auto:.3f} "
+        f"({auto / fixed:.3f} of fixed); per-row oracle {oracle:.3f} ({oracle / fixed:.3f} of fixed)")
 
 
 if __name__ == "__main__":

@@ -29,8 +29,41 @@ def _computations(hlo_text: str) -> dict[str, list[str]]:
   return comps
 
 
+def loop_bodies(hlo_text: str) -> dict[str, list[str]]:
+  """{computation: the bodies of the ``while`` loops it runs directly}, for the entry computation and every loop
+  body: loops reached through calls and conditional branches count, loops inside those loops belong to them (a
+  decode loop's iterations, a drafting loop inside an iteration, ...)."""
+  comps = _computations(hlo_text)
+  entry = next((_COMPUTATION.match(line).group(1) for line in hlo_text.splitlines() if line.startswith("ENTRY")),
+               None)
+
+  def direct(name, seen):
+    found = []
+    for line in comps.get(name, ()):
+      m = _OP.match(line)
+      if m and m.group(2) == "while":
+        found += re.findall(r"body=%?([\w.\-]+)", line)
+      elif m and m.group(2) != "fusion":
+        for group in _CALLEE.findall(line):
+          for c in group.split(","):
+            c = c.strip().lstrip("%")
+            if c not in seen:
+              seen.add(c)
+              found += direct(c, seen)
+    return found
+
+  out, todo = {}, [entry]
+  while todo:
+    name = todo.pop()
+    if name is None or name in out:
+      continue
+    out[name] = direct(name, {name})
+    todo += out[name]
+  return out
+
+
 def loop_weight_ops(hlo_text: str, weight_elements, opcodes=("convert", "all-gather", "all-gather-done"),
-                    whole_program: bool = False, result_dtypes=None) -> list[dict]:
+                    whole_program: bool = False, result_dtypes=None, bodies=None) -> list[dict]:
   """The ``opcodes`` ops that write a weight-sized array (as many elements as a weight: ``weight_elements``, the
   counts per device and whole) inside ``while`` loop bodies and what they call: a weight converted or gathered
   on every iteration, where it should be done once before the loop. ``whole_program``: the whole program instead
@@ -40,6 +73,8 @@ def loop_weight_ops(hlo_text: str, weight_elements, opcodes=("convert", "all-gat
   convert is a register value (TPU computes a 1-row matmul as a fused multiply-reduce in f32, converting the bf16
   weight on the fly while reading it once). ``result_dtypes`` (e.g. {"bf16"}): only results of these HLO dtypes
   (the CPU backend upcasts bf16 dot operands to f32 itself, a lowering the TPU does not have).
+
+  ``bodies``: only these loop bodies (and what they call, their inner loops included), instead of every loop's.
 
   Reads the optimized HLO text (``compiled.as_text()``); returns [{computation, opcode, shape, elements}]."""
   comps = _computations(hlo_text)
@@ -56,8 +91,10 @@ def loop_weight_ops(hlo_text: str, weight_elements, opcodes=("convert", "all-gat
   for line in hlo_text.splitlines():
     if whole_program and line.startswith("ENTRY"):
       roots.add(_COMPUTATION.match(line).group(1))
-    elif not whole_program and " while(" in line:
+    elif not whole_program and bodies is None and " while(" in line:
       roots.update(re.findall(r"body=%?([\w.\-]+)", line))
+  if bodies is not None and not whole_program:
+    roots.update(bodies)
   found, seen, todo = [], set(), sorted(roots)
   while todo:
     name = todo.pop()

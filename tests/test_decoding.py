@@ -8,7 +8,7 @@ from flax import nnx
 
 from conftest import tiny_config
 from tandem_jax import sharding
-from tandem_jax.decoding import SamplingParams, api, costs, generate
+from tandem_jax.decoding import SamplingParams, api, costs, generate, speculative
 from tandem_jax.models import LLMToSLM, TandemConfig, TandemLM, Transformer
 from tandem_jax.models.router import Router
 from tandem_jax.models.tandem import decode_block_offset
@@ -306,15 +306,17 @@ def test_bad_inputs_fail_before_compiling(models):
 
 
 @pytest.mark.parametrize("method,policy", [("tandem_speed", "fixed"), ("tandem_speed", "auto"), ("speed", "auto")])
-def test_variable_verify_loop_copies_no_cache_buffer(models, method, policy):
-  """A variable-length program's verify calls sit in a ``lax.switch``. Writing the primary's cache inside the
-  branches made XLA copy every layer's buffer twice per iteration (into the branch, and back into the loop's carry;
-  on SmolLM2-135M at batch 1 about 10 MB a step, more at larger batches): the branches now return the block's
-  keys/values and the loop body writes them in place. The compiled loop holds no copy of a cache buffer."""
-  from tandem_jax.hlo_reading import loop_weight_ops
+def test_decode_iterations_copy_no_cache_buffer(models, method, policy):
+  """No decode iteration copies a KV-cache buffer. A variable-length program's verify calls sit in a ``lax.switch``;
+  writing the primary's cache inside the branches made XLA copy every layer's buffer twice per iteration (into the
+  branch, and back into the loop's carry; on SmolLM2-135M at batch 1 about 10 MB a step): the branches return the
+  block's keys/values and the loop body writes them in place. The ``auto`` policy runs segments: its loop body
+  runs an inner loop per γ, each iterating at its γ with the one verify size γ + 1 written in place (a ``lax.switch``
+  over such loops copied the whole cache into and out of each); the whole decode loop holds no copy."""
+  from tandem_jax.hlo_reading import loop_bodies, loop_weight_ops
   tandem, drafter, _ = models
   kw = dict(tandem=tandem) if method == "tandem_speed" else dict(primary=tandem.primary, drafter=drafter)
-  if policy == "auto":
+  if policy == "auto":  # a table under which γ = 0 and γ = 2 both win on some iterations
     kw.update(policy="auto", costs=costs.cost_table([1.0, 1.1, 1.2, 1.3, 1.4], 0.05))
   api._compiled.clear()
   r = generate(method, [[1, 2, 3, 4, 5], [6, 7]], max_new_tokens=8, block_len=2, max_block_len=4, **kw)
@@ -323,7 +325,14 @@ def test_variable_verify_loop_copies_no_cache_buffer(models, method, policy):
   _, _, capacity = api.buffer_sizes(5, 8, 4)
   shape = (2, capacity, P_CFG["num_kv_heads"], P_CFG["head_dim"])  # a layer's [B, S, K, H] buffer
   text = program.as_text()
-  assert " conditional(" in text  # the switch over verify sizes is there
-  copies = loop_weight_ops(text, [np.prod(shape)], opcodes=("copy",))
+  loops = loop_bodies(text)
+  # the decode loop: of the loops the entry computation runs (others are small: RNG, searches), the one that runs
+  # the most loops (drafting loops; auto: its segments)
+  decode_loop = max(loops[next(iter(loops))], key=lambda name: len(loops[name]))
+  if policy == "fixed":  # its verify calls sit in a switch over sizes
+    assert " conditional(" in text
+  else:  # the loops its body runs are the segments, one per γ
+    assert len(loops[decode_loop]) == len(speculative.verify_sizes(4, with_plain_step=True))
+  copies = loop_weight_ops(text, [np.prod(shape)], opcodes=("copy",), bodies=[decode_loop])
   # (the attention's transposed reads of the cache, [B, K, H, S] copies, are the plain step's too)
   assert [c for c in copies if c["shape"] == "f32[{}]".format(",".join(map(str, shape)))] == []

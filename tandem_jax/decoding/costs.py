@@ -182,8 +182,9 @@ def expected_tokens(alpha_b: jax.Array, max_block_len: int) -> jax.Array:
 
 
 def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_block_len: int,
-                 cap=None, remaining_b: jax.Array | None = None) -> jax.Array:
-  """The γ in 0..min(K, cap) that finishes the batch soonest (int32 scalar).
+                 cap=None, remaining_b: jax.Array | None = None, allowed=None) -> jax.Array:
+  """The γ in 0..min(K, cap) (and among ``allowed``, a sequence of γ, when given) that finishes the batch soonest
+  (int32 scalar).
 
   Without ``remaining_b``: the most expected tokens per ms summed over the active rows. With ``remaining_b`` (each
   row's tokens still to emit): the least predicted time until the last active row is done, max_r remaining_r /
@@ -200,6 +201,8 @@ def choose_gamma(alpha_b: jax.Array, active_b: jax.Array, table: CostTable, max_
     rate = -jnp.max(rows, axis=0) * cost
   if cap is not None:
     rate = jnp.where(g <= cap, rate, -jnp.inf)
+  if allowed is not None:
+    rate = jnp.where(jnp.isin(g, jnp.asarray(allowed, jnp.int32)), rate, -jnp.inf)
   return jnp.argmax(rate).astype(jnp.int32)
 
 

@@ -18,7 +18,13 @@ Block length policy: ``fixed`` drafts γ = ``block_len`` every iteration (the ro
 chooses γ in 0..block_len each iteration from running per-row acceptance estimates and a cost table
 (:mod:`tandem_jax.decoding.costs`), γ = 0 being a plain primary step (a standalone drafter still reads the pending
 token, so its state stays in sync; the Tandem secondary is not called, since its commit writes the primary's states
-over that position anyway). ``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the
+over that position anyway). The loop runs ``auto`` in segments: its body runs one inner ``lax.while_loop`` per γ
+in turn, each iterating while the policy chooses its γ, with the verify call of that one size (γ + 1 positions,
+written in place as in a fixed-γ program). An iteration then costs what the fixed-γ program's does, and no
+conditional holds the cache. (Choosing the verify size per iteration inside one loop body, a switch over sizes
+whose branches only read the cache, cost SmolLM2-135M on the 2-core CPU about 1 ms more per iteration than the
+fixed-γ program at batch 1: the block's keys/values padded, returned and written afterwards, and its attention over
+two parts; a ``lax.switch`` over segment loops made XLA copy the whole cache into and out of every segment.) ``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the
 router (its per-draft predictions know more about this block than the running average does), and ``auto`` chooses
 per call between this loop and the plain program (:func:`tandem_jax.decoding.api.generate`). Two earlier rules lost
 to the router alone in the real-model benchmark: blocks capped at the γ the average favours (236faf5: 0.99 of the
@@ -144,7 +150,7 @@ class DecodeLoop(NamedTuple):
 
 def verify_sizes(max_block_len: int, with_plain_step: bool = False) -> list[int]:
   """Block sizes a variable-length program compiles its verify call for: every size up to 9 (where a verify's cost
-  still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0, the ``auto`` policy)."""
+  still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0: the router's gate)."""
   k = int(max_block_len)
   return sorted({*range(1 if with_plain_step else 2, min(k + 1, 9) + 1), k + 1})
 
@@ -163,7 +169,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   With ``stream`` the emitted buffer is published to the host after every append (:func:`output.publish`).
 
   ``policy`` (static): "fixed" or "auto" (needs ``cost_table``, traced: γ chosen per iteration up to ``block_len``,
-  see the module docstring; implies the variable-size verify, with a 1-token call for γ = 0).
+  see the module docstring: the loop runs in segments of one γ each, γ = 0 a 1-token verify).
 
   ``router_stop`` (static): how the router ends a block. "threshold": after a draft whose predicted acceptance is
   below ``threshold`` (the paper's τ). "cost" (needs ``cost_table``): after draft n when one more draft does not
@@ -245,11 +251,9 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
 
     begun = jnp.int32(1)  # the block's first drafter call ran
     with jax.named_scope("draft"):
-      if auto and router is None and drafter.idle_free:  # γ = 0: a plain primary step, no drafter call (Drafter)
-        def idle(dstate, *_):  # logits over the drafter's N logit indices (its embedding rows), unused
-          return jnp.zeros((b, drafter.embed.shape[0]), jnp.float32), dstate
-        logits, dstate = jax.lax.cond(gamma > 0, drafter.begin, idle, dstate, prev, pending, n)
-        begun = (gamma > 0).astype(jnp.int32)
+      if isinstance(gamma, int) and gamma == 0 and drafter.idle_free:  # an auto segment of plain primary steps:
+        # no drafter call (Drafter.idle_free); logits over the drafter's N logit indices, unused
+        logits, begun = jnp.zeros((b, drafter.embed.shape[0]), jnp.float32), jnp.int32(0)
       else:
         logits, dstate = drafter.begin(dstate, prev, pending, n)
     q = None if params.greedy else jnp.zeros((b, k, vocab), jnp.float32)
@@ -275,8 +279,12 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   # Verify-call sizes of a variable-length program (a lax.switch branch each). Each branch accepts on its own
   # positions (no logits padded to K+1, nothing computed for positions it did not verify); the hidden states are
   # padded to K+1 positions for the drafter's commit, which never reads past a row's accepted ones + 1.
-  sizes = verify_sizes(k, with_plain_step=auto or gate)
-  variable = (router is not None or variable_block or auto) and len(sizes) > 1
+  # ``auto`` without a router runs segments instead (below): every segment's verify has one size, γ + 1, and the
+  # policy chooses among the γ of the sizes a variable program would compile (every γ up to 8, and K): one segment each
+  segments = auto and router is None
+  gammas = [s - 1 for s in verify_sizes(k, with_plain_step=True)]
+  sizes = verify_sizes(k, with_plain_step=gate)
+  variable = (router is not None or variable_block) and len(sizes) > 1 and not segments
 
   def verify_call(size, defer=False):
     """The primary's verify call for ``size`` positions. ``defer`` (a ``lax.switch`` branch): the cache is only read
@@ -308,21 +316,24 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   def cond(c: DecodeLoop):
     return jnp.any(~c.em.done) & (c.it < max_new)
 
-  def body(c: DecodeLoop):
+  def choose(c: DecodeLoop):
+    """The auto policy's γ for the next iteration (:func:`costs_lib.choose_gamma`)."""
+    return costs_lib.choose_gamma(costs_lib.estimate(*c.counts, cost_table), ~c.em.done, cost_table, k,
+                                  cap=block_len, remaining_b=jnp.maximum(max_new_b - c.em.count, 1),
+                                  allowed=gammas)
+
+  def iteration(c: DecodeLoop, gamma, size=None):
+    """One block of up to ``gamma`` drafts per active row. ``size`` (static): the verify call's positions; None:
+    the program's one size K + 1, or the smallest compiled size holding the block (a variable-length program)."""
     em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it = c
     active = ~em.done
     n = cache_l.lengths
     key, k_draft, k_accept = sampling.split(key, params, 3)
-    if auto and router is None:
-      gamma = costs_lib.choose_gamma(costs_lib.estimate(*counts, cost_table), active, cost_table, k, cap=block_len,
-                                     remaining_b=jnp.maximum(max_new_b - em.count, 1))
-    else:  # fixed; or auto with a router, whose per-draft predictions end every block (auto switches whole calls)
-      gamma = block_len
     dstate, n_draft, drafts, q, calls, steps = draft(dstate, prev, pending, n, k_draft, gamma, active)
     block = jnp.concatenate([pending[:, None], drafts], 1)
     args = (block, cache_l, drafts, n_draft, q, k_accept)
-    if not variable:
-      accepted, nxt, hidden, cache_l = verify_call(k + 1)(*args)
+    if size is not None or not variable:
+      accepted, nxt, hidden, cache_l = verify_call(k + 1 if size is None else size)(*args)
     else:  # the primary verifies the smallest size holding every active row's drafts + 1
       need = jnp.max(jnp.where(active, n_draft, 0)) + 1
       branch = jnp.searchsorted(jnp.asarray(sizes, jnp.int32), need).astype(jnp.int32)
@@ -347,7 +358,7 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
                   stats.block_hist + a[:, None] * jax.nn.one_hot(accepted + 1, k + 2, dtype=jnp.int32),
                   stats.gamma_hist + a[:, None] * jax.nn.one_hot(gamma, k + 1, dtype=jnp.int32),
                   stats.drafter_steps + a * steps, stats.rejections + a * (accepted < n_draft))
-    if auto and router is None:  # only the table's per-iteration choice reads them
+    if segments:  # only the table's per-iteration choice reads them
       counts = costs_lib.update_counts(accepted, accepted < n_draft, n_draft, active, *counts)
     new_prev = jnp.where(accepted > 0, jnp.take_along_axis(drafts, jnp.maximum(accepted - 1, 0)[:, None], 1)[:, 0],
                          pending)
@@ -357,6 +368,19 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
       row = jnp.concatenate([drafts, n_draft[:, None], accepted[:, None], nxt[:, None]], 1)
       trace_buf = trace_buf.at[:, it].set(jnp.where(active[:, None], row, -1))
     return DecodeLoop(em, cache_l, dstate, prev, pending, stats, counts, trace_buf, key, it + 1)
+
+  if segments:
+    def body(c: DecodeLoop):
+      # one inner loop per γ, in turn, each iterating while the policy chooses its γ: the chosen one runs at least
+      # once (the loops before it see the state unchanged), and no conditional holds the cache (a lax.switch over
+      # segments made XLA copy the whole cache into and out of every segment)
+      for g in gammas:
+        c = jax.lax.while_loop(lambda c, g=g: cond(c) & (choose(c) == g),
+                               lambda c, g=g: iteration(c, g, size=g + 1), c)
+      return c
+  else:  # fixed; or auto with a router, whose per-draft predictions end every block (auto switches whole calls)
+    def body(c: DecodeLoop):
+      return iteration(c, block_len)
 
   c = jax.lax.while_loop(cond, body, DecodeLoop(em, cache_l, dstate, prev, first, stats, counts, trace_buf, key,
                                                 jnp.int32(0)))
