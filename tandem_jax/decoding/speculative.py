@@ -24,9 +24,10 @@ written in place as in a fixed-γ program). An iteration then costs what the fix
 conditional holds the cache. (Choosing the verify size per iteration inside one loop body, a switch over sizes
 whose branches only read the cache, cost SmolLM2-135M on the 2-core CPU about 1 ms more per iteration than the
 fixed-γ program at batch 1: the block's keys/values padded, returned and written afterwards, and its attention over
-two parts; a ``lax.switch`` over segment loops made XLA copy the whole cache into and out of every segment.) ``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the
-router (its per-draft predictions know more about this block than the running average does), and ``auto`` chooses
-per call between this loop and the plain program (:func:`tandem_jax.decoding.api.generate`). Two earlier rules lost
+two parts; a ``lax.switch`` over segment loops made XLA copy the whole cache into and out of every segment.)
+``auto`` with a router: every block runs up to ``block_len`` drafts, ended by the router (its per-draft predictions
+know more about this block than the running average does), and ``auto`` chooses per call between this loop and the
+plain program (:func:`tandem_jax.decoding.api.generate`). Two earlier rules lost
 to the router alone in the real-model benchmark: blocks capped at the γ the average favours (236faf5: 0.99 of the
 fixed γ, the router alone 1.02), and the table choosing between γ = 0 and a router's block (1153f7d: γ = 0 on 232 of
 343 iterations, 0.91x of ``ar`` against the router alone's 1.02x).
@@ -150,7 +151,8 @@ class DecodeLoop(NamedTuple):
 
 def verify_sizes(max_block_len: int, with_plain_step: bool = False) -> list[int]:
   """Block sizes a variable-length program compiles its verify call for: every size up to 9 (where a verify's cost
-  still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0: the router's gate)."""
+  still grows with its length on CPU), then K + 1; with ``with_plain_step`` also 1 (γ = 0: the router's gate; the
+  ``auto`` policy's segments are these sizes' γ)."""
   k = int(max_block_len)
   return sorted({*range(1 if with_plain_step else 2, min(k + 1, 9) + 1), k + 1})
 
@@ -280,7 +282,8 @@ def decode_speculative(primary, drafter: Drafter, prompt_bt, prompt_len_b, max_n
   # positions (no logits padded to K+1, nothing computed for positions it did not verify); the hidden states are
   # padded to K+1 positions for the drafter's commit, which never reads past a row's accepted ones + 1.
   # ``auto`` without a router runs segments instead (below): every segment's verify has one size, γ + 1, and the
-  # policy chooses among the γ of the sizes a variable program would compile (every γ up to 8, and K): one segment each
+  # policy chooses among the γ of the sizes a variable program would compile (every γ up to 8, and K): a segment
+  # each
   segments = auto and router is None
   gammas = [s - 1 for s in verify_sizes(k, with_plain_step=True)]
   sizes = verify_sizes(k, with_plain_step=gate)
