@@ -71,7 +71,7 @@ def test_estimate_decays_to_the_prior_without_drafts():
   table = costs.cost_table([10.0, 11.0], 1.0)
   est = np.asarray(costs.estimate(a, r, table))
   assert est[0] < 0.25 and est[1] > 0.85
-  for _ in range(40):  # speculation off (no drafts): both drift back to the prior 0.5
+  for _ in range(150):  # speculation off (no drafts): both drift back to the prior 0.5
     a, r = costs.update_counts(jnp.zeros(2, jnp.int32), jnp.zeros(2, bool), jnp.zeros(2, jnp.int32),
                                jnp.asarray([True, True]), a, r)
   np.testing.assert_allclose(np.asarray(costs.estimate(a, r, table)), 0.5, atol=0.01)
@@ -108,6 +108,60 @@ def test_auto_policy_is_lossless_and_switches_within_a_sequence(models, b):
         assert int(out.stats["drafter_steps"][0]) == int(out.stats["drafted"][0]) + plain_steps, (case, method)
         assert int(out.stats["secondary_calls"][0]) == int(out.stats["drafter_steps"][0])
   assert switched  # some row had plain primary steps and speculative blocks in one sequence
+
+
+def _drafts_by_start(out, k):
+  """{(row, position): drafts} of a traced greedy run: the drafts of every block that drafted, keyed by the index in
+  the row's new tokens of the token its first draft proposes."""
+  tr = out.stats["trace"]  # [B, iterations, K+3]: drafts, n_draft, accepted, token; -1 where inactive
+  blocks = {}
+  for r in range(tr.shape[0]):
+    pos = 1  # the prefill emitted new token 0; a block's pending token is the last one emitted
+    for row in tr[r]:
+      n_draft, accepted = int(row[k]), int(row[k + 1])
+      if n_draft < 0:
+        break
+      if n_draft:
+        blocks[r, pos] = row[:n_draft].tolist()
+      pos += accepted + 1
+  return blocks
+
+
+@pytest.mark.parametrize("method", ["tandem_speed", "speed"])
+def test_drafts_after_plain_steps_are_those_of_a_drafter_that_never_paused(models, method):
+  """The drafter's state stays in sync through γ = 0 iterations: a block that starts at a position after plain
+  primary steps drafts exactly what a fixed-γ run drafts from that position (greedy, the same tokens before it),
+  draft for draft, so the auto policy's plain steps cost no acceptance. (Losslessness alone would not show this: a
+  drafter out of sync only drafts worse.)"""
+  tandem, drafter, _ = models
+  models_kw = dict(tandem=tandem) if method == "tandem_speed" else dict(primary=tandem.primary, drafter=drafter)
+  rng = np.random.default_rng(21)
+  compared = after_plain = 0
+  for case in range(8):
+    prompts = _prompts(rng, 3)
+    ref = generate(method, prompts, **models_kw, max_new_tokens=32, block_len=3, max_block_len=8, trace=True)
+    auto = generate(method, prompts, **models_kw, max_new_tokens=32, block_len=8, policy="auto", costs=SWITCHING,
+                    trace=True)
+    assert auto.tokens == ref.tokens
+    want, got = _drafts_by_start(ref, 8), _drafts_by_start(auto, 8)
+    tr = auto.stats["trace"]
+    plain_before = set()  # (row, position) of auto blocks whose previous iteration was a plain step
+    for r in range(tr.shape[0]):
+      pos, last = 1, None
+      for row in tr[r]:
+        if row[8] < 0:
+          break
+        if row[8] and last == 0:
+          plain_before.add((r, pos))
+        last = int(row[8])
+        pos += int(row[9]) + 1
+    for start, drafts in got.items():
+      if start in want:
+        n = min(len(drafts), len(want[start]))
+        assert drafts[:n] == want[start][:n], (case, start, drafts, want[start])
+        compared += 1
+        after_plain += start in plain_before
+  assert compared > 40 and after_plain >= 8, (compared, after_plain)
 
 
 def test_auto_policy_calibrates_when_no_table_is_given(models):
@@ -237,7 +291,8 @@ def test_rejection_counter_and_the_prior_the_loop_starts_from(models):
   primed = rec.prior(table)
   assert float(primed.prior_alpha) == pytest.approx(4 / 16) and float(primed.prior_weight) == costs.RECORDED_WEIGHT
   counts = (jnp.asarray([0.0, 2.0]), jnp.asarray([0.0, 0.0]))
-  np.testing.assert_allclose(costs.estimate(*counts, primed), [0.25, (2 + 6 * 0.25) / (2 + 6)], rtol=1e-6)
+  w = costs.RECORDED_WEIGHT
+  np.testing.assert_allclose(costs.estimate(*counts, primed), [0.25, (2 + w * 0.25) / (2 + w)], rtol=1e-6)
   # a low prior shortens the first block the loop chooses (the prior is the only evidence before it drafts)
   flat = costs.cost_table([10.0, 10.2, 10.4, 10.6], 0.5)  # γ = 3 best at α = 0.5, γ = 1 at 0.25
   first = [int(costs.choose_gamma(costs.estimate(*counts, t)[:1], jnp.asarray([True]), t, 3))
