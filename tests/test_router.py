@@ -100,7 +100,7 @@ def test_auto_with_a_router_lets_the_router_set_the_block_length(models):
   either way. (trace=True keeps the speculative program on every call: no per-call switch.)"""
   tandem, _, router = models
   k = 4
-  one = costs.cost_table([1.0, 1.1, 3.0, 3.0, 3.0], 0.01)  # γ = 1 best at acceptance 0.5; break-even about 0.1
+  one = costs.cost_table([1.0, 1.02, 3.0, 3.0, 3.0], 0.001)  # γ = 1 best at acceptance 0.5; break-even 0.02
   never = costs.cost_table([1.0] + [100.0] * 4, 0.01)  # γ = 0 best at any acceptance
   prompts = _prompts(np.random.default_rng(13), 3)
   want = generate("ar", prompts, primary=tandem.primary, max_new_tokens=24).tokens
