@@ -42,8 +42,9 @@ from flax import nnx
 # real-model drafter's outcomes are close to independent from draft to draft (lag-1 autocorrelation 0.04,
 # benchmarks/router_gate.py): a short memory mostly follows noise. At decay 0.8 and weight 6 the greedy batch-1 run of
 # session 25 spent 23% of its iterations at γ = 0 although its acceptance (0.33) stayed above break-even (0.27);
-# benchmarks/estimator_sim.py replays such processes on the benchmark's cost table: 0.991 -> 0.998 of the best fixed
-# γ at an independent α of 0.33, about equal where acceptance switches between stretches or sits below break-even.
+# benchmarks/estimator_sim.py replays such processes on a benchmark cost table (BENCHMARKS.md session 26): at an
+# independent α of 0.33 the longer memory gains about 0.7% of the best fixed γ, and it is about equal where acceptance
+# switches between stretches of text or sits below break-even.
 DECAY, PRIOR_ALPHA, FIRST_WEIGHT, RECORDED_WEIGHT, PROBE_MARGIN = 0.95, 0.5, 2.0, 20.0, 0.02
 
 
