@@ -111,20 +111,24 @@ def test_auto_policy_is_lossless_and_switches_within_a_sequence(models, b):
 
 
 def _drafts_by_start(out, k):
-  """{(row, position): drafts} of a traced greedy run: the drafts of every block that drafted, keyed by the index in
-  the row's new tokens of the token its first draft proposes."""
+  """A traced greedy run's blocks: ({(row, position): drafts} of every block that drafted, keyed by the index in the
+  row's new tokens of the token its first draft proposes; the set of those keys whose previous iteration was a plain
+  step)."""
   tr = out.stats["trace"]  # [B, iterations, K+3]: drafts, n_draft, accepted, token; -1 where inactive
-  blocks = {}
+  blocks, after_plain = {}, set()
   for r in range(tr.shape[0]):
-    pos = 1  # the prefill emitted new token 0; a block's pending token is the last one emitted
+    pos, last = 1, None  # the prefill emitted new token 0; a block's pending token is the last one emitted
     for row in tr[r]:
       n_draft, accepted = int(row[k]), int(row[k + 1])
       if n_draft < 0:
         break
       if n_draft:
         blocks[r, pos] = row[:n_draft].tolist()
+        if last == 0:
+          after_plain.add((r, pos))
+      last = n_draft
       pos += accepted + 1
-  return blocks
+  return blocks, after_plain
 
 
 @pytest.mark.parametrize("method", ["tandem_speed", "speed"])
@@ -143,18 +147,7 @@ def test_drafts_after_plain_steps_are_those_of_a_drafter_that_never_paused(model
     auto = generate(method, prompts, **models_kw, max_new_tokens=32, block_len=8, policy="auto", costs=SWITCHING,
                     trace=True)
     assert auto.tokens == ref.tokens
-    want, got = _drafts_by_start(ref, 8), _drafts_by_start(auto, 8)
-    tr = auto.stats["trace"]
-    plain_before = set()  # (row, position) of auto blocks whose previous iteration was a plain step
-    for r in range(tr.shape[0]):
-      pos, last = 1, None
-      for row in tr[r]:
-        if row[8] < 0:
-          break
-        if row[8] and last == 0:
-          plain_before.add((r, pos))
-        last = int(row[8])
-        pos += int(row[9]) + 1
+    (want, _), (got, plain_before) = _drafts_by_start(ref, 8), _drafts_by_start(auto, 8)
     for start, drafts in got.items():
       if start in want:
         n = min(len(drafts), len(want[start]))
