@@ -66,7 +66,7 @@ def main(argv=None):
   t = table.as_dict()
   print(f"cost table: verify ms (1..{k + 1} tokens) {[round(v, 2) for v in t['verify_ms']]}, drafter step "
         f"{t['draft_ms']:.2f} ms, plain step {t['plain_ms']:.2f} ms, prefill {t['prefill_ms']:.1f} ms; break-even "
-        f"acceptance of one draft {table.break_even_alpha():.3f}", flush=True)
+        f"acceptance (drafting starts) {table.break_even_alpha():.3f}", flush=True)
   kw = dict(tandem=tandem, max_new_tokens=new, sampling=sampling, seed=0, block_len=k, policy="auto", costs=table,
             **extra)
   t0 = time.perf_counter()

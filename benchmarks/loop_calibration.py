@@ -7,7 +7,8 @@ new tokens; ``api.calibrate_loop``, the table ``generate(policy="auto")`` measur
 WORKDIR: the workdir of `python -m tandem_jax.benchmark --config=configs/benchmark.py:smollm2` (its ``tandem``).
 The γ = 0 column less the plain step is what a plain step costs inside the speculative loop: the loop's own work
 (the Tandem secondary is not called at γ = 0: its commit writes the primary's states over the pending position).
-The break-even acceptance (C1 / C0 - 1, the table's ``break_even_alpha``) is where the loop starts drafting.
+The settled iterations are what the loop reads (``costs.settle_iterations``: γ = 0 at least the plain step,
+non-decreasing in γ); the break-even acceptance (the table's ``break_even_alpha``) is where the loop starts drafting.
 Beside it, one iteration of the fixed γ = 1 program (K = 1: the program `generate(block_len=1)` compiles, timed the
 same way), what the auto loop's γ = 1 iteration should cost: its segments verify at one size, as that program does.
 """
@@ -41,11 +42,13 @@ run = load_workdir(os.path.join(sys.argv[1], "tandem"))
 for temp in (0.0, 1.0):
   for _ in range(3):
     costs._calibrated.clear()
-    t = api.calibrate_loop("tandem_speed", dict(tandem=run.model), batch_size=1, prompt_len=16, max_new_tokens=64,
-                           max_block_len=4, sampling=SamplingParams(temperature=temp))
-    be, t = t.break_even_alpha(), t.as_dict()
+    raw = api.calibrate_loop("tandem_speed", dict(tandem=run.model), batch_size=1, prompt_len=16, max_new_tokens=64,
+                             max_block_len=4, sampling=SamplingParams(temperature=temp), settle=False)
+    t = raw.as_dict()
     it = [round(v + max(g, 1) * t["draft_ms"], 2) for g, v in enumerate(t["verify_ms"])]
+    settled = costs.settle_iterations(it, t["plain_ms"])
+    be = costs.loop_table(settled, t["draft_ms"], t["plain_ms"]).break_even_alpha()
     fixed = fixed_iteration_ms(run.model, SamplingParams(temperature=temp))
-    print(f"T={temp:g}: iteration ms for γ = 0..4 {it}; plain ar step {t['plain_ms']:.2f} ms; γ = 0 over the plain "
-          f"step {it[0] - t['plain_ms']:.2f} ms; break-even acceptance of one draft {be:.3f}; the fixed γ = 1 "
-          f"program's iteration {fixed:.2f} ms", flush=True)
+    print(f"T={temp:g}: iteration ms for γ = 0..4 {it} (settled: {[round(v, 2) for v in settled]}); plain ar step "
+          f"{t['plain_ms']:.2f} ms; γ = 0 over the plain step {it[0] - t['plain_ms']:.2f} ms; break-even acceptance "
+          f"(settled) {be:.3f}; the fixed γ = 1 program's iteration {fixed:.2f} ms", flush=True)

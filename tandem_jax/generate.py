@@ -303,7 +303,7 @@ def policy_lines(result) -> list[str]:
     lines.append(f"speculation off (γ = 0) in {int(hist[0])} of {int(hist.sum())} iterations: the running acceptance "
                  f"estimate was below what a block needs to beat a plain primary step at the measured costs (primary "
                  f"call {v[1]:.2f} ms for 1 token, {v[2]:.2f} ms for 2; drafter step {float(t.draft_ms):.2f} ms: "
-                 f"break-even α {t.break_even_alpha():.2f} for γ = 1)")
+                 f"drafting pays from α {t.break_even_alpha():.2f})")
   return lines
 
 

@@ -226,6 +226,56 @@ def test_loop_calibration_times_each_gamma_on_the_decode_program(models):
   t = costs.loop_table([2.0, 3.0, 3.5, 4.5], 0.25)
   g = np.arange(4)
   np.testing.assert_allclose(np.maximum(g, 1) * float(t.draft_ms) + np.asarray(t.verify_ms)[1:], [2.0, 3.0, 3.5, 4.5])
+  # the measured table is settled: a γ = 0 iteration costs at least the plain step, and more drafts never cost less
+  it = np.asarray(costs.iteration_costs(table, 3))
+  assert it[0] >= float(table.plain_ms) * (1 - 1e-6) and np.all(np.diff(it) >= -1e-4 * it[1:])
+
+
+def test_settle_iterations_is_the_closest_consistent_table():
+  """settle_iterations floors γ = 0 at the plain step and returns the least-squares closest non-decreasing sequence
+  (pool adjacent violators), checked against random monotone sequences on many random inputs."""
+
+  assert costs.settle_iterations([24.39, 36.96, 37.22, 40.33], 26.3) == [26.3, 36.96, 37.22, 40.33]
+  np.testing.assert_allclose(costs.settle_iterations([31.4, 40.25, 37.24, 43.99, 40.0], 27.0),
+                             [31.4, 38.745, 38.745, 41.995, 41.995])
+  assert costs.settle_iterations([5.0, 4.0, 3.0]) == [4.0, 4.0, 4.0]
+  rng = np.random.default_rng(0)
+  for _ in range(200):
+    n = int(rng.integers(2, 8))
+    x = np.sort(rng.uniform(10, 40, n)) + rng.normal(0, 4, n)
+    plain = float(rng.uniform(5, 30))
+    y = np.asarray(costs.settle_iterations(x, plain))
+    assert np.all(np.diff(y) >= -1e-9) and y[0] >= plain - 1e-9
+    if np.all(np.diff(x) >= 0) and x[0] >= plain:
+      np.testing.assert_allclose(y, x)  # a consistent table is left alone
+    free = np.asarray(costs.settle_iterations(x))
+    assert free.sum() == pytest.approx(x.sum())  # without a floor, pooled runs keep their means
+    err = np.sum((y - x) ** 2)
+    for _ in range(20):  # no other non-decreasing sequence at or above the floor is closer
+      z = np.maximum(np.sort(y + rng.normal(0, 1.0, n)), plain)
+      assert np.sum((z - x) ** 2) >= err - 1e-9
+
+
+def test_break_even_is_where_the_loop_starts_drafting():
+  """Where the verify cost grows slowly with the block, a longer block pays from a lower acceptance than one draft:
+  break_even_alpha is the lowest such α, and choose_gamma drafts just above it and not just below, on many tables."""
+
+  on = jnp.ones((1,), bool)
+  rng = np.random.default_rng(3)
+  lower = 0
+  for _ in range(40):
+    k = int(rng.integers(1, 6))
+    # verify sizes 1..K+1: the first step up the largest, as measured on CPU (a 2-token call costs ~1.4x a 1-token one)
+    verify = np.cumsum(np.concatenate([[rng.uniform(10, 30)], rng.uniform(0.0, 12.0, 1), rng.uniform(0.0, 3.0, k - 1)]))
+    table = costs.cost_table(list(verify), float(rng.uniform(0, 2)))
+    be = table.break_even_alpha()
+    one = (float(table.draft_ms) + verify[1]) / (float(table.draft_ms) + verify[0]) - 1
+    assert be <= one + 1e-5  # the table holds float32
+    lower += be < one - 0.01
+    if 0.02 < be < 0.98:
+      pick = lambda a: int(costs.choose_gamma(jnp.asarray([a], jnp.float32), on, table, k))  # noqa: E731
+      assert pick(be - 0.01) == 0 and pick(be + 0.01) >= 1
+  assert lower >= 5  # the longer blocks decided in some tables
 
 
 def test_buffer_new_tokens_shares_one_program(models):

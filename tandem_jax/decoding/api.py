@@ -204,18 +204,22 @@ CALIBRATION_TOKENS = 64  # new tokens per row of each timed calibration run
 
 def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: int, max_new_tokens: int,
                    max_block_len: int, sampling: SamplingParams = SamplingParams(), mesh=None,
-                   rules=shd.DEFAULT_RULES, repeats: int = 2) -> costs_lib.CostTable:
+                   rules=shd.DEFAULT_RULES, repeats: int = 3, settle: bool = True) -> costs_lib.CostTable:
   """The ``auto`` policy's cost table measured on the decode program itself: the program :func:`generate` runs for
   these shapes is timed with γ forced to each of 0..K on a synthetic prompt batch (the prefill, timed apart, taken
   off), so every iteration's cost includes the loop's own work, which isolated calls (:func:`costs.call_ms`) miss
   and which grows with the batch; the plain ``ar`` program of the same shapes (what ``generate`` switches to where
   speculation does not pay) is timed too, its step and prefill. Measured once per process per live models, method,
-  shapes, sampling and mesh: two runs of CALIBRATION_TOKENS new tokens per γ (per-row budgets are traced, so they
-  run the very program sized for the real budget). ``models``: role -> module, as :func:`generate` takes them."""
+  shapes, sampling and mesh: ``repeats`` interleaved rounds (each times the prefill, the plain program and every γ
+  once, so a slow stretch of the machine hits every entry alike; the fastest round per entry is kept) of
+  CALIBRATION_TOKENS new tokens (per-row budgets are traced, so they run the very program sized for the real
+  budget); runs that built their program are not timed. ``settle``: the iterations are made consistent with what
+  they do (:func:`costs.settle_iterations`: γ = 0 at least a plain step, non-decreasing in γ); False keeps the raw
+  times. ``models``: role -> module, as :func:`generate` takes them."""
   main_model, draft_model = _main_and_drafter(models)
   p_pad, m_pad, capacity = buffer_sizes(prompt_len, max_new_tokens, max_block_len)
   key = ("loop", method, tuple((n, id(m)) for n, m in sorted(models.items())), batch_size, p_pad, m_pad,
-         max_block_len, sampling, mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
+         max_block_len, sampling, mesh_key(mesh), _rules_key(rules) if mesh is not None else None, repeats, settle)
 
   def make():
     vocab = main_model.cfg.vocab_size
@@ -223,22 +227,29 @@ def calibrate_loop(method: str, models: dict, *, batch_size: int, prompt_len: in
     budget = min(m_pad, CALIBRATION_TOKENS)  # per-row budgets are traced: a short run of the same program
     kw = dict(sampling=sampling, mesh=mesh, rules=rules, buffer_new_tokens=m_pad)
     plain_kw = dict(kw, block_len=max_block_len)  # the plain program generate switches to: same capacity
-    prefill = min(generate("ar", prompts, primary=main_model, max_new_tokens=1, **plain_kw).wall_time
-                  for _ in range(repeats))
-    plain_ms = min((generate("ar", prompts, primary=main_model, max_new_tokens=budget, **plain_kw).wall_time
-                    - prefill) / max(budget - 1, 1) * 1e3 for _ in range(repeats))
-    iteration_ms = []
-    for g in range(max_block_len + 1):
-      per = []
-      for _ in range(repeats):
-        r = generate(method, prompts, **models, max_new_tokens=budget, block_len=max_block_len, policy="auto",
-                     costs=costs_lib.forcing_table(g, max_block_len), **kw)
-        iterations = int(r.stats["gamma_hist"].sum(1).max())
-        per.append((r.wall_time - prefill) / max(iterations, 1) * 1e3)
-      iteration_ms.append(min(per))
+
+    def timed(**run_kw):
+      r = generate(**run_kw)
+      return generate(**run_kw) if r.first_run else r  # a call that built the program: its time holds the build
+
+    runs = {"prefill": [], "plain": [], **{g: [] for g in range(max_block_len + 1)}}
+    for _ in range(max(repeats, 1)):
+      runs["prefill"].append(timed(method="ar", prompts=prompts, primary=main_model, max_new_tokens=1,
+                                   **plain_kw).wall_time)
+      runs["plain"].append(timed(method="ar", prompts=prompts, primary=main_model, max_new_tokens=budget,
+                                 **plain_kw).wall_time)
+      for g in range(max_block_len + 1):
+        r = timed(method=method, prompts=prompts, **models, max_new_tokens=budget, block_len=max_block_len,
+                  policy="auto", costs=costs_lib.forcing_table(g, max_block_len), **kw)
+        runs[g].append((r.wall_time, int(r.stats["gamma_hist"].sum(1).max())))
+    prefill = min(runs["prefill"])
+    plain_ms = max(min(w - prefill for w in runs["plain"]) / max(budget - 1, 1) * 1e3, 1e-3)
+    iteration_ms = [min((w - prefill) / max(n, 1) * 1e3 for w, n in runs[g]) for g in range(max_block_len + 1)]
+    if settle:
+      iteration_ms = costs_lib.settle_iterations(iteration_ms, plain_ms)
     draft_ms = costs_lib.call_ms(draft_model, batch_size, 1, capacity=capacity, fill=capacity // 2, calls=8,
                                  repeats=repeats)["median"]
-    return costs_lib.loop_table(iteration_ms, draft_ms, max(plain_ms, 1e-3), prefill * 1e3)
+    return costs_lib.loop_table(iteration_ms, draft_ms, plain_ms, prefill * 1e3)
 
   return costs_lib.cached(tuple(models.values()), key, make)
 

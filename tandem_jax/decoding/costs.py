@@ -61,10 +61,24 @@ class CostTable(NamedTuple):
     return int(np.shape(self.verify_ms)[0]) - 2
 
   def break_even_alpha(self) -> float:
-    """The acceptance below which one draft (γ = 1) yields fewer tokens per ms than a plain primary step."""
+    """The acceptance at which the loop starts drafting: the lowest α at which some block of γ >= 1 drafts yields
+    as many expected tokens per ms as a γ = 0 iteration (a plain primary step inside the loop). For γ = 1 it is
+    (c + v2) / (c + v1) - 1; a longer block can pay from a lower α where the verify cost grows slowly with its size
+    (the γ = 1 value, possibly above 1, where no block pays)."""
     v = np.asarray(self.verify_ms, np.float64)
     c = float(self.draft_ms)
-    return float((c + v[2]) / (c + v[1]) - 1.0)
+    c0 = c + v[1]
+    best = (c + v[2]) / c0 - 1.0
+    for g in range(2, self.max_block_len + 1):
+      need = (g * c + v[g + 1]) / c0  # expected tokens the block must yield, 1 + α + ... + α^g
+      if need > g + 1:
+        continue
+      lo, hi = 0.0, 1.0
+      for _ in range(60):  # expected_block_tokens increases with α: bisection
+        mid = 0.5 * (lo + hi)
+        lo, hi = (mid, hi) if expected_block_tokens(mid, g) < need else (lo, mid)
+      best = min(best, hi)
+    return float(max(best, 0.0))
 
   @property
   def has_plain(self) -> bool:
@@ -157,6 +171,26 @@ def loop_table(iteration_ms, draft_ms: float, plain_ms: float | None = None, pre
   ``plain_ms``, ``prefill_ms``: the plain ``ar`` program's step and prefill (see :func:`cost_table`)."""
   it = [float(x) for x in iteration_ms]
   return cost_table([max(t - max(g, 1) * draft_ms, 1e-3) for g, t in enumerate(it)], draft_ms, plain_ms, prefill_ms)
+
+
+def settle_iterations(iteration_ms, plain_ms: float | None = None) -> list[float]:
+  """Measured loop iterations (g = 0..K drafts) made consistent with what an iteration does: a γ = 0 iteration is a
+  plain primary step plus the loop's own work, so it costs at least ``plain_ms`` (the plain program's step), and one
+  more draft never costs less (a drafter step more, a verify call one token longer). Timing noise on a busy machine
+  breaks both (BENCHMARKS.md session 26: γ = 0 read 24.39 ms against a plain step of 26.3 ms, and at T = 1 γ = 1
+  40.25 ms against γ = 2's 37.24 ms), and the loop then picks γ by noise. Returns the non-decreasing sequence closest
+  in least squares to the measured times among those that hold both (pool adjacent violators, a violating run
+  becoming its mean, then the floor: the exact projection, as every entry is at least γ = 0's)."""
+  xs = [float(x) for x in iteration_ms]
+  pools: list[list[float]] = []  # [sum, count] per pooled run
+  for x in xs:
+    pools.append([x, 1.0])
+    while len(pools) > 1 and pools[-2][0] / pools[-2][1] > pools[-1][0] / pools[-1][1]:
+      total, n = pools.pop()
+      pools[-1][0] += total
+      pools[-1][1] += n
+  floor = -math.inf if plain_ms is None else float(plain_ms)
+  return [max(total / n, floor) for total, n in pools for _ in range(int(n))]
 
 
 def forcing_table(gamma: int, max_block_len: int) -> CostTable:
