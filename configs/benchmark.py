@@ -86,7 +86,7 @@ def _real(c, preset):
   if tiny:
     c.decode = dict(num_prompts=2, max_new_tokens=8, batch_sizes=(1, 2), temperatures=(0.0, 1.0), gammas=(2, 3),
                     repeats=1, batch1_prompts=1, seed=0, tune_prompts=1, thresholds=(0.5,), prompt_tokens=16,
-                    auto_batches=(3,), auto_repeats=1)
+                    auto_batches=(3,), auto_repeats=1, h2h_rounds=1)
     c.cost = dict(calls=2, repeats=1)
   else:
     c.decode = dict(num_prompts=24, max_new_tokens=64, batch_sizes=(1, 8), temperatures=(0.0, 1.0),
@@ -94,7 +94,10 @@ def _real(c, preset):
                     thresholds=(0.5, 0.7, 0.8), prompt_tokens=0,  # 0: whole prompts
                     # auto vs ar (and ar again) only, on 24-token prompts of the recipe's validation rows; one
                     # call a round there, so more rounds than the other settings (2 rounds: up to 9% apart)
-                    auto_batches=(40,), auto_repeats=5)
+                    auto_batches=(40,), auto_repeats=5,
+                    # the head-to-head phase (bench.real.head_to_head): the auto targets' cells alone, call by
+                    # call, this many rounds (0: no such phase)
+                    h2h_rounds=8)
     c.cost = dict(calls=16, repeats=3)
   c.lock()
   return c

@@ -2,6 +2,7 @@
 
   python -m tandem_jax.benchmark --workdir=/tmp/bench [--config=configs/benchmark.py:cpu] [--json]
   python -m tandem_jax.benchmark --workdir=/tmp/bwd --config=configs/benchmark.py:smollm2 --report_only
+  python -m tandem_jax.benchmark --workdir=/tmp/bwd --config=configs/benchmark.py:smollm2 --targets_only
 
 Trains primary, mid-size, secondary, secondary_long (equal-training control), secondary_distil, tandem (CE),
 tandem_distil and router in
@@ -32,6 +33,10 @@ _WORKDIR = flags.DEFINE_string("workdir", None, "where the models are trained (o
 _CACHE = flags.DEFINE_bool("compilation_cache", True, "keep compiled programs in <workdir>/jax_cache",
                            allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print results.json's headline and targets as one JSON document", allow_override=True)
+_TARGETS_ONLY = flags.DEFINE_bool("targets_only", False, "real-model presets: time the head-to-head phase (the "
+                                  "auto targets' cells alone, call by call) again on the workdir's finished run, "
+                                  "reading its Table 2's best fixed γ, and write its results and report again",
+                                  allow_override=True)
 _RERENDER = flags.DEFINE_bool("report_only", False, "real-model presets: write the report of the workdir's finished "
                               "run again from its results JSON (derived tables recomputed, nothing timed)",
                               allow_override=True)
@@ -55,6 +60,8 @@ def main(argv):
     from tandem_jax.bench import real
     if _RERENDER.value:
       r = real.rerender(_WORKDIR.value)
+    elif _TARGETS_ONLY.value:
+      r = real.targets_only(_CONFIG.value, _WORKDIR.value, command=command)
     else:
       r = real.run(_CONFIG.value, _WORKDIR.value, command=command)
     if _JSON.value:
@@ -62,8 +69,8 @@ def main(argv):
     else:
       print(r["report"])
     return
-  if _RERENDER.value:
-    raise ValueError("--report_only applies to the real-model presets (configs/benchmark.py:smollm2)")
+  if _RERENDER.value or _TARGETS_ONLY.value:
+    raise ValueError("--report_only and --targets_only apply to the real-model presets (configs/benchmark.py:smollm2)")
   r = run.run(_CONFIG.value, _WORKDIR.value, command=command)
   if _JSON.value:
     print(json.dumps(report.jsonable({k: r[k] for k in HEADLINE_KEYS + ("targets", "phases_seconds")}), indent=1))

@@ -50,6 +50,7 @@ def test_smollm2_benchmark_smoke(tmp_path):
                                                         "T1_b3", "greedy_b1", "T1_b1"]
   assert "The auto policy's targets (issue 16)" in r["report"]
   assert real.rerender(str(tmp_path))["report"] == r["report"]  # --report_only: the same report from the JSON
+  _check_head_to_head(bench, r, tmp_path)
   assert r["training"]["standalone"]["data_seconds"] < 5  # the standalone drafter reused the tandem's data
   with open(os.path.join(tmp_path, real.RESULTS_FILE)) as fh:
     assert json.load(fh)["phases_seconds"]["total"] > 0
@@ -57,6 +58,100 @@ def test_smollm2_benchmark_smoke(tmp_path):
   for title in ("Table 1", "Table 2", "Table 3", "Table 4", "Targets", "ar timed again"):
     assert title in report
   _check_gpu_bundle(tmp_path)
+
+
+def _check_head_to_head(bench, r, workdir):
+  """The head-to-head phase times the targets' cells of every setting (batch 1 against Table 2's best fixed γ, batch
+  > 1 against ar), judges them, and --targets_only times it again from the workdir's run, keeping the rest."""
+  h = r["head_to_head"]
+  assert set(h) == set(r["table2"]) | set(r["table2_auto"])
+  for name, row in h.items():
+    want = {"fixed", "auto", "fixed_again", "router_auto"} if row["batch"] == 1 else {"ar", "auto", "ar_again"}
+    assert set(row["seconds"]) == set(row["times"]) == want and row["rounds"] == bench.decode.h2h_rounds
+    assert all(len(t) == row["rounds"] for t in row["times"].values())
+    if row["batch"] == 1:
+      assert row["fixed_gamma"] == r["table2"][name]["best_gamma"]["tandem_speed"]
+      assert row["threshold"] == r["table4"][name]["threshold"]
+    for n, p in row["vs_base"].items():  # one ratio a round, the median of them the value
+      assert p["rounds"] == row["rounds"] and p["per_round"]["min"] <= p["ratio"] <= p["per_round"]["max"]
+    assert row["auto"]["calls"] == -(-row["prompts"] // row["batch"])  # the last round's calls, merged
+  assert [(t["setting"], t["target"]) for t in r["h2h_targets"]] == [
+      ("greedy_b1", 1.0), ("greedy_b1", 1.04), ("greedy_b2", 1.0), ("greedy_b3", 1.0), ("T1_b1", 1.0),
+      ("T1_b1", 1.04), ("T1_b2", 1.0), ("T1_b3", 1.0)]
+  assert "## The auto policy's targets, head to head" in r["report"]
+  again = real.targets_only(bench, str(workdir), command="again")
+  assert again["table2"] == json.loads(json.dumps(r["table2"]))  # kept as the run measured it
+  assert set(again["head_to_head"]) == set(h) | {"_command", "_table2_from"} and "`again`" in again["report"]
+  other = bench_cfg.get_config("smollm2_smoke")
+  with other.unlocked():
+    other.decode.max_new_tokens = 9
+  with pytest.raises(ValueError, match="max_new_tokens"):
+    real.targets_only(other, str(workdir))
+
+
+def test_interleaved_calls_rotate_the_cells_at_every_call():
+  """Each round passes over every cell's calls, call i of every cell before call i + 1, the first cell rotated at
+  every call; a round's time is the sum of its calls' and its counters are merged; cells making other calls are
+  refused."""
+  from tandem_jax.bench import timing
+  log = []
+
+  def cell_for(name, wall):
+    def cell(warmup=False, part=None):
+      log.append((name, "warm" if warmup else part))
+      return dict(wall=wall + (part or 0), calls=1, tokens=5, call_walls=[(wall, False)], call_notes=[""])
+    cell.parts = 3
+    return cell
+
+  res = timing.interleaved_calls({"a": cell_for("a", 1.0), "b": cell_for("b", 2.0), "c": cell_for("c", 4.0)}, 2)
+  assert log[:3] == [("a", "warm"), ("b", "warm"), ("c", "warm")]
+  timed = log[3:]
+  assert len(timed) == 2 * 3 * 3
+  assert [n for n, _ in timed[:9]] == list("abc" + "bca" + "cab") and [n for n, _ in timed[9:12]] == list("abc")
+  assert [p for _, p in timed[:9]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
+  assert res["a"]["times"] == [6.0, 6.0] and res["c"]["times"] == [15.0, 15.0]
+  assert res["b"]["run"]["calls"] == 3 and len(res["b"]["run"]["call_walls"]) == 3 and res["b"]["run"]["tokens"] == 15
+  short = cell_for("d", 1.0)
+  short.parts = 2
+  with pytest.raises(ValueError, match="same calls"):
+    timing.interleaved_calls({"a": cell_for("a", 1.0), "d": short}, 1)
+
+
+def test_paired_is_the_median_of_per_round_ratios():
+  from tandem_jax.bench import timing
+  p = timing.paired([2.0, 2.0, 2.0, 10.0], [1.0, 2.0, 4.0, 10.0])  # base / cell: 2, 1, 0.5, 1
+  assert p["ratio"] == pytest.approx(1.0) and p["per_round"] == dict(min=0.5, median=1.0, max=2.0)
+  assert p["pooled"] == pytest.approx(16.0 / 17.0) and p["rounds"] == 4
+
+
+def test_h2h_targets_are_judged_against_the_comparator_timed_again():
+  from tandem_jax.bench import timing
+
+  def pr(*ratios):
+    return timing.paired([1.0] * len(ratios), [1.0 / x for x in ratios])
+
+  h = dict(greedy_b1=dict(batch=1, fixed_gamma=2, vs_base=dict(auto=pr(0.9, 0.96, 0.97, 0.98, 0.99, 1.0, 1.01, 1.1),
+                                                              fixed_again=pr(1.04), router_auto=pr(1.05))),
+           greedy_b8=dict(batch=8, vs_base=dict(auto=pr(0.9, 0.95, 0.96, 0.97, 0.975, 0.98, 0.99, 1.1),
+                                                ar_again=pr(0.99))),
+           _command="x")
+  got = [(t["setting"], t["what"], t["met"]) for t in real.h2h_targets(h)]
+  # greedy_b1: median 0.985, its interval x(2)..x(7) = 0.96..1.01 reaches 1; greedy_b8: 0.9725, interval to 0.99
+  assert got == [("greedy_b1", "auto vs the best fixed γ (γ = 2)", "within noise"),
+                 ("greedy_b1", "router inside auto vs fixed γ = 2", "yes"), ("greedy_b8", "auto vs ar", "no")], got
+  assert real.h2h_targets(h)[0]["interval"]["coverage"] == pytest.approx(1 - 2 * 9 / 256)
+
+
+def test_median_interval_covers_the_median_as_often_as_it_says():
+  """Over many random samples the interval holds the distribution's median at least at its stated coverage."""
+  import numpy as np
+  from tandem_jax.bench import timing
+  rng = np.random.default_rng(0)
+  for n in (5, 8, 12):
+    hits = [(lambda ci: ci["lo"] <= 0.0 <= ci["hi"])(timing.median_interval(rng.standard_normal(n)))
+            for _ in range(2000)]
+    cov = timing.median_interval(range(n))["coverage"]
+    assert cov >= 0.9 and np.mean(hits) >= cov - 0.02, (n, np.mean(hits), cov)
 
 
 def _check_gpu_bundle(workdir):

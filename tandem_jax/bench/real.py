@@ -15,7 +15,10 @@ Phases, each timed into results.json:
   under greedy decoding; and, at ``decode.auto_batches`` (40: more rows than the held-out set has), ``ar``, the
   ``auto`` policy and ``ar`` again on the first tokens of the recipe's validation rows (``table2_auto``);
 - Table 4: the adaptive router against the best fixed γ (batch 1), and Leviathan's ideal speedup with the measured α,
-  drafter cost c and verify cost, against the realized one.
+  drafter cost c and verify cost, against the realized one;
+- head to head (``decode.h2h_rounds`` rounds): the ``auto`` policy's targets (issue 16) timed again with only the
+  cells each compares, call by call, against Table 2's best fixed γ at batch 1 and ``ar`` above, each with its
+  comparator timed twice (``h2h_targets``); ``--targets_only`` runs this phase alone on a finished run.
 """
 
 from __future__ import annotations
@@ -128,6 +131,79 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
       table2_auto[name] = dict(timing.auto_setting(ps, int(b), common, repeats, primary=models["primary"],
                                                    tandem=models["tandem"]), source="recipe validation-row")
   return dict(table2=table2, table4=table4, table2_auto=table2_auto)
+
+
+def head_to_head(bench, models: dict, prompts, auto_prompts: dict, table2: dict, table4: dict) -> dict:
+  """The ``auto`` targets timed again, head to head (issue 16): per setting only the cells a target compares, timed
+  call by call over ``decode.h2h_rounds`` rounds (:func:`timing.interleaved_calls`), each judged by the median of its
+  per-round ratios. Batch 1: ``auto`` and the router inside ``auto`` against the fixed γ that Table 2's sweep found
+  fastest (chosen on Table 2's rounds, measured on these: the maximum over noisy cells does not pick its own
+  comparator), and that fixed γ timed again (its A/A); batch > 1: ``auto`` against ``ar`` and ``ar`` again. The
+  router keeps Table 4's τ. ``table2``/``table4``: a finished decode phase's tables (this run's or, with
+  ``--targets_only``, the workdir's last run's)."""
+  d = bench.decode
+  k, kmax, rounds = max(int(g) for g in d.gammas), int(bench.gamma_max), int(d.h2h_rounds)
+  tandem, primary = dict(tandem=models["tandem"]), dict(primary=models["primary"])
+  settings = []
+  for temp in d.temperatures:
+    common = dict(sampling=SamplingParams(temperature=float(temp)), max_new=int(d.max_new_tokens), k=k,
+                  seed=int(d.seed))
+    for b, ps in [(int(b), prompts[:int(d.batch1_prompts)] if int(b) == 1 else prompts) for b in d.batch_sizes] + \
+        [(int(b), ps) for b, ps in auto_prompts.items()]:
+      settings.append((setting_name(temp, b), b, ps, common))
+  out = {}
+  for i, (name, b, ps, common) in enumerate(settings):
+    t0 = time.perf_counter()
+    auto = timing.decode_cell("tandem_speed", ps, b, k, models=tandem, policy="auto", costs=None, **common)
+    if b == 1:
+      g, tau = int(table2[name]["best_gamma"]["tandem_speed"]), float(table4[name]["threshold"])
+      fixed = lambda: timing.decode_cell("tandem_speed", ps, b, g, models=tandem, **common)  # noqa: E731
+      cells = {"fixed": fixed(), "auto": auto, "fixed_again": fixed(),
+               "router_auto": timing.decode_cell("tandem_speed", ps, b, kmax, models=tandem, router=models["router"],
+                                                 threshold=tau, policy="auto", costs=None, **dict(common, k=kmax))}
+      base, row = "fixed", dict(fixed_gamma=g, threshold=tau)
+    else:
+      ar = lambda: timing.decode_cell("ar", ps, b, None, models=primary, **common)  # noqa: E731
+      cells, base, row = {"ar": ar(), "auto": auto, "ar_again": ar()}, "ar", {}
+    _say(f"[benchmark] head to head {i + 1}/{len(settings)} {name}: {', '.join(cells)} on {len(ps)} prompts, "
+         f"batch {b}, {rounds} rounds call by call")
+    res = timing.interleaved_calls(cells, rounds)
+    row.update(batch=b, prompts=len(ps), rounds=rounds, temperature=float(common["sampling"].temperature),
+               seconds={n: timing.spread(res[n]["times"]) for n in cells},
+               times={n: res[n]["times"] for n in cells},  # per round, the order of every other list here
+               vs_base={n: timing.paired(res[base]["times"], res[n]["times"]) for n in cells if n != base})
+    for n in cells:
+      if n.endswith("auto"):  # what its calls did: γ per iteration, calls on the plain program, probes
+        row[n] = timing.auto_calls(res[n])
+    row["seconds_total"] = time.perf_counter() - t0
+    out[name] = row
+  return out
+
+
+def h2h_targets(h: dict) -> list[dict]:
+  """The ``auto`` targets judged on the head-to-head timing (:func:`head_to_head`): the value is the median of the
+  per-round ratios against the comparator, "yes" when it reaches the target, "within noise" when it does not but
+  the median's 90% interval (:func:`timing.median_interval` over the rounds) reaches it (these rounds cannot tell it
+  from the target), "no" when the whole interval is below. A/A (the comparator timed again, its median per-round
+  ratio's distance from 1x) is reported beside."""
+  out = []
+  for name, row in h.items():
+    if name.startswith("_"):  # the run's notes (_command, _table2_from)
+      continue
+    vs = row["vs_base"]
+    if int(row["batch"]) == 1:
+      aa = abs(1.0 - vs["fixed_again"]["ratio"])
+      checks = [(f"auto vs the best fixed γ (γ = {row['fixed_gamma']})", vs["auto"], 1.0),
+                (f"router inside auto vs fixed γ = {row['fixed_gamma']}", vs["router_auto"], 1.04)]
+    else:
+      aa = abs(1.0 - vs["ar_again"]["ratio"])
+      checks = [("auto vs ar", vs["auto"], 1.0)]
+    for what, p, target in checks:
+      value, ci = p["ratio"], p["interval"]
+      met = "yes" if value >= target else ("within noise" if ci["hi"] >= target else "no")
+      out.append(dict(setting=name, what=what, value=float(value), target=target, aa=float(aa), met=met,
+                      interval=ci, per_round=p["per_round"], pooled=p["pooled"]))
+  return out
 
 
 def call_costs(bench, models: dict) -> dict:
@@ -245,6 +321,34 @@ def markdown(r: dict) -> str:
     for t in r["auto_targets"]:
       lines.append(f"| {t['setting']} | {t['what']} | {t['value']:.3f} | >= {t['target']:g} | {t['aa']:.3f} | "
                    f"{t['met']} |")
+  if r.get("h2h_targets"):
+    h = r["head_to_head"]
+    lines += ["", "## The auto policy's targets, head to head", "",
+              f"Only the cells a target compares, timed call by call in "
+              f"{next(v['rounds'] for n, v in h.items() if not n.startswith('_'))} rounds (the "
+              "order rotated at every call; " + (f"`{h['_command']}`; " if h.get("_command") else "")
+              + "the fixed γ is the one Table 2 found fastest" + (f" in {h['_table2_from']}" if h.get("_table2_from")
+                                                                  else "") + "). Value: the median of the per-round "
+              "ratios (comparator's seconds / the cell's), with its distribution-free interval (order statistics of "
+              "the rounds, coverage as given); within noise: short of the target, the interval not; A/A: the "
+              "comparator timed again, the same way.", "",
+              "| setting | what | value | interval (coverage) | per round min / max | pooled | target | A/A | met |",
+              "|---|---|---|---|---|---|---|---|---|"]
+    for t in r["h2h_targets"]:
+      ci = t["interval"]
+      lines.append(f"| {t['setting']} | {t['what']} | {t['value']:.3f} | {ci['lo']:.3f} - {ci['hi']:.3f} "
+                   f"({ci['coverage']:.2f}) | {t['per_round']['min']:.3f} / {t['per_round']['max']:.3f} | "
+                   f"{t['pooled']:.3f} | >= {t['target']:g} | {t['aa']:.3f} | {t['met']} |")
+    lines.append("")
+    for name, row in h.items():
+      if name.startswith("_"):
+        continue
+      for n in ("auto", "router_auto"):
+        if n in row:
+          a = row[n]
+          hist = ", ".join(f"{g}: {c}" for g, c in enumerate(a["gamma_hist"]) if c)
+          lines.append(f"{name} {n}: {a['plain_calls']} of {a['calls']} calls of the last round on the plain "
+                       f"program, γ per iteration {hist}; probes in all rounds {a['probes']}  ")
   lines += ["", "## Table 1: drafters at equal training (same data, steps, size, draft vocabulary)", "",
             "Held-out sequences of the self-distillation data (primary continuations never trained on); block "
             "phase 0 at the training γ.", "",
@@ -327,11 +431,69 @@ def markdown(r: dict) -> str:
   return "\n".join(lines)
 
 
+def _models_and_prompts(bench, trained: dict):
+  """The decode phases' models (from :func:`train_all`'s runs) and the timed and τ-tuning held-out prompts."""
+  from tandem_jax.data.heldout import HELDOUT_TUNING, PROMPTS
+  from tandem_jax.workdir import load_workdir
+  run_t, run_s = load_workdir(trained["paths"]["tandem"]), load_workdir(trained["paths"]["standalone"])
+  models = dict(tandem=run_t.model, primary=run_t.model.primary, standalone=run_s.model,
+                router=trained.pop("router_model"))
+  tok, d = run_t.tokenizer, bench.decode
+  cut = int(d.prompt_tokens) or None
+  prompts = [tok.encode(p, add_bos=True)[:cut] for p in PROMPTS[:int(d.num_prompts)]]
+  tune_prompts = [tok.encode(p, add_bos=True)[:cut] for p in HELDOUT_TUNING[:int(d.tune_prompts)]]
+  return models, prompts, tune_prompts
+
+
+def _auto_prompts(bench, trained: dict) -> dict:
+  """{batch: prompts} of ``decode.auto_batches``: the first tokens of the recipe's validation rows."""
+  from tandem_jax.recipe import validation_prompts
+  d = bench.decode
+  return {int(b): validation_prompts(trained["paths"]["tandem"], int(b), int(d.prompt_tokens) or 24)
+          for b in d.get("auto_batches", ())}
+
+
+# what the timed prompts and cells depend on: a --targets_only run must match the run whose Table 2 it reads
+_SAME_DECODE = ("num_prompts", "batch1_prompts", "max_new_tokens", "gammas", "batch_sizes", "temperatures",
+                "prompt_tokens", "seed", "auto_batches")
+
+
+def targets_only(bench, workdir: str, command: str = "") -> dict:
+  """``--targets_only``: the head-to-head phase (:func:`head_to_head`) alone, on a workdir whose benchmark has run:
+  the models reused (finished training is not repeated), the best fixed γ and τ read from its results JSON (so
+  they were chosen on rounds this phase does not reuse); that JSON and the report are written again with the new
+  ``head_to_head`` section, everything else kept as that run measured it."""
+  from tandem_jax.bench.report import jsonable
+  workdir = os.path.abspath(os.path.expanduser(workdir))
+  path = os.path.join(workdir, RESULTS_FILE)
+  if not os.path.exists(path):
+    raise ValueError(f"no {RESULTS_FILE} in {workdir}: run the whole benchmark there first (--targets_only reads "
+                     "its Table 2 and Table 4)")
+  with open(path) as fh:
+    r = json.load(fh)
+  d, was = bench.decode, r["config"]["decode"]
+  differ = [key for key in _SAME_DECODE if key in d and jsonable(d[key]) != was.get(key)]
+  if differ or r.get("preset") != bench.preset:
+    raise ValueError(f"the run in {workdir} was made with other decode settings ({', '.join(differ) or 'preset'}: "
+                     f"{[was.get(key) for key in differ] or r.get('preset')}); pass the same config, or run the "
+                     "whole benchmark")
+  if not int(d.get("h2h_rounds", 0)):
+    raise ValueError("decode.h2h_rounds is 0: no head-to-head rounds to time")
+  t0 = time.perf_counter()
+  _say("[benchmark] --targets_only: the models of the workdir's run (finished training reused)")
+  trained = train_all(bench, workdir)
+  models, prompts, _ = _models_and_prompts(bench, trained)
+  h = head_to_head(bench, models, prompts, _auto_prompts(bench, trained), r["table2"], r["table4"])
+  h["_command"], h["_table2_from"] = command, f"the run of `{r['command']}`"
+  r["head_to_head"] = jsonable(h)
+  r["phases_seconds"]["head_to_head"] = time.perf_counter() - t0
+  with open(path, "w") as fh:
+    json.dump(r, fh, indent=1)
+  return rerender(workdir)
+
+
 def run(bench, workdir: str, command: str = "") -> dict:
   from tandem_jax.bench.run import machine
-  from tandem_jax.data.heldout import HELDOUT_TUNING, PROMPTS
-  from tandem_jax.recipe import validation_prompts
-  from tandem_jax.workdir import load_workdir
   workdir = os.path.abspath(os.path.expanduser(workdir))
   os.makedirs(workdir, exist_ok=True)
   phases, t_all = {}, time.perf_counter()
@@ -342,14 +504,8 @@ def run(bench, workdir: str, command: str = "") -> dict:
   _say(f"[benchmark] phase quality: Table 1, lossless check (train took {phases['train']:.0f} s)")
 
   t0 = time.perf_counter()
-  run_t, run_s = load_workdir(trained["paths"]["tandem"]), load_workdir(trained["paths"]["standalone"])
-  models = dict(tandem=run_t.model, primary=run_t.model.primary, standalone=run_s.model,
-                router=trained.pop("router_model"))
-  tok = run_t.tokenizer
+  models, prompts, tune_prompts = _models_and_prompts(bench, trained)
   d = bench.decode
-  cut = int(d.prompt_tokens) or None
-  prompts = [tok.encode(p, add_bos=True)[:cut] for p in PROMPTS[:int(d.num_prompts)]]
-  tune_prompts = [tok.encode(p, add_bos=True)[:cut] for p in HELDOUT_TUNING[:int(d.tune_prompts)]]
   table1 = {"tandem": trained["tandem"]["validation"], "standalone": trained["standalone"]["validation"]}
   identical = greedy_identical(models, prompts[:8], int(d.max_new_tokens), 4)
   if not identical:
@@ -364,10 +520,14 @@ def run(bench, workdir: str, command: str = "") -> dict:
   _say("[benchmark] phase decode: Tables 2 and 4, timed decoding")
   t0 = time.perf_counter()
   before = machine()
-  auto_prompts = {int(b): validation_prompts(trained["paths"]["tandem"], int(b), int(d.prompt_tokens) or 24)
-                  for b in d.get("auto_batches", ())}
+  auto_prompts = _auto_prompts(bench, trained)
   tables = decode_tables(bench, models, prompts, tune_prompts, costs, auto_prompts)
   phases["decode"] = time.perf_counter() - t0
+  t0 = time.perf_counter()
+  if int(d.get("h2h_rounds", 0)):
+    _say("[benchmark] phase head to head: the auto targets' cells alone, call by call")
+    tables["head_to_head"] = head_to_head(bench, models, prompts, auto_prompts, tables["table2"], tables["table4"])
+    phases["head_to_head"] = time.perf_counter() - t0
   phases["total"] = time.perf_counter() - t_all
   training = {n: v for n, v in trained.items() if n != "paths"}
   r = dict(preset=bench.preset, command=command, workdir=workdir, config=bench.to_dict(), table1=table1,
@@ -379,6 +539,8 @@ def run(bench, workdir: str, command: str = "") -> dict:
   r["targets"] = {key: dict(target=t, value=r[key], met=bool(r[key] >= t if key != "agreement_gain" else r[key] > t),
                             what=w) for key, t, w in TARGETS}
   r["auto_targets"] = auto_targets(r)
+  if "head_to_head" in r:
+    r["h2h_targets"] = h2h_targets(r["head_to_head"])
   from tandem_jax.bench.report import jsonable
   r["report"] = markdown(r)
   r = jsonable(r)
@@ -400,6 +562,8 @@ def rerender(workdir: str) -> dict:
   # JSON keeps the per-call costs' block sizes as strings; the report indexes them by int, as the run does
   r["costs"] = {b: {m: {int(k): v for k, v in d.items()} for m, d in cb.items()} for b, cb in r["costs"].items()}
   r["auto_targets"] = auto_targets(r)
+  if "head_to_head" in r:
+    r["h2h_targets"] = h2h_targets(r["head_to_head"])
   r["report"] = markdown(r)
   with open(path, "w") as fh:
     json.dump(r, fh, indent=1)

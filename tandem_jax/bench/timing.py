@@ -5,6 +5,7 @@ per-call microbenchmark of the models (the cost ratio c and the block-verify cos
 from __future__ import annotations
 
 import logging
+import math
 import time
 from typing import Callable
 
@@ -119,14 +120,87 @@ def decode_cell(method: str, prompts, batch: int, gamma: int | None, *, models: 
   if router is not None:
     kw.update(router=router, threshold=threshold)
 
-  def cell(warmup: bool = False):
+  def cell(warmup: bool = False, part: int | None = None):
     if warmup:  # every batch runs the same compiled program: one compiles and warms it
       return run_batches(method, prompts[:batch], batch, **kw)
-    run = run_batches(method, prompts, batch, **kw)
-    run["rows"] = len(prompts)  # the prefill counted once per row in primary_calls
+    ps = prompts if part is None else prompts[part * batch:(part + 1) * batch]  # part: one call's batch alone
+    run = run_batches(method, ps, batch, **kw)
+    run["rows"] = len(ps)  # the prefill counted once per row in primary_calls
     return run
 
+  cell.parts = -(-len(prompts) // batch)  # calls per pass over the prompts
   return cell
+
+
+def merge_runs(runs: list[dict]) -> dict:
+  """One pass's counters from the runs of its calls (:func:`run_batches` results, in call order): sums, the per-call
+  lists joined, the last cost table kept."""
+  out: dict = {}
+  for run in runs:
+    for name, v in run.items():
+      if name == "table":
+        out[name] = v
+      elif isinstance(v, list):
+        out[name] = out.get(name, []) + v
+      else:
+        out[name] = out[name] + v if name in out else v
+  return out
+
+
+def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int, on_round=None) -> dict[str, dict]:
+  """Like :func:`interleaved`, interleaved call by call: each round passes over every cell's prompts once, call by
+  call (``cell(part=i)``), every cell running call i before any runs call i + 1, in an order rotated by one at every
+  call. A slow stretch of the machine longer than a few calls then hits every cell of a round alike, so per-round
+  ratios between cells (:func:`paired`) cancel it. The cells share their prompts and batch (the same ``parts``).
+  Returns per cell ``{"times": per-round seconds, "run": the last round's counters, "notes": every timed call's
+  policy note}``; ``on_round(r)`` is called after each round."""
+  names = list(cells)
+  parts = {cells[n].parts for n in names}
+  if len(parts) != 1:
+    raise ValueError(f"cells timed call by call must make the same calls; their calls per pass: {sorted(parts)}")
+  parts = parts.pop()
+  out = {n: {"times": [], "run": None, "notes": []} for n in names}
+  for n in names:
+    t0 = time.perf_counter()
+    cells[n](warmup=True)
+    logging.info("warm-up %s: %.1f s (compile and calibration included)", n, time.perf_counter() - t0)
+  step = 0
+  for r in range(rounds):
+    runs = {n: [] for n in names}
+    for i in range(parts):
+      for n in names[step % len(names):] + names[:step % len(names)]:
+        runs[n].append(cells[n](part=i))
+      step += 1
+    for n in names:
+      run = merge_runs(runs[n])
+      out[n]["times"].append(run["wall"])
+      out[n]["notes"] += run.get("call_notes", [])
+      out[n]["run"] = run
+    if on_round is not None:
+      on_round(r)
+  return out
+
+
+def median_interval(xs, level: float = 0.9) -> dict:
+  """A distribution-free confidence interval of the median: the order statistics x(k) and x(n + 1 - k) with the
+  largest k whose coverage 1 - 2 P(Binomial(n, 1/2) < k) is at least ``level`` (rounds that are independent draws
+  of one distribution; with too few for that level, the min and max and their coverage)."""
+  xs = sorted(float(x) for x in xs)
+  n = len(xs)
+  below = lambda k: sum(math.comb(n, i) for i in range(k)) / 2.0 ** n  # noqa: E731  P(Binomial(n, 1/2) < k)
+  k = 1
+  while k + 1 <= (n + 1) // 2 and 1 - 2 * below(k + 1) >= level:
+    k += 1
+  return dict(lo=xs[k - 1], hi=xs[n - k], coverage=1 - 2 * below(k))
+
+
+def paired(base_times: list[float], times: list[float]) -> dict:
+  """How much faster a cell ran than ``base`` in the same rounds: the per-round ratios base / cell (their min,
+  median, max), the median the estimate (one slow round moves it little) with its 90% interval
+  (:func:`median_interval`), and the ratio of the summed times."""
+  ratios = [b / t for b, t in zip(base_times, times)]
+  return dict(ratio=float(np.median(ratios)), per_round=spread(ratios), interval=median_interval(ratios),
+              pooled=float(sum(base_times) / sum(times)), rounds=len(ratios))
 
 
 # -- per-call costs ---------------------------------------------------------------------------------------------
