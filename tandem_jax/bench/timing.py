@@ -56,6 +56,14 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
   return agg
 
 
+def _warm_up(cells: dict[str, Callable[..., dict]]) -> None:
+  """Every cell once, untimed: compiles and warms its program (an ``auto`` cell also calibrates its loop)."""
+  for n, cell in cells.items():
+    t0 = time.perf_counter()
+    cell(warmup=True)
+    logging.info("warm-up %s: %.1f s (compile included)", n, time.perf_counter() - t0)
+
+
 def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str, dict]:
   """Runs every cell once to compile and warm up (``cell(warmup=True)``: a cell may run just its first batch, which
   compiles and warms the same program), then ``repeats`` rounds, each cell once per round in an order rotated by one
@@ -63,10 +71,7 @@ def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str
   note}``."""
   names = list(cells)
   out = {n: {"times": [], "run": None, "notes": []} for n in names}
-  for n in names:
-    t0 = time.perf_counter()
-    cells[n](warmup=True)
-    logging.info("warm-up %s: %.1f s (compile included)", n, time.perf_counter() - t0)
+  _warm_up(cells)
   for r in range(repeats):
     order = names[r % len(names):] + names[:r % len(names)]
     for n in order:
@@ -147,25 +152,22 @@ def merge_runs(runs: list[dict]) -> dict:
   return out
 
 
-def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int, on_round=None) -> dict[str, dict]:
+def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int) -> dict[str, dict]:
   """Like :func:`interleaved`, interleaved call by call: each round passes over every cell's prompts once, call by
   call (``cell(part=i)``), every cell running call i before any runs call i + 1, in an order rotated by one at every
   call. A slow stretch of the machine longer than a few calls then hits every cell of a round alike, so per-round
   ratios between cells (:func:`paired`) cancel it. The cells share their prompts and batch (the same ``parts``).
   Returns per cell ``{"times": per-round seconds, "run": the last round's counters, "notes": every timed call's
-  policy note}``; ``on_round(r)`` is called after each round."""
+  policy note}``."""
   names = list(cells)
   parts = {cells[n].parts for n in names}
   if len(parts) != 1:
     raise ValueError(f"cells timed call by call must make the same calls; their calls per pass: {sorted(parts)}")
   parts = parts.pop()
   out = {n: {"times": [], "run": None, "notes": []} for n in names}
-  for n in names:
-    t0 = time.perf_counter()
-    cells[n](warmup=True)
-    logging.info("warm-up %s: %.1f s (compile and calibration included)", n, time.perf_counter() - t0)
+  _warm_up(cells)
   step = 0
-  for r in range(rounds):
+  for _ in range(rounds):
     runs = {n: [] for n in names}
     for i in range(parts):
       for n in names[step % len(names):] + names[:step % len(names)]:
@@ -176,8 +178,6 @@ def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int, on_rou
       out[n]["times"].append(run["wall"])
       out[n]["notes"] += run.get("call_notes", [])
       out[n]["run"] = run
-    if on_round is not None:
-      on_round(r)
   return out
 
 
@@ -196,8 +196,8 @@ def median_interval(xs, level: float = 0.9) -> dict:
 
 def paired(base_times: list[float], times: list[float]) -> dict:
   """How much faster a cell ran than ``base`` in the same rounds: the per-round ratios base / cell (their min,
-  median, max), the median the estimate (one slow round moves it little) with its 90% interval
-  (:func:`median_interval`), and the ratio of the summed times."""
+  median, max), the median the estimate (one slow round moves it little) with its interval of at least 90%
+  coverage (:func:`median_interval`), and the ratio of the summed times."""
   ratios = [b / t for b, t in zip(base_times, times)]
   return dict(ratio=float(np.median(ratios)), per_round=spread(ratios), interval=median_interval(ratios),
               pooled=float(sum(base_times) / sum(times)), rounds=len(ratios))
