@@ -445,7 +445,7 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   biased.record_plain(table, [11], 275.0)  # the plain program's true step: 27.5 ms
   assert biased.speedup == pytest.approx(275 / 300)
   on, why = costs.speculate(table, biased)
-  assert not on and why.startswith("speculation off: the last 2") and "median of 1 plain calls" in why
+  assert not on and why.startswith("speculation off: the last 2") and "median of the 1 newest of 1 plain calls" in why
   # the plain arm has its own bound: one plain call 3% slow (the real-model benchmark's greedy batch 1 at 295c2a8:
   # ratios against one plain call's 31.14 ms step read 0.99x for calls at 0.96x of ar in the same rounds) reads calls
   # at 0.97x of the true plain time near 1.00x, inside the spec arm's bound; the plain program is measured again until
@@ -504,11 +504,78 @@ def test_auto_switch_follows_the_measured_speedup_and_probes(models, monkeypatch
   assert first.stats["drafted"].sum() > 0
   (_, live), = costs._outcomes.values()
   assert live.calls == 1 and live.ratios == [pytest.approx(9 * 30.0 / (first.wall_time * 1e3))]  # its wall time
-  live.spec = [(9, 270.0 / 0.95)] * 3
+  live.spec = [(9, 270.0 / 0.95, 1)] * 3
   second = generate("tandem_speed", prompts, **kw)
   assert second.tokens == want and second.stats["drafted"].sum() == 0 and "0.95x" in second.policy_note
   assert second.ran_plain and live.calls == 2 and len(live.ratios) == 3
   assert live.plain == [pytest.approx(second.wall_time * 1e3 / 9)]  # the plain call's step, measured
+
+
+def _drifting_key(monkeypatch, true_ratio, calls=40, slow_start=True, refresh=True):
+  """A key of 8 rows whose first 4 calls (one speculative, three plain) ran in a slow stretch of the machine (7%),
+  then ``calls`` calls decided by :func:`costs.speculate` at a speculative speed of ``true_ratio`` x the plain
+  program's in the same stretch; ``refresh=False``: the rule before the refresh (all plain calls pooled, none forced).
+  Returns the calls' choices (True: speculative) and the record."""
+  if not refresh:
+    monkeypatch.setattr(costs, "REFRESH_EVERY", 10 ** 9)
+    monkeypatch.setattr(costs, "NEAREST", 10 ** 9)
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
+  rng = np.random.default_rng(0)
+  rec = costs.Outcome(rows=8)
+  slow = 1.07 if slow_start else 1.0
+  for i in range(4):
+    rec.calls += 1
+    if i == 0:
+      rec.record(table, [11] * 8, 10 * 30.0 * slow / true_ratio)
+    else:
+      rec.record_plain(table, [11] * 8, 10 * 30.0 * slow)
+  ons = []
+  for _ in range(calls):
+    on, why = costs.speculate(table, rec)
+    rec.calls += 1
+    plain_ms = 10 * 30.0 * (1 + 0.005 * rng.standard_normal())
+    if on:
+      rec.record(table, [11] * 8, plain_ms / true_ratio)
+    else:
+      rec.record_plain(table, [11] * 8, plain_ms)
+    ons.append(on)
+  return ons, rec
+
+
+def test_the_plain_arm_is_measured_again_while_the_margin_is_within_the_machines_drift(monkeypatch):
+  """The real-model benchmark's greedy batch 8 at ba61a61: three plain calls made in a slow stretch read speculative
+  calls at 0.967x of `ar` as 1.04x, and the plain program was never run again. Ratios now take the plain calls nearest
+  in time, and a margin within REFRESH_MARGIN of 1x measures the plain program every REFRESH_EVERY + 1 calls."""
+  old, old_rec = _drifting_key(monkeypatch, 0.967, refresh=False)
+  assert all(old[1:]) and old_rec.speedup > 1.02  # the stale arm: speculates on every call, at a 0.967x
+  monkeypatch.undo()
+  ons, rec = _drifting_key(monkeypatch, 0.967)
+  first_plain = ons.index(False, 1)
+  assert first_plain <= costs.REFRESH_EVERY + 1 and all(ons[1:first_plain])  # refreshed after REFRESH_EVERY calls
+  assert sum(ons[first_plain:]) <= 3, ons  # then off, probed rarely
+  assert rec.ratios[-1] == pytest.approx(0.967, abs=0.02)  # the newest call's ratio against the newest plain calls
+  # a speculative call takes the NEAREST plain calls closest to it: the slow stretch's for an early one, the newest
+  table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
+  steps = costs.Outcome()
+  for call, step in [(2, 32.1), (3, 32.1), (4, 32.4), (20, 30.0), (21, 30.3), (30, 29.7)]:
+    steps.calls = call
+    steps.record_plain(table, [11], 10 * step)
+  assert steps.plain_step_ms(at=1) == pytest.approx(32.1) and steps.plain_step_ms() == pytest.approx(30.0)
+  assert steps.plain_step_ms(at=7) == pytest.approx(32.1)  # calls 4, 3, 2
+  assert steps.plain_step_ms(at=12) == pytest.approx(30.3)  # calls 20 and 4 (8 away), then 21 before 3 (the newer)
+  assert steps.plain_age() == 0 and costs.Outcome().plain_age() is None
+  # where speculation wins by less than the drift, the refresh costs one call in REFRESH_EVERY + 1 ...
+  monkeypatch.undo()
+  ons, rec = _drifting_key(monkeypatch, 1.04, calls=45, slow_start=False)
+  assert 45 - sum(ons) <= 45 // (costs.REFRESH_EVERY + 1) + 1 and rec.speedup == pytest.approx(1.04, abs=0.01)
+  # ... and nothing where it wins clearly
+  ons, _ = _drifting_key(monkeypatch, 1.3, calls=45, slow_start=False)
+  assert all(ons), ons
+  on, why = costs.speculate(costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0), rec)
+  assert on and why == ""
+  rec.calls += costs.REFRESH_EVERY
+  on, why = costs.speculate(costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0), rec)
+  assert not on and "measuring the plain program again" in why and "calls old" in why, why
 
 
 def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkeypatch):

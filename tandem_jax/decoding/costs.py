@@ -322,7 +322,18 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # measured again. The calibration's step is one process's minimum of two
 # short runs: on the real-model benchmark's T = 1 batch 1 it was 16.12 ms against the 14.8 ms of `ar`'s calls in the
 # same rounds, so calls at about 0.91x were recorded near 1.00x and the key speculated on every call (0.90x).
+#
+# The machine's speed drifts (the real-model benchmark's `ar` calls: 10.71 s in a first round, 9.60-10.23 s later), so
+# a ratio is only as good as the plain step it is taken against: each speculative call's ratio uses the median of the
+# NEAREST plain calls closest to it in this key's call order, and while the speculative calls read within
+# REFRESH_MARGIN of 1x (either side), a key that would speculate and whose newest plain call is REFRESH_EVERY calls
+# old runs the plain program once again.
+# (Without it, the real-model benchmark's greedy batch 8 at ba61a61 took its ratios against 3 plain calls made in the
+# first, slow calls: its speculative calls read 1.04x while they ran at 0.967x of `ar` in the same rounds, and the
+# plain arm, its UCB bound below the speculative mean, was never measured again.) The refresh costs at most
+# 1 / (REFRESH_EVERY + 1) of the margin where speculation wins by less than REFRESH_MARGIN (0.4% of a 1.03x).
 FIRST_SPREAD, SD_FLOOR, WINDOW, CALIBRATION_ERROR, ROBUST_CAP = 0.1, 0.03, 32, 0.15, 2.0
+NEAREST, REFRESH_EVERY, REFRESH_MARGIN = 3, 8, 0.10
 
 
 class Outcome:
@@ -332,22 +343,33 @@ class Outcome:
     self.rows = rows               # the batch of this key's calls
     self.family = family           # keys of one family pool their acceptance (:meth:`family_alpha`); None: alone
     self.calls = 0                 # calls decided for this key (both programs)
-    self.spec: list[tuple[int, float]] = []    # the last WINDOW speculative calls: (plain steps, measured ms)
-    self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step
+    self.spec: list[tuple[int, float, int]] = []  # the last WINDOW speculative calls: (plain steps, ms, call number)
+    self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step ...
+    self.plain_at: list[int] = []              # ... and their call numbers (``calls`` when each was recorded)
     self.calibrated: tuple[float, float] | None = None  # the table's (plain step, prefill) ms
     self.trials: list[tuple[int, int]] = []  # the speculative calls' (accepted drafts, rejection events), all rows
 
-  def plain_step_ms(self) -> float:
-    """The plain program's ms per step: the median over this key's plain calls, the calibrated one before any."""
-    return float(np.median(self.plain)) if self.plain else self.calibrated[0]
+  def plain_step_ms(self, at: int | None = None) -> float:
+    """The plain program's ms per step: the median of this key's NEAREST plain calls closest to call number ``at``
+    (the newest ones for None; of two as close, the newer), the calibrated step before any plain call."""
+    if not self.plain:
+      return self.calibrated[0]
+    at = self.calls if at is None else at
+    order = sorted(range(len(self.plain)), key=lambda i: (abs(self.plain_at[i] - at), -i))
+    return float(np.median([self.plain[i] for i in order[:NEAREST]]))
+
+  def plain_age(self) -> int | None:
+    """Calls decided since this key's newest plain call (None before any)."""
+    return self.calls - self.plain_at[-1] if self.plain else None
 
   @property
   def ratios(self) -> list[float]:
-    """Each recorded speculative call's speedup: (prefill + steps x plain step) / its measured ms."""
+    """Each recorded speculative call's speedup: (prefill + steps x plain step) / its measured ms, the plain step
+    taken from the plain calls nearest to it (:meth:`plain_step_ms`)."""
     if not self.spec:
       return []
-    step, prefill = self.plain_step_ms(), self.calibrated[1]
-    return [(prefill + n * step) / ms for n, ms in self.spec]
+    prefill = self.calibrated[1]
+    return [(prefill + n * self.plain_step_ms(at)) / ms for n, ms, at in self.spec]
 
   @property
   def speedup(self) -> float | None:
@@ -426,7 +448,7 @@ class Outcome:
     self._calibrate(table)
     if not wall_ms > 0:
       return
-    self.spec = (self.spec + [(max(max(emitted_per_row) - 1, 0), float(wall_ms))])[-WINDOW:]
+    self.spec = (self.spec + [(max(max(emitted_per_row) - 1, 0), float(wall_ms), self.calls)])[-WINDOW:]
     self.trials = (self.trials + [(int(accepted), int(rejections))])[-WINDOW:]
 
   def record_plain(self, table: CostTable, emitted_per_row, wall_ms: float) -> None:
@@ -435,6 +457,7 @@ class Outcome:
     steps = max(max(emitted_per_row) - 1, 0)
     if steps:
       self.plain = (self.plain + [max(wall_ms - self.calibrated[1], 1e-3) / steps])[-WINDOW:]
+      self.plain_at = (self.plain_at + [self.calls])[-WINDOW:]
 
 
 def _robust_sd(values) -> float:
@@ -498,13 +521,18 @@ def speculate(table: CostTable, rec: Outcome, probe_first: bool = False) -> tupl
     return False, (f"speculation off: {at} the best block (γ = {g}) would cost {ms:.2f} ms per token against "
                    f"{plain:.2f} ms for a plain primary step")
   n, mean, sd, bound = len(rec.spec), rec.speedup, rec.spread, rec.bound()
-  source = f"median of {len(rec.plain)} plain calls" if rec.plain else "calibrated"
+  source = (f"median of the {min(len(rec.plain), NEAREST)} newest of {len(rec.plain)} plain calls" if rec.plain
+            else "calibrated")
   measured = (f"the last {n} speculative call{'s' if n > 1 else ''} ran at {mean:.2f}x the plain program's speed "
               f"(spread {sd:.2f}; wall times, plain step {rec.plain_step_ms():.2f} ms, {source})")
   if (mean >= 1.0 or bound >= 1.0) and not rec.plain and mean < 1.0 + CALIBRATION_ERROR:
     return False, (f"speculation off for one call, measuring the plain program: {measured}, within the "
                    f"calibration's error ({CALIBRATION_ERROR:.0%}) of 1x, and this key has not run the plain program")
   plain_bound = rec.plain_bound()
+  if bound >= plain_bound and rec.plain and abs(mean - 1.0) < REFRESH_MARGIN and rec.plain_age() >= REFRESH_EVERY:
+    return False, (f"speculation off for one call, measuring the plain program again: {measured}, within "
+                   f"{REFRESH_MARGIN:.0%} of 1x, and its newest plain call is {rec.plain_age()} calls old (the "
+                   f"machine's speed drifts)")
   if mean >= plain_bound:
     return True, ""
   if bound >= plain_bound:
