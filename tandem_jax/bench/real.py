@@ -183,9 +183,9 @@ def head_to_head(bench, models: dict, prompts, auto_prompts: dict, table2: dict,
 def h2h_targets(h: dict) -> list[dict]:
   """The ``auto`` targets judged on the head-to-head timing (:func:`head_to_head`): the value is the median of the
   per-round ratios against the comparator, "yes" when it reaches the target, "within noise" when it does not but
-  the median's interval (coverage at least 90%: :func:`timing.median_interval` over the rounds) reaches it (these rounds cannot tell it
-  from the target), "no" when the whole interval is below. A/A (the comparator timed again, its median per-round
-  ratio's distance from 1x) is reported beside."""
+  the median's interval (coverage at least 90%: :func:`timing.median_interval` over the rounds) reaches it (these
+  rounds cannot tell it from the target), "no" when the whole interval is below. A/A (the comparator timed again,
+  its median per-round ratio's distance from 1x) is reported beside."""
   out = []
   for name, row in h.items():
     if name.startswith("_"):  # the run's notes (_command, _table2_from)

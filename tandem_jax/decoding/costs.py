@@ -285,10 +285,10 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 # take (its longest row's, one step each after the prefill), and its speedup is the plain program's time for those steps
 # (prefill + steps x plain step) over that wall time, what the benchmark's ratio to ``ar`` is. The plain step is the
 # median of the plain calls this key ran nearest to that call (wall less prefill, per step; NEAREST, below), the
-# calibrated one before any: both arms are measured on the calls themselves. (The first rule predicted the speculative time from the block lengths the loop chose
-# at the calibrated iteration costs: free of wall-clock noise, but where a loop step is a fraction of a millisecond the
-# calibration is off by more than the margin; on the toy models' T = 1 batch 8 the table said one draft pays and every
-# call ran at 0.75x of ar.)
+# calibrated one before any: both arms are measured on the calls themselves. (The first rule predicted the speculative
+# time from the block lengths the loop chose at the calibrated iteration costs: free of wall-clock noise, but where a
+# loop step is a fraction of a millisecond the calibration is off by more than the margin; on the toy models' T = 1
+# batch 8 the table said one draft pays and every call ran at 0.75x of ar.)
 #
 # The choice is a two-armed bandit decided by upper confidence bounds (UCB1), on the scale of the plain program's
 # median step (1x): a call speculates while mean + sd · sqrt(2 ln t / n) >= 1 + sd_p · sqrt(2 ln t / n_p), the plain
