@@ -11,11 +11,11 @@ calibration, then the speed over the plain program of each policy from those out
 given (the decode loop's calibration: ``tandem_jax.decoding.api.calibrate_loop``, printed by
 ``benchmarks/loop_calibration.py``): a plain step ``plain_ms``, an iteration without a draft ``c0_ms``, with one
 ``c1_ms`` (defaults: a greedy batch-1 calibration of SmolLM2-135M with the ``cpu_long`` drafter on the 2-core CPU of
-BENCHMARKS.md session 24). Policies: fixed γ = 1; the gate at each threshold θ (draft where the predicted acceptance >= θ); the
-threshold a cost model picks, α_pred (C1 / C0 - 1) break-even; an oracle that drafts exactly where the draft is
-accepted (the bound of any router on this drafter). Last, each row walked in order: the ``auto`` loop's running
-acceptance estimate choosing γ = 0 or 1 against fixed γ = 1 and a per-row oracle, with the outcomes' lag-1
-autocorrelation (whether a stretch of rejections predicts the next draft's).
+BENCHMARKS.md session 24). Policies: fixed γ = 1; the gate at each threshold θ (draft where the predicted
+acceptance >= θ); the threshold a cost model picks, α_pred (C1 / C0 - 1) break-even; an oracle that drafts exactly
+where the draft is accepted (the bound of any router on this drafter). Last, each row walked in order: the
+``auto`` loop's running acceptance estimate choosing γ = 0 or 1 against fixed γ = 1 and a per-row oracle, with the
+outcomes' lag-1 autocorrelation (whether a stretch of rejections predicts the next draft's).
 """
 import argparse
 import json
@@ -25,6 +25,7 @@ import sys
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 import jax  # noqa: E402
+import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 
@@ -55,6 +56,17 @@ def auc(score, label) -> float:
 
 def outcomes(tandem_dir: str, batch: int = 16):
   """(predicted acceptance, accepted, row) per valid held-out position in order, block phase 0."""
+  p = positions(tandem_dir, batch)
+  return p["router"], p["accepted"], p["row"]
+
+
+def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
+  """Per valid held-out position in order, each a block's first draft (block phase 0): ``router`` (the router's
+  predicted acceptance), ``accepted`` (the secondary's argmax is the primary's), ``row``, ``pos``. With
+  ``features``, also what the decode loop could know when it decides whether to draft there: the secondary's
+  ``entropy``, ``top_p`` (its 8 largest probabilities) and ``hidden`` (its last layer's output); the primary's
+  ``prev_logp`` (its 8 largest log-probabilities at the previous position, the verify call that produced this
+  position's input token) and ``prev_hidden`` (its last hidden state there); a row's first position is left out."""
   from configs import benchmark as bench_cfg
 
   # the benchmark's router, with its settings: reused from the workdir, not retrained (as benchmarks/auto_policy.py)
@@ -77,21 +89,35 @@ def outcomes(tandem_dir: str, batch: int = 16):
   @jax.jit
   def predict(t_state, r_state, tokens, hidden, offset, top_idx, top_logp):
     tandem_, router_ = nnx.merge(t_def, t_state), nnx.merge(r_def, r_state)
-    q = tandem_.secondary_forward(tokens, 1, hidden, block_offset_b=offset)  # block length 1: all first drafts
+    # block length 1: all first drafts
+    q, x = tandem_.secondary_forward(tokens, 1, hidden, block_offset_b=offset, return_hidden=True)
     y = router_labels(q, top_idx, top_logp)[..., 1]  # 1: the argmaxes differ (greedy rejection)
     a = router_.accept_prob(q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding(), greedy=True)
-    return a.reshape(y.shape), 1.0 - y
+    logp = jax.nn.log_softmax(q.astype(jnp.float32), -1)
+    out = dict(router=a.reshape(y.shape), accepted=1.0 - y)
+    if features:
+      out.update(entropy=-jnp.sum(jnp.exp(logp) * logp, -1), top_p=jax.lax.top_k(jnp.exp(logp), 8)[0],
+                 hidden=x.astype(jnp.float32))
+    return out
 
-  preds, accepted, row_ids = [], [], []
+  def shifted(a):  # position t - 1's values at t
+    return np.concatenate([np.zeros_like(a[:, :1]), a[:, :-1]], 1)
+
+  cols = {}
   for i in range(0, len(val_rows), batch):
     rows = val_rows[i:i + batch]
     b = batch_at(data, rows, target, "tandem", 1, None)
-    a, acc = predict(t_state, r_state, b["tokens"], b["hidden"], b["offset"], b["top_idx"], b["top_logp"])
+    out = jax.device_get(predict(t_state, r_state, b["tokens"], b["hidden"], b["offset"], b["top_idx"],
+                                 b["top_logp"]))
     m = b["mask"] > 0
-    preds.append(np.asarray(a)[m])
-    accepted.append(np.asarray(acc)[m])
-    row_ids.append(np.broadcast_to(np.asarray(rows)[:, None], m.shape)[m])
-  return np.concatenate(preds), np.concatenate(accepted), np.concatenate(row_ids)
+    out["row"] = np.broadcast_to(np.asarray(rows)[:, None], m.shape)
+    out["pos"] = np.broadcast_to(np.arange(m.shape[1])[None], m.shape)
+    if features:
+      m[:, 0] = False
+      out.update(prev_logp=shifted(b["top_logp"][..., :8]), prev_hidden=shifted(b["hidden"][-1]))
+    for k, v in out.items():
+      cols.setdefault(k, []).append(np.asarray(v)[m])
+  return {k: np.concatenate(v) for k, v in cols.items()}
 
 
 def main(argv=None):

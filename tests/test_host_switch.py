@@ -230,13 +230,26 @@ def test_the_plain_arm_is_measured_again_while_the_margin_is_within_the_machines
   # a speculative call takes the NEAREST plain calls closest to it: the slow stretch's for an early one, the newest
   table = costs.cost_table([10.0, 11.0, 12.0, 13.0], 1.0, plain_ms=30.0, prefill_ms=0.0)
   steps = costs.Outcome()
-  for call, step in [(2, 32.1), (3, 32.1), (4, 32.4), (20, 30.0), (21, 30.3), (30, 29.7)]:
+  for call, step in [(1, None), (2, 32.1), (3, 32.1), (4, 32.4), (7, None), (12, None), (20, 30.0), (21, 30.3),
+                     (30, 29.7)]:  # None: a speculative call (300 ms for 10 plain steps)
     steps.calls = call
-    steps.record_plain(table, [11], 10 * step)
+    if step is None:
+      steps.record(table, [11], 300.0)
+    else:
+      steps.record_plain(table, [11], 10 * step)
   assert steps.plain_step_ms(at=1) == pytest.approx(32.1) and steps.plain_step_ms() == pytest.approx(30.0)
   assert steps.plain_step_ms(at=7) == pytest.approx(32.1)  # calls 4, 3, 2
   assert steps.plain_step_ms(at=12) == pytest.approx(30.3)  # calls 20 and 4 (8 away), then 21 before 3 (the newer)
   assert steps.plain_age() == 0 and costs.Outcome().plain_age() is None
+  # the plain calls beside an old speculative call stay its pair after they leave the window of WINDOW plain calls:
+  # its ratio is the one measured beside it, however long the key then runs the plain program (at another speed)
+  before = steps.ratios
+  for call in range(31, 31 + 3 * costs.WINDOW):
+    steps.calls = call
+    steps.record_plain(table, [11], 10 * 36.0)
+  assert steps.ratios == before and len(steps.plain) == costs.WINDOW
+  assert steps.plain_step_ms() == pytest.approx(36.0)  # a new call pairs with the newest
+  assert len(steps.pairing) <= costs.NEAREST * (len(steps.spec) + 1)  # only what some ratio pairs with is kept
   # where speculation wins by less than the drift, the refresh costs one call in REFRESH_EVERY + 1 ...
   monkeypatch.undo()
   ons, rec = _drifting_key(monkeypatch, 1.04, calls=45, slow_start=False)

@@ -118,6 +118,12 @@ def test_one_block_covering_everything_is_the_plain_secondary():
   logits, _ = tandem.forward(tokens, 20)
   plain, _ = tandem.secondary.forward(tokens)
   np.testing.assert_allclose(logits, plain, atol=ATOL)
+  # the last layer's output (what benchmarks/router_ceiling.py probes) is the plain secondary's too
+  _, plain_hidden = tandem.secondary.forward(tokens, return_hidden=True)
+  selected = tandem.select_hidden(tandem.primary.forward(tokens, return_hidden=True)[1])
+  own_logits, own_hidden = tandem.secondary_forward(tokens, 20, selected, return_hidden=True)
+  np.testing.assert_allclose(own_logits, plain, atol=ATOL)
+  np.testing.assert_allclose(own_hidden, plain_hidden[-1], atol=ATOL)
   # ... and with γ = 1 the primary does change the secondary's predictions
   assert float(jnp.max(jnp.abs(tandem.forward(tokens, 1)[0] - plain))) > 1e-3
 

@@ -325,7 +325,8 @@ def estimate(accept_count_b, reject_count_b, table: CostTable) -> jax.Array:
 #
 # The machine's speed drifts (the real-model benchmark's `ar` calls: 10.71 s in a first round, 9.60-10.23 s later), so
 # a ratio is only as good as the plain step it is taken against: each speculative call's ratio uses the median of the
-# NEAREST plain calls closest to it in this key's call order, and while the speculative calls read within
+# NEAREST plain calls closest to it in this key's call order (kept while the call is in the record, after they leave
+# the window of plain calls, so a ratio stays the one measured beside it), and while the speculative calls read within
 # REFRESH_MARGIN of 1x (either side), a key that would speculate and whose newest plain call is REFRESH_EVERY calls
 # old runs the plain program once again.
 # (Without it, the real-model benchmark's greedy batch 8 at ba61a61 took its ratios against 3 plain calls made in the
@@ -346,17 +347,26 @@ class Outcome:
     self.spec: list[tuple[int, float, int]] = []  # the last WINDOW speculative calls: (plain steps, ms, call number)
     self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step ...
     self.plain_at: list[int] = []              # ... and their call numbers (``calls`` when each was recorded)
+    self.pairing: list[tuple[int, float]] = []  # (call number, ms per step): the plain calls a ratio may pair with
     self.calibrated: tuple[float, float] | None = None  # the table's (plain step, prefill) ms
     self.trials: list[tuple[int, int]] = []  # the speculative calls' (accepted drafts, rejection events), all rows
 
   def plain_step_ms(self, at: int | None = None) -> float:
     """The plain program's ms per step: the median of this key's NEAREST plain calls closest to call number ``at``
     (the newest ones for None; of two as close, the newer), the calibrated step before any plain call."""
-    if not self.plain:
+    if not self.pairing:
       return self.calibrated[0]
-    at = self.calls if at is None else at
-    order = sorted(range(len(self.plain)), key=lambda i: (abs(self.plain_at[i] - at), -i))
-    return float(np.median([self.plain[i] for i in order[:NEAREST]]))
+    return float(np.median([ms for _, ms in self._nearest(self.calls if at is None else at)]))
+
+  def _nearest(self, at: int) -> list[tuple[int, float]]:
+    return sorted(self.pairing, key=lambda e: (abs(e[0] - at), -e[0]))[:NEAREST]
+
+  def _prune_pairing(self) -> None:
+    """Keeps the plain calls some recorded speculative call pairs with, and the newest (a later call's): an old
+    speculative call keeps its neighbours after they leave the window of WINDOW plain calls, so its ratio stays
+    the one measured beside it; a plain call no record pairs with never will (later calls are closer to newer ones)."""
+    keep = {e for at in [self.calls] + [at for _, _, at in self.spec] for e in self._nearest(at)}
+    self.pairing = [e for e in self.pairing if e in keep]
 
   def plain_age(self) -> int | None:
     """Calls decided since this key's newest plain call (None before any)."""
@@ -450,6 +460,7 @@ class Outcome:
       return
     self.spec = (self.spec + [(max(max(emitted_per_row) - 1, 0), float(wall_ms), self.calls)])[-WINDOW:]
     self.trials = (self.trials + [(int(accepted), int(rejections))])[-WINDOW:]
+    self._prune_pairing()
 
   def record_plain(self, table: CostTable, emitted_per_row, wall_ms: float) -> None:
     """Adds one plain call: its ms per step, (``wall_ms`` - the calibrated prefill) / steps (none without steps)."""
@@ -458,6 +469,8 @@ class Outcome:
     if steps:
       self.plain = (self.plain + [max(wall_ms - self.calibrated[1], 1e-3) / steps])[-WINDOW:]
       self.plain_at = (self.plain_at + [self.calls])[-WINDOW:]
+      self.pairing.append((self.calls, self.plain[-1]))
+      self._prune_pairing()
 
 
 def _robust_sd(values) -> float:

@@ -136,9 +136,11 @@ class TandemLM(nnx.Module):
     return self.secondary_forward(tokens_bt, block_len, self.select_hidden(hidden_l),
                                   block_offset_b=block_offset_b), logits_l
 
-  def secondary_forward(self, tokens_bt, block_len: int, selected_hidden_lbtd, *, block_offset_b=None):
+  def secondary_forward(self, tokens_bt, block_len: int, selected_hidden_lbtd, *, block_offset_b=None,
+                        return_hidden: bool = False):
     """The secondary's teacher-forced logits [B, T, N] from the primary states its layers read
-    (``selected_hidden_lbtd`` [L_S, B, T, D_L], :meth:`select_hidden`): :meth:`forward` without the primary."""
+    (``selected_hidden_lbtd`` [L_S, B, T, D_L], :meth:`select_hidden`): :meth:`forward` without the primary.
+    With ``return_hidden``: (logits, the last layer's output [B, T, D_S] before the final norm)."""
     b, t = tokens_bt.shape
     offset = jnp.zeros((b,), jnp.int32) if block_offset_b is None else block_offset_b
     positions = jnp.broadcast_to(jnp.arange(t, dtype=jnp.int32), (b, t))
@@ -156,7 +158,7 @@ class TandemLM(nnx.Module):
 
     x, _ = self.secondary.run_layers(layer_fn, self.secondary.embed_tokens(tokens_bt),
                                      self.secondary.per_layer(keys, values, self.secondary.local_flags()))
-    return self.secondary.logits(x)
+    return (self.secondary.logits(x), x) if return_hidden else self.secondary.logits(x)
 
   # -- step-by-step inference --------------------------------------------------------------------------------------
   def init_secondary_cache(self, batch_size: int, capacity: int) -> kvcache.KVCache:
