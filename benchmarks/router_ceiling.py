@@ -22,7 +22,6 @@ secondary's argmax match the primary's; :func:`router_gate.positions`):
    first AUC at which the gate reaches ``--target`` of fixed γ = 1. Loop overhead is not counted, so the true need
    is higher.
 """
-import argparse
 import os
 import sys
 
@@ -32,7 +31,7 @@ import jax  # noqa: E402
 import jax.numpy as jnp  # noqa: E402
 import numpy as np  # noqa: E402
 import optax  # noqa: E402
-from router_gate import auc, positions  # noqa: E402
+from router_gate import auc, gate_speed, parser, positions  # noqa: E402
 
 
 def feature_sets(p: dict) -> dict:
@@ -75,18 +74,13 @@ def linear_probe(x: np.ndarray, y: np.ndarray, train: np.ndarray, penalty: float
 
 def gate_over_fixed(score, y, plain, c0, c1) -> float:
   """The best gate's speed over fixed γ = 1 (thresholds at the score's percentiles, chosen in hindsight)."""
-  def speed(draft):
-    return plain * (1 + draft * y).sum() / np.where(draft, c1, c0).sum()
-  best = max(speed((score >= t).astype(float)) for t in np.quantile(score, np.linspace(0.01, 0.99, 99)))
-  return best / speed(np.ones_like(y))
+  thresholds = np.quantile(score, np.linspace(0.01, 0.99, 99))
+  best = max(gate_speed((score >= t).astype(float), y, plain, c0, c1) for t in thresholds)
+  return best / gate_speed(np.ones_like(y), y, plain, c0, c1)
 
 
 def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-  ap.add_argument("tandem_dir")
-  ap.add_argument("--plain_ms", type=float, default=27.74)
-  ap.add_argument("--c0_ms", type=float, default=28.54)
-  ap.add_argument("--c1_ms", type=float, default=36.09)
+  ap = parser(__doc__)
   ap.add_argument("--target", type=float, default=1.04)
   args = ap.parse_args(argv)
   p = positions(args.tandem_dir, features=True)

@@ -120,13 +120,24 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
   return {k: np.concatenate(v) for k, v in cols.items()}
 
 
-def main(argv=None):
-  ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+def parser(doc: str) -> argparse.ArgumentParser:
+  """The arguments of this script and of router_ceiling.py: the Tandem's directory and the iteration costs."""
+  ap = argparse.ArgumentParser(description=doc, formatter_class=argparse.RawDescriptionHelpFormatter)
   ap.add_argument("tandem_dir")
   ap.add_argument("--plain_ms", type=float, default=27.74)
   ap.add_argument("--c0_ms", type=float, default=28.54)
   ap.add_argument("--c1_ms", type=float, default=36.09)
-  args = ap.parse_args(argv)
+  return ap
+
+
+def gate_speed(draft, y, plain, c0, c1) -> float:
+  """Speed over the plain program of drafting one token at the positions ``draft`` marks (outcomes ``y``): one
+  iteration per position visited, C1 with a draft, C0 without."""
+  return plain * (1 + draft * y).sum() / np.where(draft, c1, c0).sum()
+
+
+def main(argv=None):
+  args = parser(__doc__).parse_args(argv)
   a, y, rows = outcomes(args.tandem_dir)
   plain, c0, c1 = args.plain_ms, args.c0_ms, args.c1_ms
   print(f"{len(a)} held-out positions; acceptance {y.mean():.3f}; router predicts {a.mean():.3f} on average; "
@@ -136,9 +147,8 @@ def main(argv=None):
     if m.any():
       print(f"  predicted [{lo:.1f}, {hi:.1f}): {m.mean():.3f} of positions, acceptance {y[m].mean():.3f}")
 
-  def speed(draft):  # tokens per ms over the plain program's, one iteration per position visited
-    tokens = 1 + draft * y
-    return plain * tokens.sum() / np.where(draft, c1, c0).sum()
+  def speed(draft):
+    return gate_speed(draft, y, plain, c0, c1)
 
   table = [("plain program", 1.0), ("γ = 0 every iteration", plain / c0), ("fixed γ = 1", speed(np.ones_like(y)))]
   thetas = np.round(np.arange(0.05, 1.0, 0.05), 2)
