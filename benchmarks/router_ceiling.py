@@ -21,6 +21,10 @@ secondary's argmax match the primary's; :func:`router_gate.positions`):
    threshold chosen in hindsight), over fixed γ = 1, at the iteration costs given (router_gate's defaults); the
    first AUC at which the gate reaches ``--target`` of fixed γ = 1. Loop overhead is not counted, so the true need
    is higher.
+3. **Sampling (T = 1).** A draft is accepted with probability β = 1 - TV(p, q), and a gate that decides before
+   drafting can know at most β: the gate that knows each position's β exactly (on the primary's sampled
+   continuations, the router's training text) bounds any router there; beside it the router's sampled head on its
+   held-out rows. Speeds are expected ones (β tokens per draft), at the same iteration costs.
 """
 import os
 import sys
@@ -119,6 +123,22 @@ def main(argv=None):
           f"{needed[2]:.2f}), before any loop overhead.")
   else:
     print(f"\nNo sharpening up to λ = 1 reaches {args.target} of fixed γ = 1 at these costs.")
+  sampled_bound(args.tandem_dir, plain, c0, c1)
+
+
+def sampled_bound(tandem_dir: str, plain: float, c0: float, c1: float) -> None:
+  """Speculative sampling at temperature 1, on the primary's sampled continuations: a draft at a position is accepted
+  with probability β = 1 - TV(p, q), and a gate deciding before it drafts can know at most β (the draft and the
+  uniform draw come after). The gate that knows β exactly bounds every router there."""
+  p = positions(tandem_dir, sampled=True)
+  beta, held = p["beta"], p["held_out"]
+  print(f"\nT = 1: {len(beta)} positions of the primary's sampled continuations ({len(np.unique(p['row']))} rows, "
+        f"{held.sum()} positions on the router's {len(np.unique(p['row'][held]))} held-out rows); mean β "
+        f"{beta.mean():.3f}\n\n| gate | rows | expected speed / fixed γ = 1 |\n|---|---|---|")
+  for name, m in [("all", np.ones_like(held)), ("the router's held-out", held)]:
+    print(f"| knows β exactly (best threshold) | {name} | {gate_over_fixed(beta[m], beta[m], plain, c0, c1):.3f} |")
+  print(f"| the router's sampled head (best threshold) | the router's held-out | "
+        f"{gate_over_fixed(p['router_sampled'][held], beta[held], plain, c0, c1):.3f} |")
 
 
 if __name__ == "__main__":

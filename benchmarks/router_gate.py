@@ -60,13 +60,17 @@ def outcomes(tandem_dir: str, batch: int = 16):
   return p["router"], p["accepted"], p["row"]
 
 
-def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
+def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled: bool = False) -> dict:
   """Per valid held-out position in order, each a block's first draft (block phase 0): ``router`` (the router's
-  predicted acceptance), ``accepted`` (the secondary's argmax is the primary's), ``row``, ``pos``. With
-  ``features``, also what the decode loop could know when it decides whether to draft there: the secondary's
-  ``entropy``, ``top_p`` (its 8 largest probabilities) and ``hidden`` (its last layer's output); the primary's
-  ``prev_logp`` (its 8 largest log-probabilities at the previous position, the verify call that produced this
-  position's input token) and ``prev_hidden`` (its last hidden state there); a row's first position is left out."""
+  predicted acceptance, greedy head), ``accepted`` (the secondary's argmax is the primary's), ``row``, ``pos``;
+  ``beta`` (1 - TV(p, q): the probability that speculative sampling at temperature 1 accepts a draft there, p from
+  the cached top-k) and ``router_sampled`` (the sampled head's prediction of it). With ``features``, also what the
+  decode loop could know when it decides whether to draft there: the secondary's ``entropy``, ``top_p`` (its 8
+  largest probabilities) and ``hidden`` (its last layer's output); the primary's ``prev_logp`` (its 8 largest
+  log-probabilities at the previous position, the verify call that produced this position's input token) and
+  ``prev_hidden`` (its last hidden state there); a row's first position is left out. ``sampled``: every row of the
+  primary's sampled continuations (``router_data``, the router's training text; ``row`` < the router's held-out
+  count, ``held_out``, marks the rows it did not train on) instead of the recipe's held-out greedy rows."""
   from configs import benchmark as bench_cfg
 
   # the benchmark's router, with its settings: reused from the workdir, not retrained (as benchmarks/auto_policy.py)
@@ -81,8 +85,15 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
   data_dir = os.path.join(tandem_dir, DATA_DIR)
   data = {k[:-4]: np.load(os.path.join(data_dir, k), mmap_mode="r") for k in os.listdir(data_dir)
           if k.endswith(".npy")}
-  target = target_index(np.asarray(data["labels"]), np.asarray(data["draft_ids"]), tandem.primary.cfg.vocab_size)
-  _, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
+  draft_ids = np.asarray(data["draft_ids"])
+  if sampled:
+    data_dir = os.path.join(tandem_dir, recipe_router.SAMPLED_DIR)
+    data = {k[:-4]: np.load(os.path.join(data_dir, k), mmap_mode="r") for k in os.listdir(data_dir)
+            if k.endswith(".npy")}
+    val_rows = np.arange(len(data["tokens"]))
+  else:
+    _, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
+  target = target_index(np.asarray(data["labels"]), draft_ids, tandem.primary.cfg.vocab_size)
   t_def, t_state = nnx.split(tandem)
   r_def, r_state = nnx.split(router)
 
@@ -91,10 +102,11 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
     tandem_, router_ = nnx.merge(t_def, t_state), nnx.merge(r_def, r_state)
     # block length 1: all first drafts
     q, x = tandem_.secondary_forward(tokens, 1, hidden, block_offset_b=offset, return_hidden=True)
-    y = router_labels(q, top_idx, top_logp)[..., 1]  # 1: the argmaxes differ (greedy rejection)
-    a = router_.accept_prob(q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding(), greedy=True)
+    tv, y = jnp.moveaxis(router_labels(q, top_idx, top_logp), -1, 0)  # y 1: the argmaxes differ (greedy rejection)
+    flat, emb = q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding()
     logp = jax.nn.log_softmax(q.astype(jnp.float32), -1)
-    out = dict(router=a.reshape(y.shape), accepted=1.0 - y)
+    out = dict(router=router_.accept_prob(flat, emb, greedy=True).reshape(y.shape), accepted=1.0 - y, beta=1.0 - tv,
+               router_sampled=router_.accept_prob(flat, emb).reshape(y.shape))
     if features:
       out.update(entropy=-jnp.sum(jnp.exp(logp) * logp, -1), top_p=jax.lax.top_k(jnp.exp(logp), 8)[0],
                  hidden=x.astype(jnp.float32))
@@ -117,7 +129,10 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False) -> dict:
       out.update(prev_logp=shifted(b["top_logp"][..., :8]), prev_hidden=shifted(b["hidden"][-1]))
     for k, v in out.items():
       cols.setdefault(k, []).append(np.asarray(v)[m])
-  return {k: np.concatenate(v) for k, v in cols.items()}
+  out = {k: np.concatenate(v) for k, v in cols.items()}
+  if sampled:
+    out["held_out"] = out["row"] < max(1, int(round(int(r.sampled_sequences) * rc.val_fraction)))
+  return out
 
 
 def parser(doc: str) -> argparse.ArgumentParser:
