@@ -82,14 +82,15 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled:
   tandem = load_workdir(tandem_dir).model
   with open(os.path.join(tandem_dir, RECIPE_FILE)) as fh:
     rc = RecipeConfig(**json.load(fh))
-  data_dir = os.path.join(tandem_dir, DATA_DIR)
-  data = {k[:-4]: np.load(os.path.join(data_dir, k), mmap_mode="r") for k in os.listdir(data_dir)
-          if k.endswith(".npy")}
+
+  def load(name):
+    d = os.path.join(tandem_dir, name)
+    return {k[:-4]: np.load(os.path.join(d, k), mmap_mode="r") for k in os.listdir(d) if k.endswith(".npy")}
+
+  data = load(DATA_DIR)
   draft_ids = np.asarray(data["draft_ids"])
   if sampled:
-    data_dir = os.path.join(tandem_dir, recipe_router.SAMPLED_DIR)
-    data = {k[:-4]: np.load(os.path.join(data_dir, k), mmap_mode="r") for k in os.listdir(data_dir)
-            if k.endswith(".npy")}
+    data = load(recipe_router.SAMPLED_DIR)
     val_rows = np.arange(len(data["tokens"]))
   else:
     _, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
@@ -104,10 +105,10 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled:
     q, x = tandem_.secondary_forward(tokens, 1, hidden, block_offset_b=offset, return_hidden=True)
     tv, y = jnp.moveaxis(router_labels(q, top_idx, top_logp), -1, 0)  # y 1: the argmaxes differ (greedy rejection)
     flat, emb = q.reshape(-1, q.shape[-1]), tandem_.secondary.output_embedding()
-    logp = jax.nn.log_softmax(q.astype(jnp.float32), -1)
     out = dict(router=router_.accept_prob(flat, emb, greedy=True).reshape(y.shape), accepted=1.0 - y, beta=1.0 - tv,
                router_sampled=router_.accept_prob(flat, emb).reshape(y.shape))
     if features:
+      logp = jax.nn.log_softmax(q.astype(jnp.float32), -1)
       out.update(entropy=-jnp.sum(jnp.exp(logp) * logp, -1), top_p=jax.lax.top_k(jnp.exp(logp), 8)[0],
                  hidden=x.astype(jnp.float32))
     return out

@@ -345,9 +345,9 @@ class Outcome:
     self.family = family           # keys of one family pool their acceptance (:meth:`family_alpha`); None: alone
     self.calls = 0                 # calls decided for this key (both programs)
     self.spec: list[tuple[int, float, int]] = []  # the last WINDOW speculative calls: (plain steps, ms, call number)
-    self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step ...
-    self.plain_at: list[int] = []              # ... and their call numbers (``calls`` when each was recorded)
-    self.pairing: list[tuple[int, float]] = []  # (call number, ms per step): the plain calls a ratio may pair with
+    self.plain: list[float] = []               # the last WINDOW plain calls: measured ms per step
+    # (call number, ms per step) of the plain calls a ratio may pair with, the newest last (``calls`` when recorded)
+    self.pairing: list[tuple[int, float]] = []
     self.calibrated: tuple[float, float] | None = None  # the table's (plain step, prefill) ms
     self.trials: list[tuple[int, int]] = []  # the speculative calls' (accepted drafts, rejection events), all rows
 
@@ -370,7 +370,7 @@ class Outcome:
 
   def plain_age(self) -> int | None:
     """Calls decided since this key's newest plain call (None before any)."""
-    return self.calls - self.plain_at[-1] if self.plain else None
+    return self.calls - self.pairing[-1][0] if self.pairing else None
 
   @property
   def ratios(self) -> list[float]:
@@ -468,7 +468,6 @@ class Outcome:
     steps = max(max(emitted_per_row) - 1, 0)
     if steps:
       self.plain = (self.plain + [max(wall_ms - self.calibrated[1], 1e-3) / steps])[-WINDOW:]
-      self.plain_at = (self.plain_at + [self.calls])[-WINDOW:]
       self.pairing.append((self.calls, self.plain[-1]))
       self._prune_pairing()
 
