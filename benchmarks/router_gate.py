@@ -21,6 +21,7 @@ import argparse
 import json
 import os
 import sys
+import types
 
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
@@ -60,20 +61,14 @@ def outcomes(tandem_dir: str, batch: int = 16):
   return p["router"], p["accepted"], p["row"]
 
 
-def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled: bool = False) -> dict:
-  """Per valid held-out position in order, each a block's first draft (block phase 0): ``router`` (the router's
-  predicted acceptance, greedy head), ``accepted`` (the secondary's argmax is the primary's), ``row``, ``pos``;
-  ``beta`` (1 - TV(p, q): the probability that speculative sampling at temperature 1 accepts a draft there, p from
-  the cached top-k) and ``router_sampled`` (the sampled head's prediction of it). With ``features``, also what the
-  decode loop could know when it decides whether to draft there: the secondary's ``entropy``, ``top_p`` (its 8
-  largest probabilities) and ``hidden`` (its last layer's output); the primary's ``prev_logp`` (its 8 largest
-  log-probabilities at the previous position, the verify call that produced this position's input token) and
-  ``prev_hidden`` (its last hidden state there); a row's first position is left out. ``sampled``: every row of the
-  primary's sampled continuations (``router_data``, the router's training text; ``row`` < the router's held-out
-  count, ``held_out``, marks the rows it did not train on) instead of the recipe's held-out greedy rows."""
+def load_run(tandem_dir: str, sampled: bool = False) -> types.SimpleNamespace:
+  """``router`` (the benchmark's, with its settings: reused from the workdir, not retrained, as
+  benchmarks/auto_policy.py), ``tandem``, ``data`` (the recipe's cached data, or with ``sampled`` the router's
+  sampled continuations), ``rows`` (the rows to score: the recipe's held-out rows, or every sampled row),
+  ``target`` (draft-vocabulary targets) and ``router_held_out`` (how many sampled rows the router did not train
+  on: the first ones)."""
   from configs import benchmark as bench_cfg
 
-  # the benchmark's router, with its settings: reused from the workdir, not retrained (as benchmarks/auto_policy.py)
   bench = bench_cfg.get_config("smollm2")
   r = bench.router
   router = recipe_router.train_router(tandem_dir, steps=int(r.steps), gamma_max=int(bench.gamma_max),
@@ -95,6 +90,23 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled:
   else:
     _, val_rows = split_rows(len(data["tokens"]), rc.val_fraction)
   target = target_index(np.asarray(data["labels"]), draft_ids, tandem.primary.cfg.vocab_size)
+  return types.SimpleNamespace(router=router, tandem=tandem, data=data, rows=val_rows, target=target,
+                               router_held_out=max(1, int(round(int(r.sampled_sequences) * rc.val_fraction))))
+
+
+def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled: bool = False) -> dict:
+  """Per valid held-out position in order, each a block's first draft (block phase 0): ``router`` (the router's
+  predicted acceptance, greedy head), ``accepted`` (the secondary's argmax is the primary's), ``row``, ``pos``;
+  ``beta`` (1 - TV(p, q): the probability that speculative sampling at temperature 1 accepts a draft there, p from
+  the cached top-k) and ``router_sampled`` (the sampled head's prediction of it). With ``features``, also what the
+  decode loop could know when it decides whether to draft there: the secondary's ``entropy``, ``top_p`` (its 8
+  largest probabilities) and ``hidden`` (its last layer's output); the primary's ``prev_logp`` (its 8 largest
+  log-probabilities at the previous position, the verify call that produced this position's input token) and
+  ``prev_hidden`` (its last hidden state there); a row's first position is left out. ``sampled``: every row of the
+  primary's sampled continuations (``router_data``, the router's training text; ``row`` < the router's held-out
+  count, ``held_out``, marks the rows it did not train on) instead of the recipe's held-out greedy rows."""
+  run = load_run(tandem_dir, sampled)
+  router, tandem, data, val_rows, target = run.router, run.tandem, run.data, run.rows, run.target
   t_def, t_state = nnx.split(tandem)
   r_def, r_state = nnx.split(router)
 
@@ -132,7 +144,7 @@ def positions(tandem_dir: str, batch: int = 16, features: bool = False, sampled:
       cols.setdefault(k, []).append(np.asarray(v)[m])
   out = {k: np.concatenate(v) for k, v in cols.items()}
   if sampled:
-    out["held_out"] = out["row"] < max(1, int(round(int(r.sampled_sequences) * rc.val_fraction)))
+    out["held_out"] = out["row"] < run.router_held_out
   return out
 
 

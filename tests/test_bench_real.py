@@ -71,7 +71,7 @@ def _check_head_to_head(bench, r, workdir):
     assert all(len(t) == row["rounds"] for t in row["times"].values())
     if row["batch"] == 1:
       assert row["fixed_gamma"] == r["table2"][name]["best_gamma"]["tandem_speed"]
-      assert row["threshold"] == r["table4"][name]["threshold"]
+      assert row["router_stop"] == "gate"  # the router's cost-aware gate, no τ tuned on prompts
     for n, p in row["vs_base"].items():  # one ratio a round, the median of them the value
       assert p["rounds"] == row["rounds"] and p["per_round"]["min"] <= p["ratio"] <= p["per_round"]["max"]
     assert row["auto"]["calls"] == -(-row["prompts"] // row["batch"])  # the last round's calls, merged
@@ -130,7 +130,7 @@ def test_h2h_targets_are_judged_against_the_comparator_timed_again():
   def pr(*ratios):
     return timing.paired([1.0] * len(ratios), [1.0 / x for x in ratios])
 
-  h = dict(greedy_b1=dict(batch=1, fixed_gamma=2, vs_base=dict(auto=pr(0.9, 0.96, 0.97, 0.98, 0.99, 1.0, 1.01, 1.1),
+  h = dict(greedy_b1=dict(batch=1, fixed_gamma=2, router_stop="gate", vs_base=dict(auto=pr(0.9, 0.96, 0.97, 0.98, 0.99, 1.0, 1.01, 1.1),
                                                               fixed_again=pr(1.04), router_auto=pr(1.05))),
            greedy_b8=dict(batch=8, vs_base=dict(auto=pr(0.9, 0.95, 0.96, 0.97, 0.975, 0.98, 0.99, 1.1),
                                                 ar_again=pr(0.99))),
@@ -138,7 +138,8 @@ def test_h2h_targets_are_judged_against_the_comparator_timed_again():
   got = [(t["setting"], t["what"], t["met"]) for t in real.h2h_targets(h)]
   # greedy_b1: median 0.985, its interval x(2)..x(7) = 0.96..1.01 reaches 1; greedy_b8: 0.9725, interval to 0.99
   assert got == [("greedy_b1", "auto vs the best fixed γ (γ = 2)", "within noise"),
-                 ("greedy_b1", "router inside auto vs fixed γ = 2", "yes"), ("greedy_b8", "auto vs ar", "no")], got
+                 ("greedy_b1", "router (gate) inside auto vs fixed γ = 2", "yes"), ("greedy_b8", "auto vs ar", "no")],\
+      got
   assert real.h2h_targets(h)[0]["interval"]["coverage"] == pytest.approx(1 - 2 * 9 / 256)
 
 

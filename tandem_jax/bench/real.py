@@ -133,14 +133,20 @@ def decode_tables(bench, models: dict, prompts, tune_prompts, costs: dict | None
   return dict(table2=table2, table4=table4, table2_auto=table2_auto)
 
 
+ROUTER_STOP = "gate"  # how the router inside auto ends its blocks in the head-to-head phase (head_to_head)
+
+
 def head_to_head(bench, models: dict, prompts, auto_prompts: dict, table2: dict, table4: dict) -> dict:
   """The ``auto`` targets timed again, head to head (issue 16): per setting only the cells a target compares, timed
   call by call over ``decode.h2h_rounds`` rounds (:func:`timing.interleaved_calls`), each judged by the median of its
   per-round ratios. Batch 1: ``auto`` and the router inside ``auto`` against the fixed γ that Table 2's sweep found
   fastest (chosen on Table 2's rounds, measured on these: the maximum over noisy cells does not pick its own
   comparator), and that fixed γ timed again (its A/A); batch > 1: ``auto`` against ``ar`` and ``ar`` again. The
-  router keeps Table 4's τ. ``table2``/``table4``: a finished decode phase's tables (this run's or, with
-  ``--targets_only``, the workdir's last run's)."""
+  router inside ``auto`` ends its blocks with its cost-aware gate (``threshold="gate"``: each draft sent only where
+  it pays at its own predicted acceptance and the decode program's calibrated costs; no τ tuned on prompts): of the
+  router's rules it is the fastest in the noise-free replay of whole blocks (``benchmarks/router_blocks.py``, at
+  this CPU's costs and at every what-if cost there) and in Table 4's timing. ``table2``/``table4``: a finished decode
+  phase's tables (this run's or, with ``--targets_only``, the workdir's last run's)."""
   d = bench.decode
   k, kmax, rounds = max(int(g) for g in d.gammas), int(bench.gamma_max), int(d.h2h_rounds)
   tandem, primary = dict(tandem=models["tandem"]), dict(primary=models["primary"])
@@ -156,12 +162,13 @@ def head_to_head(bench, models: dict, prompts, auto_prompts: dict, table2: dict,
     t0 = time.perf_counter()
     auto = timing.decode_cell("tandem_speed", ps, b, k, models=tandem, policy="auto", costs=None, **common)
     if b == 1:
-      g, tau = int(table2[name]["best_gamma"]["tandem_speed"]), float(table4[name]["threshold"])
+      g = int(table2[name]["best_gamma"]["tandem_speed"])
       fixed = lambda: timing.decode_cell("tandem_speed", ps, b, g, models=tandem, **common)  # noqa: E731
       cells = {"fixed": fixed(), "auto": auto, "fixed_again": fixed(),
                "router_auto": timing.decode_cell("tandem_speed", ps, b, kmax, models=tandem, router=models["router"],
-                                                 threshold=tau, policy="auto", costs=None, **dict(common, k=kmax))}
-      base, row = "fixed", dict(fixed_gamma=g, threshold=tau)
+                                                 threshold=ROUTER_STOP, policy="auto", costs=None,
+                                                 **dict(common, k=kmax))}
+      base, row = "fixed", dict(fixed_gamma=g, router_stop=ROUTER_STOP)
     else:
       ar = lambda: timing.decode_cell("ar", ps, b, None, models=primary, **common)  # noqa: E731
       cells, base, row = {"ar": ar(), "auto": auto, "ar_again": ar()}, "ar", {}
@@ -193,8 +200,9 @@ def h2h_targets(h: dict) -> list[dict]:
     vs = row["vs_base"]
     if int(row["batch"]) == 1:
       aa = abs(1.0 - vs["fixed_again"]["ratio"])
+      stop = f" ({row['router_stop']})" if "router_stop" in row else ""  # runs before the gate: Table 4's τ
       checks = [(f"auto vs the best fixed γ (γ = {row['fixed_gamma']})", vs["auto"], 1.0),
-                (f"router inside auto vs fixed γ = {row['fixed_gamma']}", vs["router_auto"], 1.04)]
+                (f"router{stop} inside auto vs fixed γ = {row['fixed_gamma']}", vs["router_auto"], 1.04)]
     else:
       aa = abs(1.0 - vs["ar_again"]["ratio"])
       checks = [("auto vs ar", vs["auto"], 1.0)]
