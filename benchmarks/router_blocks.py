@@ -22,9 +22,10 @@ walked block by block under each policy:
 An iteration that drafts g tokens costs the table's ``iteration_ms[g]`` (the decode loop's calibration, as recorded
 by the benchmark run: ``head_to_head.<setting>.router_auto.table`` of ``--results``); the rules decide with the
 loop's own ``costs.iteration_costs``. Speeds are tokens per ms over the plain program's (``plain_ms`` a token).
-Last, the same replay at what-if costs: the drafter step at a larger share of a plain step, and a verify call whose
-cost grows linearly with its length (the paper's TPU setting) instead of this CPU's step from 1 to 2 tokens: where
-a router's gain over fixed γ comes from. Greedy only (a sampled chain has no teacher-forced replay).
+Last, the same replay at what-if costs (hypothetical, not measured anywhere): the drafter step at a larger share of
+a plain step, and a verify call whose cost grows linearly with its length, each position past the first at a fixed
+share of a plain step, instead of this CPU's step from 1 to 2 tokens and flat cost up to 5: where a router's gain
+over fixed γ comes from. Greedy only (a sampled chain has no teacher-forced replay).
 """
 import argparse
 import json

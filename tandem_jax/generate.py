@@ -48,10 +48,11 @@ _TOPK = flags.DEFINE_integer("top_k", 0, "0 = off", allow_override=True)
 _TOPP = flags.DEFINE_float("top_p", 1.0, "1 = off", allow_override=True)
 _MAX_NEW = flags.DEFINE_integer("max_new_tokens", 64, "tokens to generate per prompt", allow_override=True)
 _ADAPTIVE = flags.DEFINE_bool("adaptive", False, "end blocks early with the trained router", allow_override=True)
-_THRESHOLD = flags.DEFINE_string("threshold", None, "the router's stop: τ in [0, 1] (default: the router config's), or "
-                                 "'cost': end a block where one more draft no longer pays at the decode program's "
-                                 "calibrated costs, or 'gate': send each draft only where it pays at its own "
-                                 "predicted acceptance (an unsent first draft: a plain step)", allow_override=True)
+_THRESHOLD = flags.DEFINE_string("threshold", None, "the router's stop: τ in [0, 1], or 'cost': end a block where one "
+                                 "more draft no longer pays at the decode program's calibrated costs, or 'gate': send "
+                                 "each draft only where it pays at its own predicted acceptance (an unsent first "
+                                 "draft: a plain step). Default: 'gate' with --policy=auto, the router config's τ "
+                                 "with --policy=fixed", allow_override=True)
 _SEED = flags.DEFINE_integer("seed", 0, "sampling seed", allow_override=True)
 _JSON = flags.DEFINE_bool("json", False, "print one JSON document", allow_override=True)
 _SHOW = flags.DEFINE_bool("show_drafts", False, "print the draft stream (speculative methods)", allow_override=True)
@@ -104,8 +105,8 @@ class Generator:
   def __call__(self, method: str, prompts: list[str], *, adaptive: bool = False, chat: bool = False, **kw):
     ids = [self.encode(p, chat) for p in prompts]
     models = self.models_for(method, adaptive)
-    if adaptive:
-      kw.setdefault("threshold", self.threshold)
+    if adaptive:  # auto: the router's cost-aware gate (benchmarks/router_blocks.py); fixed: the router's τ
+      kw.setdefault("threshold", "gate" if kw.get("policy") == "auto" else self.threshold)
     if self.mesh is not None:
       kw.update(mesh=self.mesh, rules=self.rules)
     return generate(method, ids, eos_id=self.tokenizer.eos_id, **models, **kw)

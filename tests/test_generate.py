@@ -45,6 +45,14 @@ def test_generate_json_every_method_equals_ar(tiny_chain, capsys, monkeypatch):
   assert (loaded.threshold, loaded.gamma_max) == (router_cfg.threshold, router_cfg.gamma_max)
   out = json.loads(_run(capsys, f"--workdir={wd['router']}", "--method=tandem_speed", "--adaptive", *common))
   assert [o["token_ids"] for o in out["outputs"]] == want
+  # the router's stop by default: its cost-aware gate under the auto policy, its config's τ under fixed
+  seen = []
+  monkeypatch.setattr(gen_cli, "generate", lambda *a, **kw: seen.append(kw.get("threshold")))
+  for policy in ("auto", "fixed"):
+    loaded("tandem_speed", ["x"], adaptive=True, policy=policy)
+  loaded("tandem_speed", ["x"], adaptive=True, policy="auto", threshold=0.5)
+  assert seen == ["gate", router_cfg.threshold, 0.5]
+  monkeypatch.undo()
   # without --block_len, γ_max is the cap the program is compiled for (K + 2 bins of emitted tokens per block)
   monkeypatch.setattr(gen_cli, "load", lambda *_: dataclasses.replace(loaded, gamma_max=2))
   out = json.loads(_run(capsys, f"--workdir={wd['router']}", "--method=tandem_speed", "--adaptive", *common))

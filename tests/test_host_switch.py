@@ -323,6 +323,14 @@ def test_a_key_without_a_record_decides_at_its_familys_acceptance(models, monkey
       out.policy_note
   hot = generate("tandem_speed", prompts, **kw, costs=between, sampling=api.SamplingParams(temperature=1.0))
   assert not hot.ran_plain and hot.policy_note == ""  # another family: at the prior, a block pays
+  # a router's calls are a family of their own: the drafts its gate lets through are not a fixed block's
+  for _ in range(2):
+    generate("tandem_speed", prompts[:1], **kw, router=models[2], threshold="gate",
+             costs=table._replace(plain_ms=np.float32(1e3)))
+  assert first.family_alpha() == (alpha, n)
+  routed = [rec for _, rec in costs._outcomes.values()
+            if rec.family and len(rec.family) == 4 and "router" in dict(rec.family[2])]
+  assert len(routed) == 1 and routed[0].family_alpha()[1] == 1  # its second call recorded (the first built)
 
   # a call that builds its program is counted but not recorded (its first run's one-time costs are not the policy's)
   monkeypatch.setattr(api, "_compiled", api._Programs(maxsize=64))

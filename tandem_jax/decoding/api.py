@@ -347,9 +347,12 @@ def generate(method: str, prompts: Sequence[Sequence[int]], *, primary=None, dra
   if policy == "auto" and costs.has_plain and not trace:
     key = ("outcome", method, tuple((n, id(m)) for n, m in sorted(models.items())), b, p_pad, max_new, k, sampling,
            mesh_key(mesh), _rules_key(rules) if mesh is not None else None)
-    # the family: every key of these primary and drafter models (the router aside) and this sampling, whatever the
-    # shapes; a key with no speculative call yet decides at the acceptance its family met
-    family = ("family", method, tuple((n, id(m)) for n, m in sorted(models.items()) if n != "router"), sampling)
+    # the family: every key of these models and this sampling, whatever the shapes; a key with no speculative call
+    # yet decides at the acceptance its family met. A router is one of the models: the drafts it lets through are
+    # accepted more often than a fixed block's (its gate sends none where it expects a rejection), so its keys pool
+    # only among themselves (pooled with the router's batch-1 calls, the real-model benchmark's batch 8 read the
+    # gate's acceptance, speculated and lost: 6 probes, 0.956x of ar)
+    family = ("family", method, tuple((n, id(m)) for n, m in sorted(models.items())), sampling)
     outcome = costs_lib.outcome(tuple(models.values()), key, rows=b, family=family)
     on, note = costs_lib.speculate(costs, outcome, probe_first="router" in models)
     outcome.calls += 1
