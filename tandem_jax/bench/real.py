@@ -200,7 +200,7 @@ def h2h_targets(h: dict) -> list[dict]:
     vs = row["vs_base"]
     if int(row["batch"]) == 1:
       aa = abs(1.0 - vs["fixed_again"]["ratio"])
-      stop = f" ({row['router_stop']})" if "router_stop" in row else ""  # runs before the gate: Table 4's τ
+      stop = f" ({row['router_stop']})" if "router_stop" in row else ""  # none in runs before the gate (Table 4's τ)
       checks = [(f"auto vs the best fixed γ (γ = {row['fixed_gamma']})", vs["auto"], 1.0),
                 (f"router{stop} inside auto vs fixed γ = {row['fixed_gamma']}", vs["router_auto"], 1.04)]
     else:
