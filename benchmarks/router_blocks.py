@@ -40,6 +40,7 @@ import numpy as np  # noqa: E402
 from flax import nnx  # noqa: E402
 from router_gate import auc, load_run  # noqa: E402
 
+from tandem_jax.decoding import costs  # noqa: E402
 from tandem_jax.recipe import batch_at  # noqa: E402
 
 THRESHOLDS = (0.3, 0.4, 0.5, 0.6, 0.7, 0.8, 0.9)
@@ -106,9 +107,11 @@ def longest_run(mask: np.ndarray) -> tuple[int, int]:
 
 
 def loop_costs(table: dict, k: int) -> np.ndarray:
-  """[K + 1]: the decode loop's decision costs (``costs.iteration_costs``): max(g, 1) drafter steps + a g+1 verify."""
-  g = np.arange(k + 1)
-  return np.maximum(g, 1) * table["draft_ms"] + np.asarray(table["verify_ms"][:k + 1])
+  """[K + 1]: the decode loop's decision costs of a results-JSON table (its ``verify_ms`` from size 1):
+  ``costs.iteration_costs``, max(g, 1) drafter steps + a g+1 verify."""
+  t = costs.CostTable(verify_ms=np.concatenate([[0.0], table["verify_ms"]]).astype(np.float32),
+                      draft_ms=np.float32(table["draft_ms"]))
+  return np.asarray(costs.iteration_costs(t, k), np.float64)
 
 
 def drafts(rule: str, a: np.ndarray, y: np.ndarray, k: int, dec: np.ndarray, tau: float = 0.8) -> int:
