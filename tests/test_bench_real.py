@@ -99,7 +99,8 @@ def test_interleaved_calls_rotate_the_cells_at_every_call():
   def cell_for(name, wall):
     def cell(warmup=False, part=None):
       log.append((name, "warm" if warmup else part))
-      return dict(wall=wall + (part or 0), calls=1, tokens=5, call_walls=[(wall, False)], call_notes=[""])
+      return dict(wall=wall + (part or 0), host=0.5, calls=1, plain_calls=int(part == 1), tokens=5,
+                  call_walls=[(wall, False)], call_notes=[""])
     cell.parts = 3
     return cell
 
@@ -111,6 +112,8 @@ def test_interleaved_calls_rotate_the_cells_at_every_call():
   assert [p for _, p in timed[:9]] == [0, 0, 0, 1, 1, 1, 2, 2, 2]
   assert res["a"]["times"] == [6.0, 6.0] and res["c"]["times"] == [15.0, 15.0]
   assert res["b"]["run"]["calls"] == 3 and len(res["b"]["run"]["call_walls"]) == 3 and res["b"]["run"]["tokens"] == 15
+  assert res["b"]["host"] == [1.5, 1.5]  # per round, summed over its calls
+  assert (res["b"]["timed_calls"], res["b"]["timed_plain_calls"]) == (6, 2)  # over both rounds
   short = cell_for("d", 1.0)
   short.parts = 2
   with pytest.raises(ValueError, match="same calls"):
@@ -133,13 +136,18 @@ def test_h2h_targets_are_judged_against_the_comparator_timed_again():
   h = dict(greedy_b1=dict(batch=1, fixed_gamma=2, router_stop="gate", vs_base=dict(auto=pr(0.9, 0.96, 0.97, 0.98, 0.99, 1.0, 1.01, 1.1),
                                                               fixed_again=pr(1.04), router_auto=pr(1.05))),
            greedy_b8=dict(batch=8, vs_base=dict(auto=pr(0.9, 0.95, 0.96, 0.97, 0.975, 0.98, 0.99, 1.1),
-                                                ar_again=pr(0.99))),
+                                                ar_again=pr(0.99)),
+                          auto=dict(timed_calls=24, timed_plain_calls=23)),  # one call speculated
+           greedy_b40=dict(batch=40, vs_base=dict(auto=pr(0.9, 0.95, 0.96, 0.97, 0.975, 0.98, 0.99, 1.1),
+                                                  ar_again=pr(0.99)),
+                           auto=dict(timed_calls=8, timed_plain_calls=8)),  # ar's program on every call
            _command="x")
   got = [(t["setting"], t["what"], t["met"]) for t in real.h2h_targets(h)]
-  # greedy_b1: median 0.985, its interval x(2)..x(7) = 0.96..1.01 reaches 1; greedy_b8: 0.9725, interval to 0.99
+  # greedy_b1: median 0.985, its interval x(2)..x(7) = 0.96..1.01 reaches 1; greedy_b8: 0.9725, interval to 0.99;
+  # greedy_b40 the same ratios, but auto was ar: met as equality
   assert got == [("greedy_b1", "auto vs the best fixed γ (γ = 2)", "within noise"),
-                 ("greedy_b1", "router (gate) inside auto vs fixed γ = 2", "yes"), ("greedy_b8", "auto vs ar", "no")],\
-      got
+                 ("greedy_b1", "router (gate) inside auto vs fixed γ = 2", "yes"), ("greedy_b8", "auto vs ar", "no"),
+                 ("greedy_b40", "auto vs ar", "yes (= ar: its program on every call)")], got
   assert real.h2h_targets(h)[0]["interval"]["coverage"] == pytest.approx(1 - 2 * 9 / 256)
 
 

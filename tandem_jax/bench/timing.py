@@ -32,10 +32,15 @@ def draw_prompts(val_rows: np.ndarray, n: int, prompt_len: int) -> list[list[int
 
 
 def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict:
-  """Decodes ``prompts`` in batches of ``batch``; sums wall time, tokens and the per-row counters."""
-  wall, agg = 0.0, {"calls": 0, "plain_calls": 0, "call_walls": [], "call_notes": []}
+  """Decodes ``prompts`` in batches of ``batch``; sums wall time (the compiled programs' runs), host time (the rest of
+  each ``generate`` call: argument preparation, an ``auto`` call's decision, result conversion), tokens and the
+  per-row counters."""
+  wall, host = 0.0, 0.0
+  agg = {"calls": 0, "plain_calls": 0, "call_walls": [], "call_notes": []}
   for i in range(0, len(prompts), batch):
+    t0 = time.perf_counter()
     r = generate(method, prompts[i:i + batch], **kw)
+    host += time.perf_counter() - t0 - r.wall_time  # what the call spent around its program (auto: the decision)
     wall += r.wall_time
     agg["call_walls"].append((round(r.wall_time, 4), bool(r.ran_plain)))  # per call: seconds, ran the plain program
     agg["call_notes"].append(r.policy_note)  # auto: why it ran the plain program or probed ("" when simply ahead)
@@ -52,7 +57,7 @@ def run_batches(method: str, prompts: list[list[int]], batch: int, **kw) -> dict
         continue
       s = np.asarray(v).sum(0)
       agg[name] = agg[name] + s if name in agg else s
-  agg["wall"] = wall
+  agg["wall"], agg["host"] = wall, host
   return agg
 
 
@@ -67,19 +72,31 @@ def _warm_up(cells: dict[str, Callable[..., dict]]) -> None:
 def interleaved(cells: dict[str, Callable[..., dict]], repeats: int) -> dict[str, dict]:
   """Runs every cell once to compile and warm up (``cell(warmup=True)``: a cell may run just its first batch, which
   compiles and warms the same program), then ``repeats`` rounds, each cell once per round in an order rotated by one
-  every round. Returns per cell ``{"times": [...], "run": last run's counters, "notes": every timed call's policy
-  note}``."""
+  every round. Returns per cell ``{"times": [...], "host": [...], "run": last run's counters, "notes": every timed
+  call's policy note, "timed_calls"/"timed_plain_calls": over all rounds}`` (:func:`_add_round`)."""
   names = list(cells)
-  out = {n: {"times": [], "run": None, "notes": []} for n in names}
+  out = {n: _new_record() for n in names}
   _warm_up(cells)
   for r in range(repeats):
     order = names[r % len(names):] + names[:r % len(names)]
     for n in order:
-      run = cells[n]()
-      out[n]["times"].append(run["wall"])
-      out[n]["notes"] += run.get("call_notes", [])  # every timed call's policy note (auto cells), all rounds
-      out[n]["run"] = run
+      _add_round(out[n], cells[n]())
   return out
+
+
+def _new_record() -> dict:
+  return {"times": [], "host": [], "run": None, "notes": [], "timed_calls": 0, "timed_plain_calls": 0}
+
+
+def _add_round(rec: dict, run: dict) -> None:
+  """One timed round's counters into a cell's record: its seconds, its host seconds, every timed call's policy note
+  (auto cells) and how many of its calls ran the plain program, over all rounds; the last round's counters."""
+  rec["times"].append(run["wall"])
+  rec["host"].append(run.get("host", 0.0))
+  rec["notes"] += run.get("call_notes", [])
+  rec["timed_calls"] += int(run.get("calls", 0))
+  rec["timed_plain_calls"] += int(run.get("plain_calls", 0))
+  rec["run"] = run
 
 
 def alpha_mle(run: dict) -> float:
@@ -157,14 +174,13 @@ def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int) -> dic
   call (``cell(part=i)``), every cell running call i before any runs call i + 1, in an order rotated by one at every
   call. A slow stretch of the machine longer than a few calls then hits every cell of a round alike, so per-round
   ratios between cells (:func:`paired`) cancel it. The cells share their prompts and batch (the same ``parts``).
-  Returns per cell ``{"times": per-round seconds, "run": the last round's counters, "notes": every timed call's
-  policy note}``."""
+  Returns per cell what :func:`interleaved` does, per round."""
   names = list(cells)
   parts = {cells[n].parts for n in names}
   if len(parts) != 1:
     raise ValueError(f"cells timed call by call must make the same calls; their calls per pass: {sorted(parts)}")
   parts = parts.pop()
-  out = {n: {"times": [], "run": None, "notes": []} for n in names}
+  out = {n: _new_record() for n in names}
   _warm_up(cells)
   step = 0
   for _ in range(rounds):
@@ -174,10 +190,7 @@ def interleaved_calls(cells: dict[str, Callable[..., dict]], rounds: int) -> dic
         runs[n].append(cells[n](part=i))
       step += 1
     for n in names:
-      run = merge_runs(runs[n])
-      out[n]["times"].append(run["wall"])
-      out[n]["notes"] += run.get("call_notes", [])
-      out[n]["run"] = run
+      _add_round(out[n], merge_runs(runs[n]))
   return out
 
 
@@ -214,6 +227,8 @@ def auto_calls(cell: dict) -> dict:
               gamma_hist=np.asarray(run["gamma_hist"]).tolist(),
               call_walls=run["call_walls"],  # the last round's calls, (seconds, ran the plain program) each
               call_notes=run["call_notes"],  # their policy notes, in call_walls' order
+              timed_calls=int(cell.get("timed_calls", 0)),  # every timed round's calls, and of them on the plain
+              timed_plain_calls=int(cell.get("timed_plain_calls", 0)),  # program: all of them = ar's program alone
               probes=sum(n.startswith("probing") for n in cell["notes"]),
               last_probe=next((n for n in reversed(cell["notes"]) if n.startswith("probing")), ""),
               table=run.get("table"))  # the cost table its last call read (None: no auto call)
