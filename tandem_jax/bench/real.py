@@ -170,7 +170,9 @@ def head_to_head(bench, models: dict, prompts, auto_prompts: dict, table2: dict,
                                                  **dict(common, k=kmax))}
       base, row = "fixed", dict(fixed_gamma=g, router_stop=ROUTER_STOP)
     else:
-      ar = lambda: timing.decode_cell("ar", ps, b, None, models=primary, **common)  # noqa: E731
+      # ar at auto's capacity (block_len k): the very executable auto's plain fallback runs, so an auto cell that ran
+      # it on every call is ar itself (h2h_targets' "= ar")
+      ar = lambda: timing.decode_cell("ar", ps, b, k, models=primary, **common)  # noqa: E731
       cells, base, row = {"ar": ar(), "auto": auto, "ar_again": ar()}, "ar", {}
     _say(f"[benchmark] head to head {i + 1}/{len(settings)} {name}: {', '.join(cells)} on {len(ps)} prompts, "
          f"batch {b}, {rounds} rounds call by call")
@@ -197,7 +199,7 @@ def h2h_targets(h: dict) -> list[dict]:
   rounds cannot tell it from the target), "no" when the whole interval is below. A/A (the comparator timed again,
   its median per-round ratio's distance from 1x) is reported beside. An ``auto`` cell that ran ``ar``'s program on
   every timed call of every round (``timing.auto_calls``: timed_plain_calls = timed_calls; its plain fallback is
-  the very executable a plain call runs, ``decoding.api``) is ``ar`` itself: its per-round ratios to ``ar`` are an
+  the very executable the head-to-head's ``ar`` cell runs, at the same capacity, ``decoding.api``) is ``ar`` itself: its per-round ratios to ``ar`` are an
   A/A, at or above 1x by chance in half the runs, so "at least 1x ar" is met as equality ("= ar") whatever side of
   1x they fall (the value is still printed; what the calls spent around the program is in ``host_ms_per_call``)."""
   out = []
